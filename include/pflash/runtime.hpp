@@ -1,0 +1,37 @@
+// Process-wide facts and knobs: which CPU instruction set the kernels use, and how much memory
+// the library's calls have allocated.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+namespace pflash {
+
+// Ordered from least to most capable.
+enum class CpuIsa { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
+
+std::string_view to_string(CpuIsa isa);
+
+// The best instruction set this CPU supports and this build contains.
+CpuIsa detected_cpu_isa();
+
+// The instruction set the kernels run with: detected_cpu_isa(), lowered by set_max_cpu_isa() or by
+// the environment variable PFLASH_MAX_CPU_ISA (portable, avx2, avx512, avx512_bf16).
+CpuIsa active_cpu_isa();
+
+// Caps the instruction set (as ONEDNN_MAX_CPU_ISA does); a cap above what the CPU has is clamped.
+void set_max_cpu_isa(CpuIsa isa);
+
+// Threads a call with num_threads == 0 uses.
+int default_num_threads();
+
+// Bytes allocated by library calls (workspaces, packed copies, naive scores), current and peak
+// since the last reset. Caller-owned tensors are not counted.
+struct MemoryStats {
+  std::uint64_t current_bytes = 0;
+  std::uint64_t peak_bytes = 0;
+};
+MemoryStats memory_stats();
+void reset_peak_memory_stats();
+
+}  // namespace pflash

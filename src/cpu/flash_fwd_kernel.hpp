@@ -1,0 +1,375 @@
+// The FlashAttention-2 forward pass on the CPU, written once over an instruction-set policy `Isa`
+// (simd_avx2.hpp, simd_portable.hpp, ...). Each flash_fwd_<isa>.cpp includes this file under its own
+// `#pragma GCC target`, so everything here lives in an anonymous namespace: every translation unit
+// gets its own copy, and the linker can never substitute an AVX2 body for the portable one.
+//
+// Per (batch, kv head): K and V are packed once into fp32 panels shared by every query block of
+// every query head in the GQA group. Per query block (one task for one thread):
+//   q_tile      = Q rows * scale * log2(e)             (scores come out in log2 units)
+//   for each key block:
+//     scores    = q_tile x k_block^T                   (register-tiled: kTileRows x kPanel)
+//     row_max'  = max(row_max, max_j scores)
+//     p         = exp2(scores - row_max')
+//     row_sum   = row_sum * exp2(row_max - row_max') + sum_j p
+//     acc       = acc * exp2(row_max - row_max') + p x v_block
+//   O = acc / row_sum,  LSE = (row_max + log2(row_sum)) * ln(2)
+// The score tile, the query tile and the accumulator stay in L1/L2; the Nq x Nk scores never exist.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numbers>
+
+#include "core/params.hpp"
+#include "core/workspace.hpp"
+#include "pflash/dtype.hpp"
+
+namespace pflash::cpu {
+namespace {  // NOLINT(google-build-namespaces): one copy per instruction set, see above.
+
+using detail::FwdParams;
+using std::int64_t;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+template <class T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+template <class T>
+inline T from_float(float x) {
+  return T(x);
+}
+
+// Calls fn.template operator()<R>() with R == rows, for 1 <= rows <= MaxRows: the register tiles
+// take their row count as a compile-time constant so their accumulators stay in registers.
+template <int MaxRows, class Fn>
+inline void with_tile_rows(int rows, Fn&& fn) {
+  if constexpr (MaxRows >= 1) {
+    if (rows == MaxRows) {
+      fn.template operator()<MaxRows>();
+    } else {
+      with_tile_rows<MaxRows - 1>(rows, fn);
+    }
+  }
+}
+
+template <class Isa>
+struct Layout {
+  // A K panel holds kPanel consecutive keys; a V strip holds kPanel consecutive head_dim columns.
+  // Two vectors wide, to match the register tiles.
+  static constexpr int kPanel = 2 * Isa::kWidth;
+};
+
+// K of one head as panels [Nk_padded / kPanel][D][kPanel]: row d of a panel is column d of kPanel
+// consecutive keys, so the score tile loads vectors of keys. Keys past Nk are zero.
+template <class Isa, class T>
+void pack_k_panel(const T* k, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t panel, float* k_packed) {
+  constexpr int kPanel = Layout<Isa>::kPanel;
+  float* dst = k_packed + panel * dim * kPanel;
+  for (int jj = 0; jj < kPanel; ++jj) {
+    const int64_t key = panel * kPanel + jj;
+    if (key < seq_k) {
+      const T* row = k + key * row_stride;
+      for (int64_t d = 0; d < dim; ++d) dst[d * kPanel + jj] = to_float(row[d]);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d * kPanel + jj] = 0.0f;
+    }
+  }
+}
+
+// V of one head as column strips [D_padded / kPanel][Nk_padded][kPanel]: the p x v tile streams one
+// strip contiguously. Padding (keys past Nk, columns past D) is zero, so it adds nothing.
+template <class Isa, class T>
+void pack_v_panel(const T* v, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t seq_k_padded,
+                  int64_t dim_padded, int64_t panel, float* v_packed) {
+  constexpr int kPanel = Layout<Isa>::kPanel;
+  for (int jj = 0; jj < kPanel; ++jj) {
+    const int64_t key = panel * kPanel + jj;
+    const T* row = v + key * row_stride;
+    for (int64_t strip = 0; strip < dim_padded / kPanel; ++strip) {
+      float* dst = v_packed + (strip * seq_k_padded + key) * kPanel;
+      for (int c = 0; c < kPanel; ++c) {
+        const int64_t d = strip * kPanel + c;
+        dst[c] = (key < seq_k && d < dim) ? to_float(row[d]) : 0.0f;
+      }
+    }
+  }
+}
+
+// scores[Rows][kPanel] = q[Rows][D] x k_panel^T
+template <class Isa, int Rows>
+inline void qk_tile(const float* q, int64_t q_ld, const float* k_panel, int64_t dim, float* scores, int64_t s_ld) {
+  using V = typename Isa::vec;
+  constexpr int W = Isa::kWidth;
+  V c0[Rows], c1[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) c0[r] = c1[r] = Isa::zero();
+  for (int64_t d = 0; d < dim; ++d) {
+    const V b0 = Isa::load(k_panel + d * 2 * W);
+    const V b1 = Isa::load(k_panel + d * 2 * W + W);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const V a = Isa::set1(q[r * q_ld + d]);
+      c0[r] = Isa::fmadd(a, b0, c0[r]);
+      c1[r] = Isa::fmadd(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    Isa::store(scores + r * s_ld, c0[r]);
+    Isa::store(scores + r * s_ld + W, c1[r]);
+  }
+}
+
+// acc[Rows][kPanel] = acc * alpha (per row) + p[Rows][cols] x v_strip[cols][kPanel]
+template <class Isa, int Rows>
+inline void pv_tile(const float* p, int64_t p_ld, const float* alpha, const float* v_strip, int64_t cols, float* acc,
+                    int64_t acc_ld) {
+  using V = typename Isa::vec;
+  constexpr int W = Isa::kWidth;
+  V c0[Rows], c1[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    const V a = Isa::set1(alpha[r]);
+    c0[r] = Isa::mul(Isa::load(acc + r * acc_ld), a);
+    c1[r] = Isa::mul(Isa::load(acc + r * acc_ld + W), a);
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    const V b0 = Isa::load(v_strip + j * 2 * W);
+    const V b1 = Isa::load(v_strip + j * 2 * W + W);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const V a = Isa::set1(p[r * p_ld + j]);
+      c0[r] = Isa::fmadd(a, b0, c0[r]);
+      c1[r] = Isa::fmadd(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    Isa::store(acc + r * acc_ld, c0[r]);
+    Isa::store(acc + r * acc_ld + W, c1[r]);
+  }
+}
+
+// One thread's tiles, carved from one workspace allocation.
+struct Scratch {
+  float* q_tile;   // [block_q][D]
+  float* scores;   // [block_q][block_k]  (scores, then probabilities in place)
+  float* acc;      // [block_q][D_padded]
+  float* row_max;  // [block_q], log2 units
+  float* row_sum;  // [block_q]
+  float* alpha;    // [block_q], exp2(old row_max - new row_max)
+};
+
+template <class Isa, class T>
+class FlashForward {
+ public:
+  static constexpr int kPanel = Layout<Isa>::kPanel;
+  static constexpr int kTileRows = Isa::kTileRows;
+
+  explicit FlashForward(FwdParams p) : p_(p) {
+    // block_k: 128 keys keeps a K block and a V block (2 x 64 KiB at D = 128) in L2 beside the
+    // query tile, and makes the per-block softmax bookkeeping a few percent of the matmul work.
+    block_k_ = static_cast<int>(round_up(p_.block_k > 0 ? p_.block_k : 128, kPanel));
+    block_k_ = static_cast<int>(std::min<int64_t>(block_k_, round_up(p_.seq_k, kPanel)));
+    // block_q: 64 rows amortise each K/V block read from L2 over 64 x 2 x D FMAs per key; fewer
+    // when that would leave threads without a task.
+    int64_t block_q = p_.block_q > 0 ? p_.block_q : 64;
+    if (p_.block_q == 0) {
+      const int64_t heads = p_.batch * p_.heads_q;
+      while (block_q > 2 * kTileRows && heads * ceil_div(p_.seq_q, block_q) < 4 * p_.num_threads) block_q /= 2;
+    }
+    block_q_ = static_cast<int>(std::min<int64_t>(block_q, p_.seq_q));
+    seq_k_padded_ = round_up(p_.seq_k, kPanel);
+    dim_padded_ = round_up(p_.dim, kPanel);
+    scale_log2_ = p_.scale * std::numbers::log2e_v<float>;
+  }
+
+  void run() {
+    const int64_t dim = p_.dim;
+    const int64_t num_panels = seq_k_padded_ / kPanel;
+    const int64_t num_q_blocks = ceil_div(p_.seq_q, block_q_);
+    const int64_t group = p_.group_size();
+    const int64_t tasks = group * num_q_blocks;
+    const int threads = static_cast<int>(std::min<int64_t>(p_.num_threads, std::max<int64_t>(tasks, num_panels)));
+
+    detail::Workspace<float> k_packed(static_cast<std::size_t>(seq_k_padded_ * dim));
+    detail::Workspace<float> v_packed(static_cast<std::size_t>(seq_k_padded_ * dim_padded_));
+    const int64_t per_thread = scratch_floats();
+    detail::Workspace<float> scratch(static_cast<std::size_t>(per_thread * threads));
+
+    const T* q = static_cast<const T*>(p_.q);
+    const T* k = static_cast<const T*>(p_.k);
+    const T* v = static_cast<const T*>(p_.v);
+
+#pragma omp parallel num_threads(threads)
+    {
+      const Scratch s = carve(scratch.data() + per_thread * omp_get_thread_num());
+      for (int64_t b = 0; b < p_.batch; ++b) {
+        for (int64_t h_kv = 0; h_kv < p_.heads_kv; ++h_kv) {
+          const T* k_head = k + b * p_.k_strides.batch + h_kv * p_.k_strides.head;
+          const T* v_head = v + b * p_.v_strides.batch + h_kv * p_.v_strides.head;
+#pragma omp for schedule(static)
+          for (int64_t panel = 0; panel < num_panels; ++panel) {
+            pack_k_panel<Isa>(k_head, p_.k_strides.row, p_.seq_k, dim, panel, k_packed.data());
+            pack_v_panel<Isa>(v_head, p_.v_strides.row, p_.seq_k, dim, seq_k_padded_, dim_padded_, panel,
+                              v_packed.data());
+          }
+          // Causal query blocks near the bottom see the most keys: hand those out first.
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t h_q = h_kv * group + task / num_q_blocks;
+            int64_t q_block = task % num_q_blocks;
+            if (p_.causal) q_block = num_q_blocks - 1 - q_block;
+            const int64_t q_begin = q_block * block_q_;
+            const int64_t q_end = std::min<int64_t>(q_begin + block_q_, p_.seq_q);
+            query_block(q, k_packed.data(), v_packed.data(), b, h_q, q_begin, q_end, s);
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  int64_t scratch_floats() const {
+    const int64_t bq = round_up(block_q_, 16);
+    return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq;
+  }
+
+  Scratch carve(float* base) const {
+    const int64_t bq = round_up(block_q_, 16);
+    Scratch s{};
+    s.q_tile = base;
+    s.scores = s.q_tile + round_up(bq * p_.dim, 16);
+    s.acc = s.scores + bq * block_k_;
+    s.row_max = s.acc + bq * dim_padded_;
+    s.row_sum = s.row_max + bq;
+    s.alpha = s.row_sum + bq;
+    return s;
+  }
+
+  // Keys visible to query row i: [0, visible_keys(i)).
+  int64_t visible_keys(int64_t i) const {
+    if (!p_.causal) return p_.seq_k;
+    return std::clamp<int64_t>(i + p_.causal_offset() + 1, 0, p_.seq_k);
+  }
+
+  void query_block(const T* q, const float* k_packed, const float* v_packed, int64_t b, int64_t h_q, int64_t q_begin,
+                   int64_t q_end, const Scratch& s) const {
+    const int64_t dim = p_.dim;
+    const int rows = static_cast<int>(q_end - q_begin);
+    const int64_t s_ld = block_k_;
+    const int64_t acc_ld = dim_padded_;
+
+    const T* q_head = q + b * p_.q_strides.batch + h_q * p_.q_strides.head;
+    for (int i = 0; i < rows; ++i) {
+      const T* src = q_head + (q_begin + i) * p_.q_strides.row;
+      float* dst = s.q_tile + i * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * scale_log2_;
+      s.row_max[i] = kNegInf;
+      s.row_sum[i] = 0.0f;
+    }
+    std::fill(s.acc, s.acc + rows * acc_ld, 0.0f);
+
+    // Key blocks entirely above the causal diagonal are never visited.
+    const int64_t key_end = visible_keys(q_end - 1);
+    for (int64_t key_begin = 0; key_begin < key_end; key_begin += block_k_) {
+      const int64_t cols = round_up(std::min<int64_t>(block_k_, key_end - key_begin), kPanel);
+
+      for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+        with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
+          for (int64_t c = 0; c < cols; c += kPanel) {
+            const float* k_panel = k_packed + (key_begin + c) / kPanel * dim * kPanel;
+            qk_tile<Isa, R>(s.q_tile + r0 * dim, dim, k_panel, dim, s.scores + r0 * s_ld + c, s_ld);
+          }
+        });
+      }
+
+      // Only blocks that cross the diagonal or the end of the keys need a mask.
+      const bool all_visible = key_begin + cols <= visible_keys(q_begin);
+      for (int i = 0; i < rows; ++i) {
+        float* row = s.scores + i * s_ld;
+        if (!all_visible) {
+          for (int64_t j = std::max<int64_t>(0, visible_keys(q_begin + i) - key_begin); j < cols; ++j) row[j] = kNegInf;
+        }
+        online_softmax_row(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
+      }
+
+      for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+        with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
+          for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
+            const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
+            pv_tile<Isa, R>(s.scores + r0 * s_ld, s_ld, s.alpha + r0, v_strip, cols, s.acc + r0 * acc_ld + strip * kPanel,
+                            acc_ld);
+          }
+        });
+      }
+    }
+
+    T* o_head = static_cast<T*>(p_.o) + b * p_.o_strides.batch + h_q * p_.o_strides.head;
+    for (int i = 0; i < rows; ++i) {
+      // A row that saw no key has row_sum == 0: O = 0 and LSE = -inf rather than 0/0.
+      const float row_sum = s.row_sum[i];
+      const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+      T* dst = o_head + (q_begin + i) * p_.o_strides.row;
+      const float* acc = s.acc + i * acc_ld;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(acc[d] * inv_sum);
+      if (p_.lse != nullptr) {
+        p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + (q_begin + i) * p_.lse_strides.row] =
+            row_sum > 0.0f ? (s.row_max[i] + std::log2(row_sum)) * std::numbers::ln2_v<float> : kNegInf;
+      }
+    }
+  }
+
+  // Turns one row of scores (log2 units, masked entries -inf) into probabilities relative to the
+  // updated running max, and updates the running max and sum. alpha rescales the accumulator.
+  static void online_softmax_row(float* row, int64_t cols, float& row_max, float& row_sum, float& alpha) {
+    using V = typename Isa::vec;
+    constexpr int W = Isa::kWidth;
+    V block_max = Isa::set1(kNegInf);
+    for (int64_t j = 0; j < cols; j += W) block_max = Isa::max(block_max, Isa::load(row + j));
+    const float new_max = std::max(row_max, Isa::reduce_max(block_max));
+    if (new_max == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
+      std::fill(row, row + cols, 0.0f);
+      alpha = 1.0f;
+      return;
+    }
+    alpha = std::exp2(row_max - new_max);  // row_max == -inf gives 0: the accumulator is still empty
+    const V shift = Isa::set1(new_max);
+    V sum = Isa::zero();
+    for (int64_t j = 0; j < cols; j += W) {
+      const V prob = Isa::exp2(Isa::sub(Isa::load(row + j), shift));
+      Isa::store(row + j, prob);
+      sum = Isa::add(sum, prob);
+    }
+    row_sum = row_sum * alpha + Isa::reduce_add(sum);
+    row_max = new_max;
+  }
+
+  FwdParams p_;
+  int block_q_ = 0;
+  int block_k_ = 0;
+  int64_t seq_k_padded_ = 0;
+  int64_t dim_padded_ = 0;
+  float scale_log2_ = 1.0f;
+};
+
+template <class Isa>
+void flash_forward(FwdParams p) {
+  if (p.dtype == DType::kBFloat16) {
+    FlashForward<Isa, bfloat16>(p).run();
+  } else {
+    FlashForward<Isa, float>(p).run();
+  }
+}
+
+}  // namespace
+}  // namespace pflash::cpu

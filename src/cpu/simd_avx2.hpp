@@ -1,0 +1,57 @@
+// 8-lane fp32 vectors on AVX2 + FMA. Included only by translation units compiled for that target.
+#pragma once
+
+#include <immintrin.h>
+
+namespace pflash::cpu {
+
+struct Avx2 {
+  using vec = __m256;
+  static constexpr int kWidth = 8;
+  // Register tiles: 6 rows x 2 vectors = 12 accumulators, plus 2 loaded vectors and 1 broadcast,
+  // fills 15 of the 16 ymm registers.
+  static constexpr int kTileRows = 6;
+
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec set1(float x) { return _mm256_set1_ps(x); }
+  static vec load(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, vec x) { _mm256_store_ps(p, x); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+
+  static float reduce_add(vec x) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+  }
+  static float reduce_max(vec x) {
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+  }
+
+  // 2^x for x <= 0 (scores minus their row max, in log2 units): x = n + f with n = round(x),
+  // |f| <= 1/2, 2^f by a degree-6 polynomial (relative error < 2e-7), 2^n built in the exponent
+  // bits. x below -127 (including -inf) gives exactly 0, since n = -127 makes the exponent field 0.
+  static vec exp2(vec x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    const vec n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vec f = _mm256_sub_ps(x, n);
+    vec p = _mm256_set1_ps(1.5403530393381606e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+};
+
+}  // namespace pflash::cpu

@@ -1,0 +1,29 @@
+// The portable path: one float per "vector". Correct on every CPU; the compiler may still
+// auto-vectorise the surrounding loops for the baseline target.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+namespace pflash::cpu {
+
+struct Portable {
+  using vec = float;
+  static constexpr int kWidth = 1;
+  static constexpr int kTileRows = 4;
+
+  static vec zero() { return 0.0f; }
+  static vec set1(float x) { return x; }
+  static vec load(const float* p) { return *p; }
+  static void store(float* p, vec x) { *p = x; }
+  static vec fmadd(vec a, vec b, vec c) { return a * b + c; }
+  static vec mul(vec a, vec b) { return a * b; }
+  static vec add(vec a, vec b) { return a + b; }
+  static vec sub(vec a, vec b) { return a - b; }
+  static vec max(vec a, vec b) { return std::max(a, b); }
+  static float reduce_add(vec x) { return x; }
+  static float reduce_max(vec x) { return x; }
+  static vec exp2(vec x) { return std::exp2(x); }
+};
+
+}  // namespace pflash::cpu

@@ -1,0 +1,194 @@
+// Every bad argument gets pflash::Error naming the argument, what was expected and what was given.
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <string>
+
+#include "support/tensors.hpp"
+
+namespace pflash::testing {
+namespace {
+
+struct Fixture {
+  HostTensor q{DType::kFloat32, {2, 4, 8, 16}};
+  HostTensor k{DType::kFloat32, {2, 2, 10, 16}};
+  HostTensor v{DType::kFloat32, {2, 2, 10, 16}};
+  HostTensor o{DType::kFloat32, {2, 4, 8, 16}};
+  HostTensor lse{DType::kFloat32, {2, 4, 8}};
+
+  AttentionParams params() {
+    AttentionParams p;
+    p.q = q.view();
+    p.k = k.view();
+    p.v = v.view();
+    p.o = o.mutable_view();
+    p.lse = lse.mutable_view();
+    return p;
+  }
+};
+
+void expect_invalid(const AttentionParams& params, const std::string& argument, const std::string& expected,
+                    const std::string& got) {
+  for (int entry = 0; entry < 2; ++entry) {
+    try {
+      if (entry == 0) {
+        flash_attention_forward(params);
+      } else {
+        naive_attention(params);
+      }
+      ADD_FAILURE() << "no error for a bad '" << argument << "'";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << message;
+      EXPECT_NE(message.find(entry == 0 ? "flash_attention_forward: " : "naive_attention: "), std::string::npos)
+          << message;
+      EXPECT_NE(message.find("argument '" + argument + "'"), std::string::npos) << message;
+      EXPECT_NE(message.find(expected), std::string::npos) << message;
+      EXPECT_NE(message.find(got), std::string::npos) << message;
+    }
+  }
+}
+
+TEST(Validate, ValidArgumentsPass) {
+  Fixture f;
+  EXPECT_NO_THROW(validate(f.params()));
+}
+
+TEST(Validate, NullData) {
+  Fixture f;
+  auto p = f.params();
+  p.k.data = nullptr;
+  expect_invalid(p, "k", "non-null data pointer", "null");
+  p = f.params();
+  p.o.data = nullptr;
+  expect_invalid(p, "o", "non-null data pointer", "null");
+}
+
+TEST(Validate, WrongRank) {
+  Fixture f;
+  auto p = f.params();
+  p.q.rank = 3;
+  expect_invalid(p, "q", "rank 4 [B, Hq, Nq, D]", "rank 3 [2, 4, 8]");
+}
+
+TEST(Validate, MismatchedShapes) {
+  Fixture f;
+  auto p = f.params();
+  p.v.shape[2] = 9;
+  expect_invalid(p, "v", "shape [2, 2, 10, 16]", "[2, 2, 9, 16]");
+  p = f.params();
+  p.k.shape[3] = 8;
+  p.v.shape[3] = 8;
+  expect_invalid(p, "k", "shape [2, 2, 10, 16]", "[2, 2, 10, 8]");
+  p = f.params();
+  p.o.shape[2] = 7;
+  expect_invalid(p, "o", "shape [2, 4, 8, 16]", "[2, 4, 7, 16]");
+  p = f.params();
+  p.lse.shape[1] = 3;
+  expect_invalid(p, "lse", "shape [2, 4, 8]", "[2, 3, 8]");
+  p = f.params();
+  p.q.shape[1] = 0;
+  expect_invalid(p, "q", "every extent >= 1", "[2, 0, 8, 16]");
+}
+
+TEST(Validate, HeadsNotAMultiple) {
+  HostTensor q(DType::kFloat32, {1, 5, 4, 8}), kv(DType::kFloat32, {1, 2, 4, 8}), o(DType::kFloat32, {1, 5, 4, 8});
+  AttentionParams p;
+  p.q = q.view();
+  p.k = kv.view();
+  p.v = kv.view();
+  p.o = o.mutable_view();
+  expect_invalid(p, "k", "Hkv dividing Hq = 5", "Hkv = 2");
+}
+
+TEST(Validate, HeadDimTooLarge) {
+  HostTensor q(DType::kFloat32, {1, 1, 2, 257}), kv(DType::kFloat32, {1, 1, 2, 257}), o(DType::kFloat32, {1, 1, 2, 257});
+  AttentionParams p;
+  p.q = q.view();
+  p.k = kv.view();
+  p.v = kv.view();
+  p.o = o.mutable_view();
+  expect_invalid(p, "q", "head_dim D <= 256", "D = 257");
+}
+
+TEST(Validate, MixedDtypes) {
+  Fixture f;
+  HostTensor v16(DType::kBFloat16, {2, 2, 10, 16});
+  auto p = f.params();
+  p.v = v16.view();
+  expect_invalid(p, "v", "dtype fp32", "bf16");
+  HostTensor lse16(DType::kBFloat16, {2, 4, 8});
+  p = f.params();
+  p.lse = lse16.mutable_view();
+  expect_invalid(p, "lse", "dtype fp32", "bf16");
+}
+
+TEST(Validate, HeadDimNotContiguous) {
+  Fixture f;
+  auto p = f.params();
+  p.q.strides[3] = 2;
+  p.q.shape[3] = 8;
+  p.k.shape[3] = 8;
+  p.v.shape[3] = 8;
+  p.o.shape[3] = 8;
+  expect_invalid(p, "q", "contiguous last dimension (stride 1)", "stride 2");
+}
+
+TEST(Validate, NegativeStride) {
+  Fixture f;
+  auto p = f.params();
+  p.k.strides[2] = -16;
+  expect_invalid(p, "k", "non-negative strides", "stride -16 in dimension 2");
+}
+
+TEST(Validate, OffsetsOverflow64Bits) {
+  Fixture f;
+  auto p = f.params();
+  p.q.strides[0] = std::numeric_limits<std::int64_t>::max() / 2;
+  p.q.strides[1] = std::numeric_limits<std::int64_t>::max() / 2;
+  expect_invalid(p, "q", "offsets that fit in 64 bits", "[2, 4, 8, 16]");
+  p = f.params();
+  p.k.strides[0] = std::numeric_limits<std::int64_t>::max() / 3;
+  expect_invalid(p, "k", "byte offsets that fit in 64 bits", "[2, 2, 10, 16]");
+}
+
+TEST(Validate, OutputAliasingAnInputOrItself) {
+  Fixture f;
+  auto p = f.params();
+  p.o.data = const_cast<void*>(p.q.data);
+  expect_invalid(p, "o", "memory disjoint from input 'q'", "an overlap");
+  p = f.params();
+  p.lse.data = f.o.mutable_view().data;
+  expect_invalid(p, "lse", "memory disjoint from 'o'", "an overlap");
+  p = f.params();
+  p.o.strides[1] = 0;
+  expect_invalid(p, "o", "whose elements do not overlap", "strides that alias");
+}
+
+TEST(Validate, BadOptions) {
+  Fixture f;
+  auto p = f.params();
+  p.softmax_scale = std::numeric_limits<float>::infinity();
+  expect_invalid(p, "softmax_scale", "a finite number", "inf");
+  p = f.params();
+  p.block_q = -1;
+  expect_invalid(p, "block_q", "0 (automatic) or 1..4096", "-1");
+  p = f.params();
+  p.block_k = 5000;
+  expect_invalid(p, "block_k", "0 (automatic) or 1..4096", "5000");
+  p = f.params();
+  p.num_threads = -3;
+  expect_invalid(p, "num_threads", "0 (all) or a positive count", "-3");
+}
+
+TEST(Validate, ErrorLeavesOutputsUntouched) {
+  Fixture f;
+  f.o.poison();
+  auto p = f.params();
+  p.v.shape[2] = 9;
+  EXPECT_THROW(flash_attention_forward(p), Error);
+  EXPECT_FALSE(f.o.all_finite_or_neg_inf());
+}
+
+}  // namespace
+}  // namespace pflash::testing

@@ -1,0 +1,237 @@
+// The CPU FlashAttention-2 forward against the float64 reference, on every instruction set this CPU
+// runs, over a shape grid that covers the ragged and degenerate cases.
+#include <gtest/gtest.h>
+
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "support/reference.hpp"
+#include "support/tensors.hpp"
+
+namespace pflash::testing {
+namespace {
+
+struct Shape {
+  std::int64_t batch, heads_q, heads_kv, seq_q, seq_k, dim;
+};
+
+struct Case {
+  Shape shape;
+  bool causal;
+  DType dtype;
+  Layout layout = Layout::kBhnd;
+};
+
+std::string case_name(const Case& c, CpuIsa isa) {
+  const Shape& s = c.shape;
+  std::string name = "B" + std::to_string(s.batch) + "_Hq" + std::to_string(s.heads_q) + "_Hkv" +
+                     std::to_string(s.heads_kv) + "_Nq" + std::to_string(s.seq_q) + "_Nk" + std::to_string(s.seq_k) +
+                     "_D" + std::to_string(s.dim) + (c.causal ? "_causal" : "_full") + "_" +
+                     std::string(to_string(c.dtype));
+  if (c.layout == Layout::kBnhd) name += "_bnhd";
+  if (c.layout == Layout::kPaddedRows) name += "_padded";
+  return name + "_" + std::string(to_string(isa));
+}
+
+// The shape grid, in one place.
+std::vector<Case> forward_cases() {
+  std::vector<Shape> shapes = {
+      {1, 1, 1, 1, 1, 64},        // N = 1
+      {1, 2, 2, 1, 300, 128},     // one query, many keys
+      {1, 2, 1, 300, 1, 64},      // many queries, one key
+      {2, 4, 4, 17, 33, 64},      // odd lengths
+      {1, 4, 2, 129, 129, 96},    // GQA 2, D = 96, lengths one past a power of two
+      {1, 8, 2, 100, 257, 80},    // GQA 4, Nq < Nk
+      {1, 8, 1, 257, 100, 40},    // MQA (GQA 8), Nq > Nk: causal rows with no visible key
+      {2, 3, 3, 64, 64, 128},     // aligned
+      {1, 2, 2, 200, 190, 256},   // the largest head_dim
+  };
+  for (std::int64_t dim : {1, 16, 40, 64, 80, 96, 128, 256}) shapes.push_back({2, 4, 2, 37, 53, dim});
+  std::vector<Case> cases;
+  for (const Shape& s : shapes)
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16})
+      for (bool causal : {false, true}) cases.push_back({s, causal, dtype});
+  for (Layout layout : {Layout::kBnhd, Layout::kPaddedRows})
+    for (bool causal : {false, true}) cases.push_back({{2, 4, 2, 45, 70, 96}, causal, DType::kBFloat16, layout});
+  return cases;
+}
+
+std::vector<CpuIsa> isas() { return {CpuIsa::kPortable, CpuIsa::kAvx2}; }
+
+// Sets the instruction-set cap for one test and restores it.
+class IsaScope {
+ public:
+  explicit IsaScope(CpuIsa isa) { set_max_cpu_isa(isa); }
+  ~IsaScope() { set_max_cpu_isa(CpuIsa::kAvx512Bf16); }
+  IsaScope(const IsaScope&) = delete;
+  IsaScope& operator=(const IsaScope&) = delete;
+};
+
+struct Problem {
+  HostTensor q, k, v, o, lse;
+  AttentionParams params() {
+    AttentionParams p;
+    p.q = q.view();
+    p.k = k.view();
+    p.v = v.view();
+    p.o = o.mutable_view();
+    p.lse = lse.mutable_view();
+    return p;
+  }
+};
+
+Problem make_problem(const Case& c, double input_stddev = 1.0) {
+  const Shape& s = c.shape;
+  Problem pr{HostTensor(c.dtype, {s.batch, s.heads_q, s.seq_q, s.dim}, c.layout),
+             HostTensor(c.dtype, {s.batch, s.heads_kv, s.seq_k, s.dim}, c.layout),
+             HostTensor(c.dtype, {s.batch, s.heads_kv, s.seq_k, s.dim}, c.layout),
+             HostTensor(c.dtype, {s.batch, s.heads_q, s.seq_q, s.dim}, c.layout),
+             HostTensor(DType::kFloat32, {s.batch, s.heads_q, s.seq_q})};
+  auto rng = make_rng();
+  pr.q.fill_normal(rng, input_stddev);
+  pr.k.fill_normal(rng, input_stddev);
+  pr.v.fill_normal(rng);
+  pr.o.poison();
+  pr.lse.poison();
+  return pr;
+}
+
+double o_tolerance(DType dtype) { return dtype == DType::kFloat32 ? 1e-5 : 1e-2; }
+
+// LSE is fp32 in both dtypes (the inputs are exact in double): a few ulps of its magnitude.
+void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance) {
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(ref.size()); ++i) {
+    const std::int64_t n = lse.shape()[2], h = lse.shape()[1];
+    const double got = lse.at(i / (n * h), (i / n) % h, i % n);
+    const double want = ref[static_cast<std::size_t>(i)];
+    if (std::isinf(want)) {
+      ASSERT_EQ(got, want) << "lse row " << i << " sees no key";
+    } else {
+      ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want))) << "lse row " << i;
+    }
+  }
+}
+
+class FlashForward : public ::testing::TestWithParam<std::tuple<Case, CpuIsa>> {};
+
+TEST_P(FlashForward, MatchesFloat64Reference) {
+  const auto& [c, isa] = GetParam();
+  if (detected_cpu_isa() < isa) GTEST_SKIP() << "this CPU has no " << to_string(isa);
+  const IsaScope scope(isa);
+  Problem pr = make_problem(c);
+  const std::vector<unsigned char> q_before = pr.q.bytes(), k_before = pr.k.bytes(), v_before = pr.v.bytes();
+  AttentionParams params = pr.params();
+  params.causal = c.causal;
+  flash_attention_forward(params);
+
+  EXPECT_EQ(pr.q.bytes(), q_before) << "q was modified";
+  EXPECT_EQ(pr.k.bytes(), k_before) << "k was modified";
+  EXPECT_EQ(pr.v.bytes(), v_before) << "v was modified";
+  ASSERT_TRUE(pr.o.all_finite_or_neg_inf()) << "o not fully written (NaN poison left) or not finite";
+  ASSERT_TRUE(pr.lse.all_finite_or_neg_inf()) << "lse not fully written";
+  const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, c.causal, 1.0 / std::sqrt(double(c.shape.dim)));
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(c.dtype));
+  expect_lse_near(pr.lse, ref.lse, 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, FlashForward, ::testing::Combine(::testing::ValuesIn(forward_cases()),
+                                                                ::testing::ValuesIn(isas())),
+                         [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
+
+class FlashForwardIsa : public ::testing::TestWithParam<CpuIsa> {
+ protected:
+  void SetUp() override {
+    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
+    scope_ = std::make_unique<IsaScope>(GetParam());
+  }
+  std::unique_ptr<IsaScope> scope_;
+};
+
+// Logits of magnitude ~1e4: the online softmax must not overflow. In fp32, logits that large carry
+// an absolute rounding error of about |logit| * FLT_EPSILON, which becomes the relative error of the
+// weights; the tolerance is a small multiple of that, far below what an overflow or a lost
+// rescaling would give (O(1)).
+TEST_P(FlashForwardIsa, LargeLogitsStayExact) {
+  for (bool causal : {false, true}) {
+    const Case c{{1, 2, 1, 67, 150, 64}, causal, DType::kFloat32};
+    Problem pr = make_problem(c, /*input_stddev=*/50.0);
+    AttentionParams params = pr.params();
+    params.causal = causal;
+    flash_attention_forward(params);
+    ASSERT_TRUE(pr.o.all_finite_or_neg_inf());
+    const double scale = 1.0 / 8.0;
+    const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, causal, scale);
+    double max_logit = 0.0;
+    for (double l : ref.lse) max_logit = std::max(max_logit, std::abs(l));
+    ASSERT_GT(max_logit, 5e3) << "the test inputs should produce logits near 1e4";
+    EXPECT_LT(relative_l2_error(pr.o, ref.o), 8.0 * max_logit * FLT_EPSILON);
+    expect_lse_near(pr.lse, ref.lse, 1e-6);
+  }
+}
+
+TEST_P(FlashForwardIsa, SameBitsForOneAndTwoThreadsAndAnyBlocking) {
+  const Case c{{1, 4, 2, 150, 170, 64}, true, DType::kBFloat16};
+  Problem pr = make_problem(c);
+  AttentionParams params = pr.params();
+  params.causal = true;
+  params.num_threads = 1;
+  flash_attention_forward(params);
+  const std::vector<unsigned char> one_thread = pr.o.bytes(), lse_one = pr.lse.bytes();
+  pr.o.poison();
+  pr.lse.poison();
+  params.num_threads = 2;
+  flash_attention_forward(params);
+  EXPECT_EQ(pr.o.bytes(), one_thread);
+  EXPECT_EQ(pr.lse.bytes(), lse_one);
+
+  // Other tilings reorder the sums: equal within tolerance, not bit for bit.
+  params.block_q = 7;
+  params.block_k = 5;
+  pr.o.poison();
+  flash_attention_forward(params);
+  const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, true, 1.0 / 8.0);
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(c.dtype));
+}
+
+TEST_P(FlashForwardIsa, CustomScaleAndNoLse) {
+  const Case c{{1, 2, 2, 33, 47, 32}, false, DType::kFloat32};
+  Problem pr = make_problem(c);
+  AttentionParams params = pr.params();
+  params.lse = {};
+  params.softmax_scale = 0.37f;
+  flash_attention_forward(params);
+  const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, false, 0.37);
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), 1e-5);
+  EXPECT_FALSE(pr.lse.all_finite_or_neg_inf()) << "lse was not requested and must stay untouched";
+}
+
+// The workspace is one head's packed K/V plus per-thread tiles: it depends on Nk and D, never on
+// the batch or the number of heads.
+TEST_P(FlashForwardIsa, ExtraMemoryIndependentOfBatchAndHeads) {
+  std::uint64_t peaks[2];
+  const Shape shapes[2] = {{1, 1, 1, 256, 512, 64}, {3, 8, 4, 256, 512, 64}};
+  for (int i = 0; i < 2; ++i) {
+    Problem pr = make_problem({shapes[i], false, DType::kBFloat16});
+    AttentionParams params = pr.params();
+    params.num_threads = 2;
+    params.block_q = 64;  // the automatic choice shrinks query tiles when there are few heads
+    params.block_k = 128;
+    const std::uint64_t before = memory_stats().current_bytes;
+    reset_peak_memory_stats();
+    flash_attention_forward(params);
+    peaks[i] = memory_stats().peak_bytes - before;
+    EXPECT_EQ(memory_stats().current_bytes, before) << "workspace leaked";
+  }
+  EXPECT_GT(peaks[0], 0u);
+  EXPECT_EQ(peaks[0], peaks[1]);
+  EXPECT_LT(peaks[1], 2ull * 512 * 64 * 4 + (1u << 20));
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, FlashForwardIsa, ::testing::ValuesIn(isas()),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
+
+}  // namespace
+}  // namespace pflash::testing
