@@ -1,0 +1,77 @@
+#include "report.hpp"
+
+#include <fmt/format.h>
+
+namespace pflash::bench {
+
+std::string format_bytes(double bytes) {
+  if (bytes >= double(1ull << 30)) return fmt::format("{:.2f} GiB", bytes / double(1ull << 30));
+  if (bytes >= double(1ull << 20)) return fmt::format("{:.1f} MiB", bytes / double(1ull << 20));
+  if (bytes >= 1024.0) return fmt::format("{:.1f} KiB", bytes / 1024.0);
+  return fmt::format("{:.0f} B", bytes);
+}
+
+std::string format_machine(const MachinePeak& peak) {
+  return fmt::format(
+      "machine: {} | {} threads | kernels: {}\n"
+      "measured peak: fp32 FMA {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s{}, DRAM read {:.1f} GB/s\n",
+      peak.cpu_name, peak.threads, peak.isa, peak.peak_flops_fp32 / 1e9, peak.peak_flops_bf16 / 1e9,
+      peak.native_bf16 ? " (vdpbf16ps)" : " (no bf16 dot-product instruction: bf16 is computed by fp32 FMA)",
+      peak.read_bw / 1e9);
+}
+
+std::string format_table_header() {
+  return fmt::format("{:<6} {:<5} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
+                     "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "median", "tokens/s",
+                     "TFLOP/s", "%peak", "extra mem", "n");
+}
+
+std::string format_row(const BenchResult& r) {
+  const BenchConfig& c = r.config;
+  std::string row = fmt::format("{:<6} {:<5} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} ", c.impl, c.pass, c.batch,
+                                c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.causal ? "on" : "off");
+  if (r.status == "oom") {
+    return row + fmt::format("OOM (needs {})", format_bytes(double(r.bytes_needed.value_or(0))));
+  }
+  const std::string median = r.median_s >= 1.0 ? fmt::format("{:.3f} s", r.median_s)
+                                                : fmt::format("{:.3f} ms", r.median_s * 1e3);
+  return row + fmt::format("{:>11} {:>11.0f} {:>8.4f} {:>6.1f}% {:>11} {:>3}", median, r.tokens_per_s, r.tflops,
+                           100.0 * r.fraction_of_peak, format_bytes(double(r.extra_bytes)), r.repeats);
+}
+
+nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results) {
+  nlohmann::json out;
+  out["machine"] = {{"threads", peak.threads},
+                    {"cpu", peak.cpu_name},
+                    {"isa", peak.isa},
+                    {"peak_flops_fp32", peak.peak_flops_fp32},
+                    {"peak_flops_bf16", peak.peak_flops_bf16},
+                    {"native_bf16", peak.native_bf16},
+                    {"read_bw", peak.read_bw}};
+  out["results"] = nlohmann::json::array();
+  for (const BenchResult& r : results) {
+    const BenchConfig& c = r.config;
+    nlohmann::json row = {{"impl", c.impl},         {"pass", c.pass},          {"batch", c.batch},
+                          {"heads", c.heads},       {"kv_heads", c.kv_heads},  {"seq_q", c.seq_q},
+                          {"seq_k", c.seq_k},       {"dim", c.dim},            {"dtype", to_string(c.dtype)},
+                          {"causal", c.causal},     {"status", r.status},      {"flops", r.flops},
+                          {"extra_bytes", r.extra_bytes}};
+    if (r.status == "ok") {
+      row["median_s"] = r.median_s;
+      row["tflops"] = r.tflops;
+      row["fraction_of_peak"] = r.fraction_of_peak;
+      row["tokens_per_s"] = r.tokens_per_s;
+      row["repeats"] = r.repeats;
+    } else {
+      row["median_s"] = nullptr;
+      row["tflops"] = nullptr;
+      row["fraction_of_peak"] = nullptr;
+      row["tokens_per_s"] = nullptr;
+    }
+    row["bytes_needed"] = r.bytes_needed ? nlohmann::json(*r.bytes_needed) : nlohmann::json(nullptr);
+    out["results"].push_back(row);
+  }
+  return out;
+}
+
+}  // namespace pflash::bench

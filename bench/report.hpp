@@ -1,0 +1,22 @@
+// The bench's two outputs: a table for people and JSON for scripts (key names are a contract).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "machine_peak.hpp"
+#include "sweep.hpp"
+
+namespace pflash::bench {
+
+std::string format_machine(const MachinePeak& peak);
+std::string format_table_header();
+std::string format_row(const BenchResult& result);
+
+nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results);
+
+std::string format_bytes(double bytes);  // "1.50 GiB", "64.0 MiB", "512 B"
+
+}  // namespace pflash::bench

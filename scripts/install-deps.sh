@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the C++ build needs; skips apt-get when they are all present.
+#   g++ (C++20, OpenMP) and CMake; GoogleTest; CLI11 (pflash's flags); nlohmann-json (bench JSON);
+#   fmt (tables); OpenBLAS (the naive baseline's matrix products).
+set -euo pipefail
+packages=(
+  build-essential cmake
+  libgtest-dev
+  libcli11-dev
+  nlohmann-json3-dev
+  libfmt-dev
+  libopenblas-openmp-dev
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  sudo_cmd=()
+  [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,201 @@
+// pflash: the command-line tool. `pflash bench` runs a benchmark sweep and prints a table (and JSON).
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cctype>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "machine_peak.hpp"
+#include "pflash/pflash.hpp"
+#include "report.hpp"
+#include "sweep.hpp"
+
+namespace {
+
+using pflash::bench::BenchConfig;
+
+// "16GiB", "512MiB", "2GB", "1000" (bytes); binary units for the *iB forms.
+std::optional<std::uint64_t> parse_bytes(std::string text) {
+  if (text == "none" || text == "0") return std::nullopt;
+  std::size_t pos = 0;
+  const double value = std::stod(text, &pos);
+  std::string unit = text.substr(pos);
+  for (char& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  double scale = 1.0;
+  if (unit.empty() || unit == "b") scale = 1.0;
+  else if (unit == "kib" || unit == "k") scale = 1024.0;
+  else if (unit == "mib" || unit == "m") scale = 1024.0 * 1024.0;
+  else if (unit == "gib" || unit == "g") scale = 1024.0 * 1024.0 * 1024.0;
+  else if (unit == "kb") scale = 1e3;
+  else if (unit == "mb") scale = 1e6;
+  else if (unit == "gb") scale = 1e9;
+  else throw std::invalid_argument("unknown unit '" + unit + "'");
+  if (value < 0) throw std::invalid_argument("negative size");
+  return static_cast<std::uint64_t>(value * scale);
+}
+
+struct BenchArgs {
+  std::vector<std::int64_t> batch{1};
+  // The default sweep (about a minute on 2 cores): naive slows down quadratically and, at
+  // Nq = Nk = 16384, needs more than a 16 GiB device; flash runs on with a few MiB.
+  std::vector<std::int64_t> heads{16};
+  std::vector<std::int64_t> kv_heads;  // empty: same as heads
+  std::vector<std::int64_t> seq{1024, 2048, 4096, 8192, 16384};
+  std::vector<std::int64_t> seq_q, seq_k;
+  std::vector<std::int64_t> dim{64};
+  std::vector<std::string> dtype{"bf16"};
+  std::vector<std::string> causal{"off"};
+  std::vector<std::string> impl{"flash", "naive"};
+  std::vector<std::string> pass{"fwd"};
+  std::string memory_budget = "16GiB";
+  int threads = 0;
+  int repeats = 5;
+  int warmup = 1;
+  double max_seconds = 2.0;
+  int block_q = 0;
+  int block_k = 0;
+  std::string json;
+};
+
+std::vector<BenchConfig> make_configs(const BenchArgs& a) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> lengths;
+  if (!a.seq_q.empty() || !a.seq_k.empty()) {
+    const auto& qs = a.seq_q.empty() ? a.seq : a.seq_q;
+    const auto& ks = a.seq_k.empty() ? a.seq : a.seq_k;
+    for (auto nq : qs)
+      for (auto nk : ks) lengths.emplace_back(nq, nk);
+  } else {
+    for (auto n : a.seq) lengths.emplace_back(n, n);
+  }
+  std::vector<BenchConfig> configs;
+  for (const auto& pass : a.pass)
+    for (const auto& dtype : a.dtype)
+      for (const auto& causal : a.causal)
+        for (auto b : a.batch)
+          for (auto h : a.heads)
+            for (auto hkv : a.kv_heads.empty() ? std::vector<std::int64_t>{h} : a.kv_heads)
+              for (auto d : a.dim)
+                for (auto [nq, nk] : lengths)
+                  for (const auto& impl : a.impl) {
+                    BenchConfig c;
+                    c.impl = impl;
+                    c.pass = pass;
+                    c.batch = b;
+                    c.heads = h;
+                    c.kv_heads = hkv;
+                    c.seq_q = nq;
+                    c.seq_k = nk;
+                    c.dim = d;
+                    c.dtype = dtype == "fp32" ? pflash::DType::kFloat32 : pflash::DType::kBFloat16;
+                    c.causal = causal == "on";
+                    configs.push_back(c);
+                  }
+  return configs;
+}
+
+int run_bench(const BenchArgs& args) {
+  pflash::bench::BenchOptions options;
+  options.threads = args.threads > 0 ? args.threads : pflash::default_num_threads();
+  options.repeats = args.repeats;
+  options.warmup = args.warmup;
+  options.max_seconds = args.max_seconds;
+  options.memory_budget = parse_bytes(args.memory_budget);
+  options.block_q = args.block_q;
+  options.block_k = args.block_k;
+  const std::vector<BenchConfig> configs = make_configs(args);
+
+  std::cerr << "measuring this machine's peak FLOP/s and read bandwidth...\n";
+  const auto peak = pflash::bench::measure_machine_peak(options.threads);
+  std::cout << pflash::bench::format_machine(peak);
+  std::cout << fmt::format(
+      "timing: median of up to {} repeats (n; fewer when they would pass {} s) after {} warm-up; naive memory budget: {}\n\n",
+      options.repeats, options.max_seconds, options.warmup,
+      options.memory_budget ? pflash::bench::format_bytes(double(*options.memory_budget)) : "none");
+  std::cout << pflash::bench::format_table_header() << std::endl;
+
+  const bool tty = isatty(STDERR_FILENO) != 0;
+  std::vector<pflash::bench::BenchResult> results;
+  for (std::size_t i = 0; i < configs.size(); ++i) {
+    const BenchConfig& c = configs[i];
+    const std::string line = fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} causal={}", i + 1,
+                                         configs.size(), c.impl, c.pass, c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k,
+                                         c.dim, pflash::to_string(c.dtype), c.causal ? "on" : "off");
+    if (tty) {
+      std::cerr << "\r\033[K" << line << std::flush;
+    } else {
+      std::cerr << line << '\n';
+    }
+    results.push_back(pflash::bench::run_config(c, options, peak));
+    if (tty) std::cerr << "\r\033[K" << std::flush;
+    std::cout << pflash::bench::format_row(results.back()) << std::endl;
+  }
+
+  if (!args.json.empty()) {
+    std::ofstream out(args.json);
+    if (!out) {
+      std::cerr << "pflash: cannot write --json file '" << args.json << "'\n";
+      return 1;
+    }
+    out << pflash::bench::to_json(peak, results).dump(2) << '\n';
+    std::cerr << "wrote " << args.json << '\n';
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"pflash: IO-aware exact attention (FlashAttention-2) kernels and their benchmarks"};
+  app.require_subcommand(0, 1);
+  BenchArgs args;
+  CLI::App* bench = app.add_subcommand("bench", "run a benchmark sweep: flash vs naive attention");
+  const auto positive = CLI::PositiveNumber;
+  bench->add_option("--batch", args.batch, "batch sizes")->delimiter(',')->check(positive)->capture_default_str();
+  bench->add_option("--heads", args.heads, "query heads Hq")->delimiter(',')->check(positive)->capture_default_str();
+  bench->add_option("--kv-heads", args.kv_heads, "key/value heads Hkv (default: Hq)")->delimiter(',')->check(positive);
+  bench->add_option("--seq", args.seq, "sequence lengths (Nq = Nk)")->delimiter(',')->check(positive)->capture_default_str();
+  bench->add_option("--seq-q", args.seq_q, "query lengths (crossed with --seq-k)")->delimiter(',')->check(positive);
+  bench->add_option("--seq-k", args.seq_k, "key lengths (crossed with --seq-q)")->delimiter(',')->check(positive);
+  bench->add_option("--dim", args.dim, "head dims")->delimiter(',')->check(CLI::Range(1, 256))->capture_default_str();
+  bench->add_option("--dtype", args.dtype, "bf16, fp32")->delimiter(',')->check(CLI::IsMember({"bf16", "fp32"}))->capture_default_str();
+  bench->add_option("--causal", args.causal, "on, off")->delimiter(',')->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  bench->add_option("--impl", args.impl, "flash, naive")->delimiter(',')->check(CLI::IsMember({"flash", "naive"}))->capture_default_str();
+  bench->add_option("--pass", args.pass, "fwd")->delimiter(',')->check(CLI::IsMember({"fwd"}))->capture_default_str();
+  bench->add_option("--memory-budget", args.memory_budget, "naive's memory budget, e.g. 16GiB, or none")
+      ->check([](const std::string& s) {
+        try {
+          parse_bytes(s);
+          return std::string();
+        } catch (const std::exception&) {
+          return "expected a size such as 16GiB, 512MiB, 2GB or none, got '" + s + "'";
+        }
+      })
+      ->capture_default_str();
+  bench->add_option("--threads", args.threads, "threads (default: all)")->check(CLI::NonNegativeNumber);
+  bench->add_option("--repeats", args.repeats, "timed repeats per row (median)")->check(positive)->capture_default_str();
+  bench->add_option("--warmup", args.warmup, "untimed calls before timing")->check(CLI::NonNegativeNumber)->capture_default_str();
+  bench->add_option("--max-time", args.max_seconds, "seconds of timed repeats per row before stopping early")
+      ->check(CLI::PositiveNumber)->capture_default_str();
+  bench->add_option("--block-q", args.block_q, "query block rows (0: automatic)")->check(CLI::Range(0, 4096));
+  bench->add_option("--block-k", args.block_k, "key block columns (0: automatic)")->check(CLI::Range(0, 4096));
+  bench->add_option("--json", args.json, "also write the results as JSON to this file");
+
+  CLI11_PARSE(app, argc, argv);
+  if (app.got_subcommand(bench)) {
+    try {
+      return run_bench(args);
+    } catch (const pflash::Error& e) {
+      std::cerr << "\npflash: " << e.what() << '\n';
+      return 2;
+    }
+  }
+  std::cout << app.help();
+  return 0;
+}
