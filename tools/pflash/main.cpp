@@ -2,7 +2,6 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <cctype>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -16,30 +15,12 @@
 #include "pflash/pflash.hpp"
 #include "report.hpp"
 #include "sweep.hpp"
+#include "units.hpp"
 
 namespace {
 
 using pflash::bench::BenchConfig;
-
-// "16GiB", "512MiB", "2GB", "1000" (bytes); binary units for the *iB forms.
-std::optional<std::uint64_t> parse_bytes(std::string text) {
-  if (text == "none" || text == "0") return std::nullopt;
-  std::size_t pos = 0;
-  const double value = std::stod(text, &pos);
-  std::string unit = text.substr(pos);
-  for (char& ch : unit) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  double scale = 1.0;
-  if (unit.empty() || unit == "b") scale = 1.0;
-  else if (unit == "kib" || unit == "k") scale = 1024.0;
-  else if (unit == "mib" || unit == "m") scale = 1024.0 * 1024.0;
-  else if (unit == "gib" || unit == "g") scale = 1024.0 * 1024.0 * 1024.0;
-  else if (unit == "kb") scale = 1e3;
-  else if (unit == "mb") scale = 1e6;
-  else if (unit == "gb") scale = 1e9;
-  else throw std::invalid_argument("unknown unit '" + unit + "'");
-  if (value < 0) throw std::invalid_argument("negative size");
-  return static_cast<std::uint64_t>(value * scale);
-}
+using pflash::bench::parse_bytes;
 
 struct BenchArgs {
   std::vector<std::int64_t> batch{1};
@@ -173,8 +154,8 @@ int main(int argc, char** argv) {
         try {
           parse_bytes(s);
           return std::string();
-        } catch (const std::exception&) {
-          return "expected a size such as 16GiB, 512MiB, 2GB or none, got '" + s + "'";
+        } catch (const std::invalid_argument& e) {
+          return std::string(e.what());
         }
       })
       ->capture_default_str();

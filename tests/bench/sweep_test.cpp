@@ -1,0 +1,91 @@
+// The benchmark rows: FLOP counting, the OOM row, and the JSON keys scripts depend on.
+#include <gtest/gtest.h>
+
+#include "report.hpp"
+#include "sweep.hpp"
+
+namespace pflash::bench {
+namespace {
+
+MachinePeak fake_peak() {
+  MachinePeak peak;
+  peak.threads = 2;
+  peak.cpu_name = "test";
+  peak.isa = "avx2";
+  peak.peak_flops_fp32 = 1e11;
+  peak.peak_flops_bf16 = 2e11;
+  peak.read_bw = 1e10;
+  return peak;
+}
+
+BenchConfig config(const char* impl, bool causal, std::int64_t nq, std::int64_t nk) {
+  BenchConfig c;
+  c.impl = impl;
+  c.pass = "fwd";
+  c.batch = 2;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.seq_q = nq;
+  c.seq_k = nk;
+  c.dim = 32;
+  c.causal = causal;
+  return c;
+}
+
+TEST(AttentionFlops, FourBHNNDHalvedForSquareCausal) {
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", false, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 300, 300)), 2.0 * 2 * 4 * 300 * 300 * 32);
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
+}
+
+TEST(RunConfig, FlashRowIsTimedAgainstTheDtypePeak) {
+  BenchOptions options;
+  options.threads = 2;
+  options.repeats = 3;
+  const BenchResult r = run_config(config("flash", true, 96, 96), options, fake_peak());
+  EXPECT_EQ(r.status, "ok");
+  EXPECT_GT(r.median_s, 0.0);
+  EXPECT_GE(r.repeats, 1);
+  EXPECT_LE(r.repeats, 3);
+  EXPECT_DOUBLE_EQ(r.fraction_of_peak, r.flops / r.median_s / 2e11);  // bf16 peak
+  EXPECT_DOUBLE_EQ(r.tokens_per_s, 2 * 96 / r.median_s);
+  EXPECT_GT(r.extra_bytes, 0u);
+}
+
+TEST(RunConfig, NaiveOverBudgetIsAnOomRowWithBytesNeeded) {
+  BenchOptions options;
+  options.memory_budget = 1024;
+  const BenchResult r = run_config(config("naive", false, 64, 64), options, fake_peak());
+  EXPECT_EQ(r.status, "oom");
+  ASSERT_TRUE(r.bytes_needed.has_value());
+  EXPECT_GE(*r.bytes_needed, 2ull * 4 * 64 * 64 * 4);
+  EXPECT_NE(format_row(r).find("OOM (needs "), std::string::npos) << format_row(r);
+}
+
+TEST(Report, JsonKeepsTheContractKeys) {
+  BenchOptions options;
+  options.repeats = 1;
+  std::vector<BenchResult> results = {run_config(config("flash", false, 33, 47), options, fake_peak())};
+  options.memory_budget = 1;
+  results.push_back(run_config(config("naive", false, 33, 47), options, fake_peak()));
+  const nlohmann::json j = to_json(fake_peak(), results);
+  for (const char* key : {"threads", "peak_flops_bf16", "peak_flops_fp32", "read_bw"}) {
+    EXPECT_TRUE(j["machine"].contains(key)) << key;
+  }
+  ASSERT_EQ(j["results"].size(), 2u);
+  for (const auto& row : j["results"]) {
+    for (const char* key : {"impl", "pass", "batch", "heads", "kv_heads", "seq_q", "seq_k", "dim", "dtype", "causal",
+                            "status", "median_s", "flops", "tflops", "fraction_of_peak", "extra_bytes",
+                            "bytes_needed"}) {
+      EXPECT_TRUE(row.contains(key)) << key;
+    }
+  }
+  EXPECT_EQ(j["results"][0]["status"], "ok");
+  EXPECT_TRUE(j["results"][0]["causal"].is_boolean());
+  EXPECT_EQ(j["results"][0]["dtype"], "bf16");
+  EXPECT_EQ(j["results"][1]["status"], "oom");
+  EXPECT_TRUE(j["results"][1]["bytes_needed"].is_number());
+}
+
+}  // namespace
+}  // namespace pflash::bench
