@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <limits>
 #include <numbers>
+#include <vector>
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
@@ -194,51 +195,93 @@ class FlashForward {
   }
 
   void run() {
-    const int64_t dim = p_.dim;
-    const int64_t num_panels = seq_k_padded_ / kPanel;
     const int64_t num_q_blocks = ceil_div(p_.seq_q, block_q_);
-    const int64_t group = p_.group_size();
-    const int64_t tasks = group * num_q_blocks;
-    const int threads = static_cast<int>(std::min<int64_t>(p_.num_threads, std::max<int64_t>(tasks, num_panels)));
+    const int64_t tasks_per_head = p_.group_size() * num_q_blocks;
+    const int64_t kv_heads = p_.batch * p_.heads_kv;
+    // Enough query blocks per KV head to keep every thread busy: the threads share one packed
+    // copy of each head in turn. Otherwise (short queries, e.g. decode-like shapes) each thread
+    // packs and finishes whole heads on its own. Either way the workspace is at most one packed
+    // head per thread: independent of batch and head count.
+    if (tasks_per_head >= p_.num_threads || kv_heads == 1) {
+      run_heads_shared(num_q_blocks);
+    } else {
+      run_head_per_thread(num_q_blocks);
+    }
+  }
 
-    detail::Workspace<float> k_packed(static_cast<std::size_t>(seq_k_padded_ * dim));
-    detail::Workspace<float> v_packed(static_cast<std::size_t>(seq_k_padded_ * dim_padded_));
+ private:
+  struct PackedHead {
+    detail::Workspace<float> k, v;
+  };
+
+  PackedHead allocate_packed_head() const {
+    return {detail::Workspace<float>(static_cast<std::size_t>(seq_k_padded_ * p_.dim)),
+            detail::Workspace<float>(static_cast<std::size_t>(seq_k_padded_ * dim_padded_))};
+  }
+
+  void pack_head(int64_t b, int64_t h_kv, int64_t panel, const PackedHead& packed) const {
+    const T* k_head = static_cast<const T*>(p_.k) + b * p_.k_strides.batch + h_kv * p_.k_strides.head;
+    const T* v_head = static_cast<const T*>(p_.v) + b * p_.v_strides.batch + h_kv * p_.v_strides.head;
+    pack_k_panel<Isa>(k_head, p_.k_strides.row, p_.seq_k, p_.dim, panel, packed.k.data());
+    pack_v_panel<Isa>(v_head, p_.v_strides.row, p_.seq_k, p_.dim, seq_k_padded_, dim_padded_, panel, packed.v.data());
+  }
+
+  // Task t of a KV head: query head (t / num_q_blocks) of its group, query block (t % num_q_blocks).
+  void head_task(int64_t b, int64_t h_kv, int64_t task, int64_t num_q_blocks, const PackedHead& packed,
+                 const Scratch& s) const {
+    const int64_t h_q = h_kv * p_.group_size() + task / num_q_blocks;
+    int64_t q_block = task % num_q_blocks;
+    if (p_.causal) q_block = num_q_blocks - 1 - q_block;  // causal: the bottom blocks see most keys, hand them out first
+    const int64_t q_begin = q_block * block_q_;
+    const int64_t q_end = std::min<int64_t>(q_begin + block_q_, p_.seq_q);
+    query_block(static_cast<const T*>(p_.q), packed.k.data(), packed.v.data(), b, h_q, q_begin, q_end, s);
+  }
+
+  void run_heads_shared(int64_t num_q_blocks) const {
+    const int64_t num_panels = seq_k_padded_ / kPanel;
+    const int64_t tasks = p_.group_size() * num_q_blocks;
+    const int threads = static_cast<int>(std::min<int64_t>(p_.num_threads, std::max(tasks, num_panels)));
+    const PackedHead packed = allocate_packed_head();
     const int64_t per_thread = scratch_floats();
     detail::Workspace<float> scratch(static_cast<std::size_t>(per_thread * threads));
-
-    const T* q = static_cast<const T*>(p_.q);
-    const T* k = static_cast<const T*>(p_.k);
-    const T* v = static_cast<const T*>(p_.v);
 
 #pragma omp parallel num_threads(threads)
     {
       const Scratch s = carve(scratch.data() + per_thread * omp_get_thread_num());
       for (int64_t b = 0; b < p_.batch; ++b) {
         for (int64_t h_kv = 0; h_kv < p_.heads_kv; ++h_kv) {
-          const T* k_head = k + b * p_.k_strides.batch + h_kv * p_.k_strides.head;
-          const T* v_head = v + b * p_.v_strides.batch + h_kv * p_.v_strides.head;
 #pragma omp for schedule(static)
-          for (int64_t panel = 0; panel < num_panels; ++panel) {
-            pack_k_panel<Isa>(k_head, p_.k_strides.row, p_.seq_k, dim, panel, k_packed.data());
-            pack_v_panel<Isa>(v_head, p_.v_strides.row, p_.seq_k, dim, seq_k_padded_, dim_padded_, panel,
-                              v_packed.data());
-          }
-          // Causal query blocks near the bottom see the most keys: hand those out first.
+          for (int64_t panel = 0; panel < num_panels; ++panel) pack_head(b, h_kv, panel, packed);
 #pragma omp for schedule(dynamic, 1)
-          for (int64_t task = 0; task < tasks; ++task) {
-            const int64_t h_q = h_kv * group + task / num_q_blocks;
-            int64_t q_block = task % num_q_blocks;
-            if (p_.causal) q_block = num_q_blocks - 1 - q_block;
-            const int64_t q_begin = q_block * block_q_;
-            const int64_t q_end = std::min<int64_t>(q_begin + block_q_, p_.seq_q);
-            query_block(q, k_packed.data(), v_packed.data(), b, h_q, q_begin, q_end, s);
-          }
+          for (int64_t task = 0; task < tasks; ++task) head_task(b, h_kv, task, num_q_blocks, packed, s);
         }
       }
     }
   }
 
- private:
+  void run_head_per_thread(int64_t num_q_blocks) const {
+    const int64_t kv_heads = p_.batch * p_.heads_kv;
+    const int64_t num_panels = seq_k_padded_ / kPanel;
+    const int64_t tasks = p_.group_size() * num_q_blocks;
+    const int threads = static_cast<int>(std::min<int64_t>(p_.num_threads, kv_heads));
+    std::vector<PackedHead> packed;
+    for (int t = 0; t < threads; ++t) packed.push_back(allocate_packed_head());
+    const int64_t per_thread = scratch_floats();
+    detail::Workspace<float> scratch(static_cast<std::size_t>(per_thread * threads));
+
+#pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+      const Scratch s = carve(scratch.data() + per_thread * thread);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t head = 0; head < kv_heads; ++head) {
+        const int64_t b = head / p_.heads_kv, h_kv = head % p_.heads_kv;
+        for (int64_t panel = 0; panel < num_panels; ++panel) pack_head(b, h_kv, panel, packed[thread]);
+        for (int64_t task = 0; task < tasks; ++task) head_task(b, h_kv, task, num_q_blocks, packed[thread], s);
+      }
+    }
+  }
+
   int64_t scratch_floats() const {
     const int64_t bq = round_up(block_q_, 16);
     return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq;

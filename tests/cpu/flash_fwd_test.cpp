@@ -173,27 +173,31 @@ TEST_P(FlashForwardIsa, LargeLogitsStayExact) {
 }
 
 TEST_P(FlashForwardIsa, SameBitsForOneAndTwoThreadsAndAnyBlocking) {
-  const Case c{{1, 4, 2, 150, 170, 64}, true, DType::kBFloat16};
-  Problem pr = make_problem(c);
-  AttentionParams params = pr.params();
-  params.causal = true;
-  params.num_threads = 1;
-  flash_attention_forward(params);
-  const std::vector<unsigned char> one_thread = pr.o.bytes(), lse_one = pr.lse.bytes();
-  pr.o.poison();
-  pr.lse.poison();
-  params.num_threads = 2;
-  flash_attention_forward(params);
-  EXPECT_EQ(pr.o.bytes(), one_thread);
-  EXPECT_EQ(pr.lse.bytes(), lse_one);
+  // Many query blocks per KV head (threads share each packed head), and one query block per head
+  // (each thread packs and finishes whole heads).
+  for (const Shape& shape : {Shape{1, 4, 2, 150, 170, 64}, Shape{3, 4, 4, 20, 170, 64}}) {
+    const Case c{shape, true, DType::kBFloat16};
+    Problem pr = make_problem(c);
+    AttentionParams params = pr.params();
+    params.causal = true;
+    params.num_threads = 1;
+    flash_attention_forward(params);
+    const std::vector<unsigned char> one_thread = pr.o.bytes(), lse_one = pr.lse.bytes();
+    pr.o.poison();
+    pr.lse.poison();
+    params.num_threads = 2;
+    flash_attention_forward(params);
+    EXPECT_EQ(pr.o.bytes(), one_thread);
+    EXPECT_EQ(pr.lse.bytes(), lse_one);
 
-  // Other tilings reorder the sums: equal within tolerance, not bit for bit.
-  params.block_q = 7;
-  params.block_k = 5;
-  pr.o.poison();
-  flash_attention_forward(params);
-  const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, true, 1.0 / 8.0);
-  EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(c.dtype));
+    // Other tilings reorder the sums: equal within tolerance, not bit for bit.
+    params.block_q = 7;
+    params.block_k = 5;
+    pr.o.poison();
+    flash_attention_forward(params);
+    const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, true, 1.0 / 8.0);
+    EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(c.dtype));
+  }
 }
 
 TEST_P(FlashForwardIsa, CustomScaleAndNoLse) {
