@@ -5,6 +5,7 @@
 #include <cfloat>
 #include <cmath>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -27,13 +28,13 @@ struct Case {
 
 std::string case_name(const Case& c, CpuIsa isa) {
   const Shape& s = c.shape;
-  std::string name = "B" + std::to_string(s.batch) + "_Hq" + std::to_string(s.heads_q) + "_Hkv" +
-                     std::to_string(s.heads_kv) + "_Nq" + std::to_string(s.seq_q) + "_Nk" + std::to_string(s.seq_k) +
-                     "_D" + std::to_string(s.dim) + (c.causal ? "_causal" : "_full") + "_" +
-                     std::string(to_string(c.dtype));
-  if (c.layout == Layout::kBnhd) name += "_bnhd";
-  if (c.layout == Layout::kPaddedRows) name += "_padded";
-  return name + "_" + std::string(to_string(isa));
+  std::ostringstream name;
+  name << "B" << s.batch << "_Hq" << s.heads_q << "_Hkv" << s.heads_kv << "_Nq" << s.seq_q << "_Nk" << s.seq_k << "_D"
+       << s.dim << (c.causal ? "_causal_" : "_full_") << to_string(c.dtype);
+  if (c.layout == Layout::kBnhd) name << "_bnhd";
+  if (c.layout == Layout::kPaddedRows) name << "_padded";
+  name << "_" << to_string(isa);
+  return name.str();
 }
 
 // The shape grid, in one place.
