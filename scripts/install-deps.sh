@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the C++ build needs; skips apt-get when they are all present.
 #   g++ (C++20, OpenMP) and CMake; GoogleTest; CLI11 (pflash's flags); nlohmann-json (bench JSON);
-#   fmt (tables); OpenBLAS (the naive baseline's matrix products).
+#   fmt (tables); OpenBLAS (the naive baseline's matrix products); Python 3 with venv for the
+#   TPU backend's virtual environment (pinned JAX from PyPI, python/requirements.txt).
 set -euo pipefail
 packages=(
   build-essential cmake
@@ -10,6 +11,7 @@ packages=(
   nlohmann-json3-dev
   libfmt-dev
   libopenblas-openmp-dev
+  python3 python3-venv python3-pip
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -21,4 +23,13 @@ if ((${#missing[@]})); then
   [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The TPU backend (python/): a virtual environment with the pinned JAX, at .venv in the repository.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ "${PFLASH_SKIP_PYTHON:-0}" != 1 ]]; then
+  if [[ ! -x "$root/.venv/bin/python" ]]; then
+    python3 -m venv "$root/.venv"
+  fi
+  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/python/requirements.txt"
 fi

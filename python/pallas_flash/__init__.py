@@ -1,0 +1,20 @@
+"""Pallas-Flash's TPU backend: FlashAttention-2 Pallas kernels for the TPU v5e.
+
+On a TPU the kernels are compiled by Mosaic; on CPU they run in Pallas' TPU interpret mode (slow,
+for checking); elsewhere the reference path runs. A later backend may route CPU calls to the C++
+kernels (through the XLA FFI) behind the same functions.
+"""
+
+from pallas_flash.flash_attention import alignment_padding, flash_attention, padding_bytes
+from pallas_flash.planner import BlockSizes, describe_plan, plan_block_sizes
+from pallas_flash.reference import reference_attention
+
+__all__ = [
+    "BlockSizes",
+    "alignment_padding",
+    "describe_plan",
+    "flash_attention",
+    "padding_bytes",
+    "plan_block_sizes",
+    "reference_attention",
+]

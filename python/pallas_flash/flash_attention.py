@@ -1,0 +1,415 @@
+"""FlashAttention-2 training kernels for the TPU (Pallas/Mosaic): forward and backward.
+
+Forward, grid (B, Hq, Nq/block_q, Nk/block_k), the last axis sequential: a query block stays
+resident in VMEM while K/V blocks stream past it (Pallas double-buffers their DMAs); the running
+max, running sum and fp32 accumulator live in VMEM scratch; O and LSE are written once at the last
+key block. Backward recomputes P = exp(S * scale - LSE) from the saved LSE, with two kernels:
+dK/dV (grid over key blocks, queries of every head in the GQA group streamed past) and dQ.
+Causal: key blocks entirely above the diagonal are skipped with pl.when, and their index maps are
+clamped to the last needed block so that no DMA is issued for them either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_flash.planner import LANES, BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
+from pallas_flash.reference import reference_attention
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """Static facts every kernel closes over. Lengths are the real ones (before alignment padding)."""
+
+    seq_q: int
+    seq_k: int
+    sm_scale: float
+    causal: bool
+    group: int  # query heads per KV head
+    interpret: bool
+
+    @property
+    def causal_offset(self) -> int:  # query i sees keys j <= i + causal_offset
+        return self.seq_k - self.seq_q
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared tile math
+
+
+def _visible(problem: _Problem, q_start, k_start, block_q: int, block_k: int):
+    """(block_q, block_k) mask: real query row, real key, and (causal) key on or below the diagonal."""
+    rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    mask = (cols < problem.seq_k) & (rows < problem.seq_q)
+    if problem.causal:
+        mask &= cols <= rows + problem.causal_offset
+    return mask
+
+
+def _div(x, divisor: int):
+    """max(x, 0) // divisor for grid indices. lax.div on non-negative values lowers to one Mosaic
+    integer division (jnp's floor division also needs the sign, which Mosaic only lowers with a TPU
+    attached)."""
+    return lax.div(jnp.maximum(x, 0), jnp.int32(divisor))
+
+
+def _last_kv_block(problem: _Problem, q_block, block_q: int, block_k: int, num_kv_blocks: int):
+    """Index of the last key block a query block sees (0 if it sees none)."""
+    if not problem.causal:
+        return num_kv_blocks - 1
+    last_key = (q_block + 1) * block_q - 1 + problem.causal_offset
+    return jnp.minimum(_div(last_key, block_k), num_kv_blocks - 1)
+
+
+def _first_q_block(problem: _Problem, kv_block, block_q: int, block_k: int, num_q_blocks: int):
+    """Index of the first query block that sees a key block."""
+    if not problem.causal:
+        return 0
+    first_query = kv_block * block_k - problem.causal_offset
+    return jnp.minimum(_div(first_query, block_q), num_q_blocks - 1)
+
+
+def _scores(problem: _Problem, q, k):
+    """S * scale in fp32 on the MXU: q (block_q, D) x k (block_k, D)^T."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return s * problem.sm_scale
+
+
+def _compiler_params(dimension_semantics):
+    # The planner sizes blocks against vmem_budget_bytes(), above Mosaic's default scoped-VMEM
+    # limit (16 MiB on v5e): raise the limit to match.
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=vmem_budget_bytes())
+
+
+def _interpret_arg(problem: _Problem):
+    return pltpu.InterpretParams() if problem.interpret else False
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *, problem, block_q,
+                block_k, num_kv_blocks):
+    q_block, kv_block = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(kv_block == 0)
+    def _init():
+        row_max_ref[...] = jnp.full(row_max_ref.shape, NEG_INF, jnp.float32)
+        row_sum_ref[...] = jnp.zeros(row_sum_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
+    def _step():
+        s = _scores(problem, q_ref[...], k_ref[...])
+        s = jnp.where(_visible(problem, q_block * block_q, kv_block * block_k, block_q, block_k), s, NEG_INF)
+        row_max_prev = row_max_ref[...]
+        row_max_next = jnp.maximum(row_max_prev, jnp.max(s, axis=1, keepdims=True))
+        shift = jnp.where(row_max_next == NEG_INF, 0.0, row_max_next)  # a row with nothing visible yet
+        p = jnp.exp(s - shift)
+        alpha = jnp.exp(row_max_prev - shift)
+        row_sum_ref[...] = alpha * row_sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        row_max_ref[...] = row_max_next
+        v = v_ref[...]
+        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    @pl.when(kv_block == num_kv_blocks - 1)
+    def _finish():
+        row_sum = row_sum_ref[...]
+        seen = row_sum > 0.0  # rows with no visible key: O = 0, LSE = -inf
+        o_ref[...] = (acc_ref[...] / jnp.where(seen, row_sum, 1.0)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, row_max_ref[...] + jnp.log(jnp.where(seen, row_sum, 1.0)), NEG_INF)
+
+
+def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], all aligned. Returns O and LSE [B, Hq, Nq, 1]."""
+    batch, heads_q, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    block_q, block_k = blocks.block_q, blocks.block_k
+    num_q_blocks, num_kv_blocks = seq_q // block_q, seq_k // block_k
+    group = problem.group
+
+    def q_map(b, h, i, j):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j):
+        return b, lax.div(h, jnp.int32(group)), jnp.minimum(j, _last_kv_block(problem, i, block_q, block_k, num_kv_blocks)), 0
+
+    kernel = functools.partial(_fwd_kernel, problem=problem, block_q=block_q, block_k=block_k,
+                               num_kv_blocks=num_kv_blocks)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads_q, num_q_blocks, num_kv_blocks),
+        in_specs=[
+            pl.BlockSpec((None, None, block_q, dim), q_map),
+            pl.BlockSpec((None, None, block_k, dim), kv_map),
+            pl.BlockSpec((None, None, block_k, dim), kv_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, block_q, dim), q_map),
+            pl.BlockSpec((None, None, block_q, 1), q_map),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads_q, seq_q, 1), jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((block_q, 1), jnp.float32),  # row_max
+            pltpu.VMEM((block_q, 1), jnp.float32),  # row_sum
+            pltpu.VMEM((block_q, dim), jnp.float32),  # acc
+        ],
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_arg(problem),
+        name="pallas_flash_fwd",
+    )(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+
+
+def _probs(problem, q, k, lse, q_start, k_start, block_q, block_k):
+    """P = exp(S * scale - LSE), zero where masked (and for rows with LSE = -inf)."""
+    s = _scores(problem, q, k)
+    mask = _visible(problem, q_start, k_start, block_q, block_k)
+    return jnp.where(mask, jnp.exp(s - jnp.where(lse == NEG_INF, 0.0, lse)), 0.0)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, problem,
+                block_q, block_k, num_q_blocks):
+    kv_block, step = pl.program_id(2), pl.program_id(3)
+    q_block = lax.rem(step, jnp.int32(num_q_blocks))
+
+    @pl.when(step == 0)
+    def _init():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    @pl.when(q_block >= _first_q_block(problem, kv_block, block_q, block_k, num_q_blocks))
+    def _step():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        p = _probs(problem, q, k, lse_ref[...], q_block * block_q, kv_block * block_k, block_q, block_k)
+        dv_acc_ref[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...])
+        dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32) * problem.sm_scale
+
+    @pl.when(step == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = dk_acc_ref[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, *, problem, block_q, block_k,
+               num_kv_blocks):
+    q_block, kv_block = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(kv_block == 0)
+    def _init():
+        dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+
+    @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
+    def _step():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        p = _probs(problem, q, k, lse_ref[...], q_block * block_q, kv_block * block_k, block_q, block_k)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...])
+        dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * problem.sm_scale
+
+    @pl.when(kv_block == num_kv_blocks - 1)
+    def _finish():
+        dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
+
+
+def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
+    batch, heads_q, seq_q, dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    group = problem.group
+    # D_i = rowsum(dO_i * O_i), once per row (a cheap elementwise pass XLA fuses).
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+
+    # dK, dV: one key block resident, the query blocks of every head of its group streamed past.
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    nq, nk = seq_q // bq, seq_k // bk
+
+    def q_side_map(b, h_kv, j, step):
+        i = jnp.maximum(lax.rem(step, jnp.int32(nq)), _first_q_block(problem, j, bq, bk, nq))
+        return b, h_kv * group + lax.div(step, jnp.int32(nq)), i, 0
+
+    def kv_side_map(b, h_kv, j, step):
+        return b, h_kv, j, 0
+
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, problem=problem, block_q=bq, block_k=bk, num_q_blocks=nq),
+        grid=(batch, heads_kv, nk, group * nq),
+        in_specs=[
+            pl.BlockSpec((None, None, bq, dim), q_side_map),
+            pl.BlockSpec((None, None, bk, dim), kv_side_map),
+            pl.BlockSpec((None, None, bk, dim), kv_side_map),
+            pl.BlockSpec((None, None, bq, dim), q_side_map),
+            pl.BlockSpec((None, None, bq, 1), q_side_map),
+            pl.BlockSpec((None, None, bq, 1), q_side_map),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, bk, dim), kv_side_map),
+            pl.BlockSpec((None, None, bk, dim), kv_side_map),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_arg(problem),
+        name="pallas_flash_bwd_dkv",
+    )(q, k, v, do, lse, delta)
+
+    # dQ: one query block resident, key blocks streamed past.
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    nq, nk = seq_q // bq, seq_k // bk
+
+    def q_map(b, h, i, j):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j):
+        return b, lax.div(h, jnp.int32(group)), jnp.minimum(j, _last_kv_block(problem, i, bq, bk, nk)), 0
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, problem=problem, block_q=bq, block_k=bk, num_kv_blocks=nk),
+        grid=(batch, heads_q, nq, nk),
+        in_specs=[
+            pl.BlockSpec((None, None, bq, dim), q_map),
+            pl.BlockSpec((None, None, bk, dim), kv_map),
+            pl.BlockSpec((None, None, bk, dim), kv_map),
+            pl.BlockSpec((None, None, bq, dim), q_map),
+            pl.BlockSpec((None, None, bq, 1), q_map),
+            pl.BlockSpec((None, None, bq, 1), q_map),
+        ],
+        out_specs=pl.BlockSpec((None, None, bq, dim), q_map),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)],
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret_arg(problem),
+        name="pallas_flash_bwd_dq",
+    )(q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# custom_vjp over the aligned arrays
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash_aligned(problem, blocks, q, k, v):
+    return _forward(problem, blocks, q, k, v)
+
+
+def _flash_aligned_fwd(problem, blocks, q, k, v):
+    o, lse = _forward(problem, blocks, q, k, v)
+    return (o, lse), (q, k, v, o, lse)
+
+
+def _flash_aligned_bwd(problem, blocks, residuals, cotangents):
+    q, k, v, o, lse = residuals
+    do, _ = cotangents  # LSE is an output for callers, not differentiated through
+    return _backward(problem, blocks, q, k, v, o, lse, do)
+
+
+_flash_aligned.defvjp(_flash_aligned_fwd, _flash_aligned_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _use_kernel(interpret: bool | None) -> tuple[bool, bool]:
+    """(run the Pallas kernel, in interpret mode). None: on TPU compile it; on CPU interpret it;
+    elsewhere (GPU) take the reference path, since these are TPU kernels."""
+    if interpret is not None:
+        return True, interpret
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return True, False
+    if backend == "cpu":
+        return True, True
+    return False, False
+
+
+def _check_inputs(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"flash_attention: expected q, k, v of rank 4 [B, H, N, D], got ranks {q.ndim}, {k.ndim}, {v.ndim}")
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: expected k and v of one shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention: expected k [B, Hkv, Nk, D] with q's B and D, got q {q.shape}, k {k.shape}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"flash_attention: expected Hkv dividing Hq (GQA/MQA), got Hq={q.shape[1]}, Hkv={k.shape[1]}")
+    if not 1 <= q.shape[3] <= 256:
+        raise ValueError(f"flash_attention: expected head_dim D in 1..256, got {q.shape[3]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: expected one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def alignment_padding(q_shape, k_shape, blocks: BlockSizes) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """((Nq, Nq_aligned), (Nk, Nk_aligned), D_aligned): the sizes the kernels see. Sequence lengths
+    round up to their blocks, head_dim to 128 (the MXU and lane width)."""
+    seq_q, seq_k, dim = q_shape[2], k_shape[2], q_shape[3]
+    nq = round_up(seq_q, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+    nk = round_up(seq_k, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+    return (seq_q, nq), (seq_k, nk), round_up(dim, LANES)
+
+
+def padding_bytes(q_shape, k_shape, dtype, blocks: BlockSizes | None = None) -> int:
+    """Bytes the wrapper's one-time alignment copy of q, k, v writes (0 for aligned shapes)."""
+    blocks = blocks or plan_block_sizes(q_shape[2], k_shape[2], q_shape[3], dtype)
+    (seq_q, nq), (seq_k, nk), d = alignment_padding(q_shape, k_shape, blocks)
+    if (seq_q, seq_k, q_shape[3]) == (nq, nk, d):
+        return 0
+    itemsize = jnp.dtype(dtype).itemsize
+    return (q_shape[0] * q_shape[1] * nq * d + 2 * k_shape[0] * k_shape[1] * nk * d) * itemsize
+
+
+def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, return_lse: bool = False, interpret: bool | None = None):
+    """Exact attention softmax(Q K^T * scale + mask) V for [B, H, N, D] arrays, differentiable.
+
+    - causal: bottom-right aligned mask (query i sees keys j <= i + Nk - Nq); rows that see no key
+      give 0 and LSE = -inf.
+    - sm_scale: default 1/sqrt(D). GQA/MQA: k, v may have Hkv heads, Hkv dividing Hq.
+    - block_sizes: default plan_block_sizes(...) for the v5e.
+    - Alignment: when N is a multiple of the blocks and D of 128 the kernels read the inputs as they
+      are; otherwise q, k, v are padded once with zeros (padding_bytes() says how many bytes that
+      writes) and the result sliced. Padded keys and queries are masked inside the kernels.
+    - interpret: None runs the compiled kernel on TPU, the TPU interpret mode on CPU, and the
+      reference path elsewhere; True/False force interpret mode or compilation.
+    Returns O (q's dtype), or (O, LSE [B, Hq, Nq] float32) with return_lse.
+    """
+    _check_inputs(q, k, v)
+    batch, heads_q, seq_q, dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
+    use_kernel, interpret_mode = _use_kernel(interpret)
+    if not use_kernel:
+        return reference_attention(q, k, v, causal=causal, sm_scale=scale, return_lse=return_lse)
+
+    blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype)
+    (_, nq), (_, nk), d = alignment_padding(q.shape, k.shape, blocks)
+    problem = _Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, causal=causal, group=heads_q // heads_kv,
+                       interpret=interpret_mode)
+    if (nq, nk, d) != (seq_q, seq_k, dim):
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, nq - seq_q), (0, d - dim)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk - seq_k), (0, d - dim)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk - seq_k), (0, d - dim)))
+    o, lse = _flash_aligned(problem, blocks, q, k, v)
+    if (nq, d) != (seq_q, dim):
+        o = o[:, :, :seq_q, :dim]
+    lse = lse[:, :, :seq_q, 0]
+    return (o, lse) if return_lse else o

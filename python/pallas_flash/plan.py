@@ -1,0 +1,29 @@
+"""Prints the planner's block sizes and VMEM use for the v5e:
+
+    python -m pallas_flash.plan                       # B=1, H=16, D=128, N = 2048, 8192, 32768
+    python -m pallas_flash.plan --seq 4096 --dim 64 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax.numpy as jnp
+
+from pallas_flash.planner import describe_plan
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    args = parser.parse_args(argv)
+    for seq in args.seq:
+        print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Block sizes for the TPU v5e, chosen from its VMEM budget and the problem's shape.
+
+A v5e TensorCore has 128 MiB of VMEM and four 128x128 MXUs. Every block is a multiple of 128 along
+the dimensions that feed the MXU (rows of Q and K/V blocks, and head_dim once padded), which also
+satisfies Mosaic's (8, 128) tiling of the last two dimensions. The planner keeps the query block as
+large as the budget allows (each K/V block read from HBM is then reused by more query rows: the
+arithmetic intensity of the forward pass is ~block_q FLOPs per K/V byte) and streams K/V in blocks
+of 512 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+LANES = 128  # MXU width and the lane count of a vreg: the alignment unit along every MXU dimension
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Rows per block. block_q/block_k: forward; *_dkv: the dK/dV kernel; *_dq: the dQ kernel."""
+
+    block_q: int
+    block_k: int
+    block_q_dkv: int
+    block_k_dkv: int
+    block_q_dq: int
+    block_k_dq: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value <= 0 or value % LANES:
+                raise ValueError(f"BlockSizes.{field.name}: expected a positive multiple of {LANES}, got {value!r}")
+
+
+@functools.cache
+def v5e_vmem_bytes() -> int:
+    """VMEM capacity of one v5e TensorCore, from JAX's chip table (no TPU needed)."""
+    return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion.TPU_V5E, 1).vmem_capacity_bytes
+
+
+def vmem_budget_bytes() -> int:
+    # Half of VMEM: the rest is left to Mosaic's internal scratch and to the compiler's temporaries
+    # beyond the ones counted below.
+    return v5e_vmem_bytes() // 2
+
+
+def forward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
+    """VMEM the forward kernel holds at once: double-buffered Q, K, V, O and LSE blocks, the fp32
+    accumulator and running max/sum, and the fp32 score and probability tiles."""
+    d = round_up(head_dim, LANES)
+    pipelined = 2 * (block_q * d + 2 * block_k * d + block_q * d) * itemsize + 2 * block_q * 4
+    scratch = block_q * d * 4 + 2 * block_q * LANES * 4
+    temporaries = 3 * block_q * block_k * 4
+    return pipelined + scratch + temporaries
+
+
+def backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
+    """The larger of the dK/dV kernel (Q, dO, LSE, delta streamed; K, V resident; dK, dV fp32
+    accumulators) and the dQ kernel (mirror image)."""
+    d = round_up(head_dim, LANES)
+    pipelined = 2 * (2 * block_q * d + 2 * block_k * d + 2 * block_k * d) * itemsize + 4 * block_q * 4
+    scratch = 2 * block_k * d * 4
+    temporaries = 5 * block_q * block_k * 4
+    return pipelined + scratch + temporaries
+
+
+def _largest_dividing(candidates, extent: int) -> int:
+    return next(c for c in candidates if c <= extent and extent % c == 0)
+
+
+def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
+    """The largest query block (2048 down to 128 rows) that fits the budget and divides the
+    128-aligned query length (so alignment never pads more than 127 rows), with K/V blocks of 512
+    rows (or the largest of 256, 128 dividing the aligned key length)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    budget = vmem_budget_bytes()
+    nq = round_up(seq_q, LANES)
+    nk = round_up(seq_k, LANES)
+    block_k = _largest_dividing((512, 256, 128), nk)
+    fitting = [c for c in (2048, 1024, 512, 256, 128) if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
+    block_q = _largest_dividing(fitting or [LANES], nq)
+    # Backward: square blocks of up to 512 (its working set per step is larger than the forward's).
+    block_bwd_q = _largest_dividing((512, 256, 128), nq)
+    block_bwd_k = _largest_dividing((512, 256, 128), nk)
+    return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k)
+
+
+def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16) -> str:
+    """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention and its VMEM use."""
+    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize)
+    bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
+    mib = 1 << 20
+    return (
+        f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}: "
+        f"fwd block_q={blocks.block_q} block_k={blocks.block_k} VMEM {fwd / mib:.1f} MiB; "
+        f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} VMEM {bwd / mib:.1f} MiB; "
+        f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "
+        f"grid fwd {batch}x{heads}x{-(-seq_len // blocks.block_q)}x{-(-seq_len // blocks.block_k)}"
+    )

@@ -1,0 +1,42 @@
+"""The Phase-I baseline and the tests' oracle: plain jax.numpy attention under jax.jit."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_mask(seq_q: int, seq_k: int) -> jax.Array:
+    """Bottom-right aligned (FlashAttention >= 2.1): query i sees keys j <= i + seq_k - seq_q."""
+    rows = jnp.arange(seq_q)[:, None]
+    cols = jnp.arange(seq_k)[None, :]
+    return cols <= rows + (seq_k - seq_q)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "return_lse"))
+def reference_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = None, return_lse: bool = False):
+    """softmax(Q K^T * scale + M) V for [B, H, N, D] arrays, in float32, materialising the scores.
+
+    GQA/MQA: k and v may have fewer heads than q (a divisor of it). Rows with no visible key give 0
+    (and LSE -inf), not NaN. Returns O in q's dtype, and (O, LSE) with return_lse.
+    """
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    group = heads_q // heads_kv
+    k = jnp.repeat(k, group, axis=1).astype(jnp.float32)
+    v = jnp.repeat(v, group, axis=1).astype(jnp.float32)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k, precision="highest") * scale
+    if causal:
+        scores = jnp.where(causal_mask(seq_q, seq_k), scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(scores - safe_max)
+    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, precision="highest") / jnp.where(row_sum > 0, row_sum, 1.0)
+    lse = jnp.where(row_sum[..., 0] > 0, safe_max[..., 0] + jnp.log(row_sum[..., 0]), -jnp.inf)
+    out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,129 @@
+"""flash_attention's Pallas TPU kernels, run in TPU interpret mode on the CPU, against the
+reference in float32: forward (O and LSE) and gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_flash import BlockSizes, flash_attention, padding_bytes, reference_attention
+from shapes import FORWARD_SHAPES, GRAD_SHAPES
+
+
+def random_inputs(shape, dtype=jnp.float32, scale=1.0):
+    seed = np.random.default_rng().integers(2**31)
+    kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = (scale * jax.random.normal(kq, (shape.batch, shape.heads_q, shape.seq_q, shape.dim))).astype(dtype)
+    k = (scale * jax.random.normal(kk, (shape.batch, shape.heads_kv, shape.seq_k, shape.dim))).astype(dtype)
+    v = jax.random.normal(kv, (shape.batch, shape.heads_kv, shape.seq_k, shape.dim)).astype(dtype)
+    do = jax.random.normal(kd, (shape.batch, shape.heads_q, shape.seq_q, shape.dim)).astype(dtype)
+    return q, k, v, do
+
+
+def rel_l2(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    norm = np.linalg.norm(ref)
+    return np.linalg.norm(x - ref) / norm if norm > 0 else np.linalg.norm(x)
+
+
+def assert_lse_close(lse, ref_lse):
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", FORWARD_SHAPES, ids=str)
+def test_forward_matches_reference(shape, causal):
+    q, k, v, _ = random_inputs(shape)
+    o, lse = flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref_o, ref_lse = reference_attention(q, k, v, causal=causal, return_lse=True)
+    assert o.shape == q.shape and o.dtype == q.dtype and lse.shape == q.shape[:3]
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert rel_l2(o, ref_o) < 1e-5
+    assert_lse_close(lse, ref_lse)
+
+
+def test_forward_bf16_and_custom_scale():
+    shape = FORWARD_SHAPES[2]
+    q, k, v, _ = random_inputs(shape, jnp.bfloat16)
+    o = flash_attention(q, k, v, causal=True, sm_scale=0.2)
+    ref = reference_attention(q, k, v, causal=True, sm_scale=0.2)
+    assert o.dtype == jnp.bfloat16
+    assert rel_l2(o, ref) < 2e-2
+
+
+def test_large_logits_stay_finite():
+    # Logits of magnitude ~1e4: fp32 carries about |logit| * 2^-23 absolute error into the weights.
+    shape = FORWARD_SHAPES[2]
+    q, k, v, _ = random_inputs(shape, scale=35.0)
+    o, lse = flash_attention(q, k, v, return_lse=True)
+    ref_o, ref_lse = reference_attention(q, k, v, return_lse=True)
+    max_logit = float(np.max(np.abs(np.asarray(ref_lse))))
+    assert max_logit > 3e3
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert rel_l2(o, ref_o) < 8 * max_logit * 2.0**-23
+
+
+def test_explicit_block_sizes_cover_multiple_blocks():
+    shape = FORWARD_SHAPES[3]
+    q, k, v, _ = random_inputs(shape)
+    blocks = BlockSizes(128, 128, 128, 128, 128, 128)  # 3 x 2 query/key blocks: the online softmax and the skip
+    o = flash_attention(q, k, v, causal=True, block_sizes=blocks)
+    assert rel_l2(o, reference_attention(q, k, v, causal=True)) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_gradients_match_reference(shape, causal):
+    q, k, v, do = random_inputs(shape)
+    blocks = BlockSizes(128, 128, 128, 128, 128, 128)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
+
+    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks)), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: reference_attention(q, k, v, causal=causal)), (0, 1, 2))(q, k, v)
+    for name, got, ref in zip("qkv", grads, want):
+        assert got.shape == ref.shape
+        assert rel_l2(got, ref) < 1e-4, f"d{name}"
+
+
+def test_padding_bytes():
+    assert padding_bytes((1, 8, 1024, 128), (1, 8, 1024, 128), jnp.bfloat16) == 0
+    # N = 1000 -> 1024, D = 96 -> 128: q, k, v copies of [1, 8, 1024, 128] bf16
+    assert padding_bytes((1, 8, 1000, 96), (1, 8, 1000, 96), jnp.bfloat16) == 3 * 8 * 1024 * 128 * 2
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, message",
+    [
+        ((1, 2, 8, 16), (1, 2, 8), "rank 4"),
+        ((1, 3, 8, 16), (1, 2, 8, 16), "Hkv dividing Hq"),
+        ((1, 2, 8, 16), (1, 2, 8, 32), "q's B and D"),
+        ((1, 2, 8, 300), (1, 2, 8, 300), "head_dim D in 1..256"),
+    ],
+)
+def test_bad_inputs_raise(q_shape, k_shape, message):
+    with pytest.raises(ValueError, match=message):
+        flash_attention(jnp.zeros(q_shape), jnp.zeros(k_shape), jnp.zeros(k_shape))
+
+
+def test_mixed_dtypes_raise():
+    q = jnp.zeros((1, 2, 8, 16), jnp.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_attention(q, q.astype(jnp.bfloat16), q)
+
+
+def test_block_sizes_must_be_multiples_of_128():
+    with pytest.raises(ValueError, match="BlockSizes.block_k: expected a positive multiple of 128, got 100"):
+        BlockSizes(128, 100, 128, 128, 128, 128)
+
+
+def test_default_scale_is_inverse_sqrt_dim():
+    q, k, v, _ = random_inputs(FORWARD_SHAPES[4])
+    o = flash_attention(q, k, v)
+    assert rel_l2(o, reference_attention(q, k, v, sm_scale=1 / math.sqrt(40))) < 1e-5

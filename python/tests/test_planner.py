@@ -1,0 +1,28 @@
+import jax.numpy as jnp
+import pytest
+
+from pallas_flash import describe_plan, plan_block_sizes
+from pallas_flash.planner import backward_vmem_bytes, forward_vmem_bytes, v5e_vmem_bytes, vmem_budget_bytes
+
+
+def test_v5e_vmem_from_chip_table():
+    assert v5e_vmem_bytes() == 128 * 2**20
+
+
+@pytest.mark.parametrize("seq", [2048, 8192, 32768])
+def test_plan_fits_v5e_budget_with_large_query_blocks(seq):
+    blocks = plan_block_sizes(seq, seq, 128, jnp.bfloat16)
+    assert blocks.block_q >= 512 and blocks.block_k == 512
+    assert seq % blocks.block_q == 0 and seq % blocks.block_k == 0
+    assert forward_vmem_bytes(blocks.block_q, blocks.block_k, 128, 2) <= vmem_budget_bytes()
+    assert backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, 128, 2) <= vmem_budget_bytes()
+
+
+def test_plan_never_pads_more_than_127_rows():
+    blocks = plan_block_sizes(300, 1000, 96)
+    assert 384 % blocks.block_q == 0 and 1024 % blocks.block_k == 0
+
+
+def test_describe_plan_names_blocks_and_vmem():
+    line = describe_plan(1, 16, 8192, 128)
+    assert "block_q=" in line and "VMEM" in line and "v5e" in line
