@@ -5,7 +5,9 @@ for checking); elsewhere the reference path runs. A later backend may route CPU 
 kernels (through the XLA FFI) behind the same functions.
 """
 
+from pallas_flash.decode import flash_decode, sharded_flash_decode
 from pallas_flash.flash_attention import alignment_padding, flash_attention, padding_bytes
+from pallas_flash.merge import merge_attention_states
 from pallas_flash.planner import BlockSizes, describe_plan, plan_block_sizes
 from pallas_flash.reference import reference_attention
 
@@ -14,7 +16,10 @@ __all__ = [
     "alignment_padding",
     "describe_plan",
     "flash_attention",
+    "flash_decode",
+    "merge_attention_states",
     "padding_bytes",
     "plan_block_sizes",
     "reference_attention",
+    "sharded_flash_decode",
 ]

@@ -53,3 +53,15 @@ def test_unaligned_shapes_pad_once():
     q = jax.ShapeDtypeStruct((1, 8, 1000, 96), jnp.bfloat16)
     text = export_tpu(lambda q, k, v: flash_attention(q, k, v, interpret=False), q, q, q)
     assert "stablehlo.pad" in ops(text) and mosaic_calls(text) == 1
+
+
+def test_decode_lowers_without_copying_the_cache():
+    from pallas_flash import flash_decode
+
+    q = jax.ShapeDtypeStruct((2, 32, 1, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((2, 8, 32768, 128), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    text = export_tpu(lambda q, k, v, n: flash_decode(q, k, v, n, interpret=False), q, cache, cache, lengths)
+    assert mosaic_calls(text) == 1
+    # Only the split merge (elementwise and reductions) and q's free reshape surround the kernel.
+    assert not ops(text) & set(COPY_OPS), ops(text) & set(COPY_OPS)

@@ -1,0 +1,25 @@
+"""The exact merge of partial attention results: the one primitive split-KV decode and the
+multi-device decode both go through.
+
+For partials (O_i, LSE_i) over disjoint key sets:  LSE = log(sum_i exp(LSE_i)),
+O = sum_i exp(LSE_i - LSE) O_i. Max-shifted, so it cannot overflow; a partial with LSE = -inf (it saw
+no key) contributes nothing; a row where every partial is -inf gives O = 0, LSE = -inf.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def merge_attention_states(o_parts, lse_parts, axis: int = 0):
+    """o_parts [..., P, ..., D] and lse_parts [..., P, ...] with the partials along `axis` (of the LSE;
+    the same axis of O). Returns (O in float32, LSE)."""
+    lse_parts = lse_parts.astype(jnp.float32)
+    row_max = jnp.max(lse_parts, axis=axis, keepdims=True)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(lse_parts - shift)  # exp(-inf) = 0 for empty partials
+    total = jnp.sum(weights, axis=axis, keepdims=True)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    o = jnp.sum(o_parts.astype(jnp.float32) * (weights / safe_total)[..., None], axis=axis)
+    lse = jnp.where(total > 0, shift + jnp.log(safe_total), -jnp.inf)
+    return o, jnp.squeeze(lse, axis=axis)
