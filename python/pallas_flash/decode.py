@@ -140,6 +140,38 @@ def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
     )(end.astype(jnp.int32), q_rows, k_cache, v_cache)
 
 
+def _reference_partial(q, k_cache, v_cache, end, *, scale):
+    """The same contract as the kernel after its split merge, in plain jax.numpy (the path off
+    TPU and CPU): O [B, Hkv, group*T, D] f32 and LSE [B, Hkv, group*T]."""
+    batch, heads_q, query_tokens, dim = q.shape
+    heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    rows = heads_q // heads_kv * query_tokens
+    q_rows = q.reshape(batch, heads_kv, rows, dim).astype(jnp.float32)
+    s = jnp.einsum("bhrd,bhkd->bhrk", q_rows, k_cache.astype(jnp.float32), precision="highest") * scale
+    token = jnp.arange(rows)[:, None] % query_tokens
+    col = jnp.arange(max_len)[None, :]
+    visible = col[None, None] <= (end[:, None, None, None] - query_tokens + token[None, None])
+    s = jnp.where(visible, s, -jnp.inf)
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(s - shift)
+    row_sum = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhrk,bhkd->bhrd", p, v_cache.astype(jnp.float32), precision="highest")
+    o = o / jnp.where(row_sum > 0, row_sum, 1.0)
+    lse = jnp.where(row_sum[..., 0] > 0, shift[..., 0] + jnp.log(jnp.where(row_sum[..., 0] > 0, row_sum[..., 0], 1.0)),
+                    -jnp.inf)
+    return o, lse
+
+
+def _decode(q, k_cache, v_cache, end, *, scale, num_splits, mode):
+    """Attention of q over one cache (or shard), splits merged: O [B, Hkv, rows, D] f32, LSE [B, Hkv, rows]."""
+    if mode == "reference":
+        return _reference_partial(q, k_cache, v_cache, end, scale=scale)
+    o_parts, lse_parts = _decode_partials(q, k_cache, v_cache, end, scale=scale, num_splits=num_splits,
+                                          interpret=mode == "interpret")
+    return merge_attention_states(o_parts, lse_parts[..., 0], axis=2)
+
+
 def _check(q, k_cache, v_cache, lengths):
     if q.ndim != 4 or k_cache.ndim != 4:
         raise ValueError(f"flash_decode: expected q [B, Hq, T, D] and caches [B, Hkv, Nmax, D], got ranks {q.ndim}, {k_cache.ndim}")
@@ -155,8 +187,13 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(f"flash_decode: expected lengths of shape ({q.shape[0]},), got {lengths.shape}")
 
 
-def _interpret(interpret):
-    return jax.default_backend() != "tpu" if interpret is None else interpret
+def _mode(interpret) -> str:
+    """"pallas" (compiled by Mosaic), "interpret" (TPU interpret mode) or "reference". None: compiled
+    on TPU, interpreted on CPU, the reference path elsewhere (these are TPU kernels)."""
+    if interpret is not None:
+        return "interpret" if interpret else "pallas"
+    backend = jax.default_backend()
+    return {"tpu": "pallas", "cpu": "interpret"}.get(backend, "reference")
 
 
 def _finish(o, lse, q, return_lse):
@@ -182,9 +219,7 @@ def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None,
     splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
     if splits < 1:
         raise ValueError(f"flash_decode: expected num_splits >= 1, got {num_splits}")
-    o_parts, lse_parts = _decode_partials(q, k_cache, v_cache, lengths, scale=scale, num_splits=splits,
-                                          interpret=_interpret(interpret))
-    o, lse = merge_attention_states(o_parts, lse_parts[..., 0], axis=2)
+    o, lse = _decode(q, k_cache, v_cache, lengths, scale=scale, num_splits=splits, mode=_mode(interpret))
     return _finish(o, lse, q, return_lse)
 
 
@@ -212,15 +247,13 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float 
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
     num_blocks = shard_len // decode_block_k(shard_len)
     splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
-    interpret_mode = _interpret(interpret)
+    mode = _mode(interpret)
     cache_spec = P(None, None, axes, None)
 
     def local(q, k_shard, v_shard, lengths):
         shard = lax.axis_index(axes)
         end = lengths - shard * shard_len  # the queries' end in this shard's coordinates
-        o_parts, lse_parts = _decode_partials(q, k_shard, v_shard, end, scale=scale, num_splits=splits,
-                                              interpret=interpret_mode)
-        o, lse = merge_attention_states(o_parts, lse_parts[..., 0], axis=2)
+        o, lse = _decode(q, k_shard, v_shard, end, scale=scale, num_splits=splits, mode=mode)
         o_all = lax.all_gather(o, axes)  # [devices, B, Hkv, rows, D]: a few KiB per device
         lse_all = lax.all_gather(lse, axes)
         return merge_attention_states(o_all, lse_all, axis=0)

@@ -332,7 +332,8 @@ _flash_aligned.defvjp(_flash_aligned_fwd, _flash_aligned_bwd)
 
 def _use_kernel(interpret: bool | None) -> tuple[bool, bool]:
     """(run the Pallas kernel, in interpret mode). None: on TPU compile it; on CPU interpret it;
-    elsewhere (GPU) take the reference path, since these are TPU kernels."""
+    elsewhere (GPU) take the reference path, since these are TPU kernels. This is the seam where CPU
+    and GPU calls can later be routed to the C++ kernels (through the XLA FFI)."""
     if interpret is not None:
         return True, interpret
     backend = jax.default_backend()

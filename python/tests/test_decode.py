@@ -102,3 +102,15 @@ def test_sharded_decode_needs_divisible_cache():
     z = jnp.zeros((1, 2, 130, 32))
     with pytest.raises(ValueError, match="divisible by the 4 devices"):
         sharded_flash_decode(jnp.zeros((1, 2, 1, 32)), z, z, jnp.array([5], jnp.int32), mesh)
+
+
+def test_off_tpu_and_cpu_the_reference_path_runs(monkeypatch):
+    # On a GPU backend the TPU kernels are not used: decode and the sharded decode take plain jax.numpy.
+    mesh = jax.make_mesh((2, 2), ("x", "y"))
+    q, k, v = make_cache(2, 4, 2, 2, 32, 512)
+    lengths = jnp.array([300, 2], jnp.int32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    o, lse = flash_decode(q, k, v, lengths, return_lse=True)
+    assert_matches(o, lse, q, k, v, lengths)
+    o, lse = sharded_flash_decode(q, k, v, lengths, mesh, return_lse=True)
+    assert_matches(o, lse, q, k, v, lengths)

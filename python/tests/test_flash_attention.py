@@ -127,3 +127,12 @@ def test_default_scale_is_inverse_sqrt_dim():
     q, k, v, _ = random_inputs(FORWARD_SHAPES[4])
     o = flash_attention(q, k, v)
     assert rel_l2(o, reference_attention(q, k, v, sm_scale=1 / math.sqrt(40))) < 1e-5
+
+
+def test_off_tpu_and_cpu_the_reference_path_runs(monkeypatch):
+    q, k, v, _ = random_inputs(FORWARD_SHAPES[2])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    o, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    ref_o, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
+    assert rel_l2(o, ref_o) < 1e-6
+    assert_lse_close(lse, ref_lse)
