@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_flash.merge import merge_attention_states
+from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
 from pallas_flash.planner import vmem_budget_bytes
 
-NEG_INF = float("-inf")
 MAX_QUERY_TOKENS = 16
 
 
@@ -54,9 +54,7 @@ def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, ro
 
     @pl.when(j == 0)
     def _init():
-        row_max_ref[...] = jnp.full(row_max_ref.shape, NEG_INF, jnp.float32)
-        row_sum_ref[...] = jnp.zeros(row_sum_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        init_state(row_max_ref, row_sum_ref, acc_ref)
 
     @pl.when(block * block_k < jnp.minimum(end, max_len))
     def _step():
@@ -66,22 +64,11 @@ def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, ro
         token = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), jnp.int32(query_tokens))
         col = block * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
         s = jnp.where(col <= end - query_tokens + token, s, NEG_INF)
-        row_max_prev = row_max_ref[...]
-        row_max_next = jnp.maximum(row_max_prev, jnp.max(s, axis=1, keepdims=True))
-        shift = jnp.where(row_max_next == NEG_INF, 0.0, row_max_next)
-        p = jnp.exp(s - shift)
-        alpha = jnp.exp(row_max_prev - shift)
-        row_sum_ref[...] = alpha * row_sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        row_max_ref[...] = row_max_next
-        v = v_ref[...]
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        update_state(s, v_ref[...], row_max_ref, row_sum_ref, acc_ref)
 
     @pl.when(j == blocks_per_split - 1)
     def _finish():
-        row_sum = row_sum_ref[...]
-        seen = row_sum > 0.0
-        o_ref[...] = acc_ref[...] / jnp.where(seen, row_sum, 1.0)
-        lse_ref[...] = jnp.where(seen, row_max_ref[...] + jnp.log(jnp.where(seen, row_sum, 1.0)), NEG_INF)
+        o_ref[...], lse_ref[...] = finish_state(row_max_ref, row_sum_ref, acc_ref)
 
 
 def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):

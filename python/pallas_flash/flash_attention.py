@@ -21,10 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
 from pallas_flash.planner import LANES, BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
 from pallas_flash.reference import reference_attention
-
-NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,30 +105,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, a
 
     @pl.when(kv_block == 0)
     def _init():
-        row_max_ref[...] = jnp.full(row_max_ref.shape, NEG_INF, jnp.float32)
-        row_sum_ref[...] = jnp.zeros(row_sum_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        init_state(row_max_ref, row_sum_ref, acc_ref)
 
     @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
     def _step():
         s = _scores(problem, q_ref[...], k_ref[...])
         s = jnp.where(_visible(problem, q_block * block_q, kv_block * block_k, block_q, block_k), s, NEG_INF)
-        row_max_prev = row_max_ref[...]
-        row_max_next = jnp.maximum(row_max_prev, jnp.max(s, axis=1, keepdims=True))
-        shift = jnp.where(row_max_next == NEG_INF, 0.0, row_max_next)  # a row with nothing visible yet
-        p = jnp.exp(s - shift)
-        alpha = jnp.exp(row_max_prev - shift)
-        row_sum_ref[...] = alpha * row_sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        row_max_ref[...] = row_max_next
-        v = v_ref[...]
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        update_state(s, v_ref[...], row_max_ref, row_sum_ref, acc_ref)
 
     @pl.when(kv_block == num_kv_blocks - 1)
     def _finish():
-        row_sum = row_sum_ref[...]
-        seen = row_sum > 0.0  # rows with no visible key: O = 0, LSE = -inf
-        o_ref[...] = (acc_ref[...] / jnp.where(seen, row_sum, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, row_max_ref[...] + jnp.log(jnp.where(seen, row_sum, 1.0)), NEG_INF)
+        o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
+        o_ref[...] = o.astype(o_ref.dtype)
+        lse_ref[...] = lse
 
 
 def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
