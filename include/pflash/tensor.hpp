@@ -49,6 +49,7 @@ struct BasicTensorView {
 
   std::int64_t size(int dim) const { return shape[static_cast<std::size_t>(dim)]; }
   std::int64_t stride(int dim) const { return strides[static_cast<std::size_t>(dim)]; }
+  // A default-constructed view: "no tensor" for optional arguments such as AttentionParams::lse.
   bool empty() const { return data == nullptr && rank == 0; }
 
   // A writable view is readable.

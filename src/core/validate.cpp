@@ -157,7 +157,7 @@ FwdParams make_fwd_params(const AttentionParams& params, const char* function_na
   check.shape_is("o", params.o, {batch, heads_q, seq_q, dim}, "(the shape of q)");
   check.non_self_overlapping("o", params.o);
 
-  const bool has_lse = params.lse.data != nullptr || params.lse.rank != 0;
+  const bool has_lse = !params.lse.empty();
   if (has_lse) {
     check.tensor("lse", params.lse, 3, "[B, Hq, Nq]");
     if (params.lse.dtype != DType::kFloat32) {
