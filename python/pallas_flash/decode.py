@@ -21,9 +21,11 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_flash.backend import kernel_mode
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
 from pallas_flash.planner import vmem_budget_bytes
+from pallas_flash.reference import masked_attention
 
 MAX_QUERY_TOKENS = 16
 
@@ -138,16 +140,7 @@ def _reference_partial(q, k_cache, v_cache, end, *, scale):
     token = jnp.arange(rows)[:, None] % query_tokens
     col = jnp.arange(max_len)[None, :]
     visible = col[None, None] <= (end[:, None, None, None] - query_tokens + token[None, None])
-    s = jnp.where(visible, s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(s - shift)
-    row_sum = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhrk,bhkd->bhrd", p, v_cache.astype(jnp.float32), precision="highest")
-    o = o / jnp.where(row_sum > 0, row_sum, 1.0)
-    lse = jnp.where(row_sum[..., 0] > 0, shift[..., 0] + jnp.log(jnp.where(row_sum[..., 0] > 0, row_sum[..., 0], 1.0)),
-                    -jnp.inf)
-    return o, lse
+    return masked_attention(jnp.where(visible, s, -jnp.inf), v_cache)
 
 
 def _decode(q, k_cache, v_cache, end, *, scale, num_splits, mode):
@@ -174,15 +167,6 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(f"flash_decode: expected lengths of shape ({q.shape[0]},), got {lengths.shape}")
 
 
-def _mode(interpret) -> str:
-    """"pallas" (compiled by Mosaic), "interpret" (TPU interpret mode) or "reference". None: compiled
-    on TPU, interpreted on CPU, the reference path elsewhere (these are TPU kernels)."""
-    if interpret is not None:
-        return "interpret" if interpret else "pallas"
-    backend = jax.default_backend()
-    return {"tpu": "pallas", "cpu": "interpret"}.get(backend, "reference")
-
-
 def _finish(o, lse, q, return_lse):
     batch, heads_q, query_tokens, dim = q.shape
     o = o.reshape(batch, heads_q, query_tokens, dim).astype(q.dtype)
@@ -206,7 +190,7 @@ def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None,
     splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
     if splits < 1:
         raise ValueError(f"flash_decode: expected num_splits >= 1, got {num_splits}")
-    o, lse = _decode(q, k_cache, v_cache, lengths, scale=scale, num_splits=splits, mode=_mode(interpret))
+    o, lse = _decode(q, k_cache, v_cache, lengths, scale=scale, num_splits=splits, mode=kernel_mode(interpret))
     return _finish(o, lse, q, return_lse)
 
 
@@ -234,7 +218,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float 
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
     num_blocks = shard_len // decode_block_k(shard_len)
     splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
-    mode = _mode(interpret)
+    mode = kernel_mode(interpret)
     cache_spec = P(None, None, axes, None)
 
     def local(q, k_shard, v_shard, lengths):

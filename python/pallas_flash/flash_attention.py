@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_flash.backend import kernel_mode
 from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
 from pallas_flash.planner import LANES, BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
 from pallas_flash.reference import reference_attention
@@ -318,20 +319,6 @@ _flash_aligned.defvjp(_flash_aligned_fwd, _flash_aligned_bwd)
 # Public entry point
 
 
-def _use_kernel(interpret: bool | None) -> tuple[bool, bool]:
-    """(run the Pallas kernel, in interpret mode). None: on TPU compile it; on CPU interpret it;
-    elsewhere (GPU) take the reference path, since these are TPU kernels. This is the seam where CPU
-    and GPU calls can later be routed to the C++ kernels (through the XLA FFI)."""
-    if interpret is not None:
-        return True, interpret
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return True, False
-    if backend == "cpu":
-        return True, True
-    return False, False
-
-
 def _check_inputs(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"flash_attention: expected q, k, v of rank 4 [B, H, N, D], got ranks {q.ndim}, {k.ndim}, {v.ndim}")
@@ -385,14 +372,14 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
     batch, heads_q, seq_q, dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else float(sm_scale)
-    use_kernel, interpret_mode = _use_kernel(interpret)
-    if not use_kernel:
+    mode = kernel_mode(interpret)
+    if mode == "reference":
         return reference_attention(q, k, v, causal=causal, sm_scale=scale, return_lse=return_lse)
 
     blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype)
     (_, nq), (_, nk), d = alignment_padding(q.shape, k.shape, blocks)
     problem = _Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, causal=causal, group=heads_q // heads_kv,
-                       interpret=interpret_mode)
+                       interpret=mode == "interpret")
     if (nq, nk, d) != (seq_q, seq_k, dim):
         q = jnp.pad(q, ((0, 0), (0, 0), (0, nq - seq_q), (0, d - dim)))
         k = jnp.pad(k, ((0, 0), (0, 0), (0, nk - seq_k), (0, d - dim)))

@@ -16,6 +16,20 @@ def causal_mask(seq_q: int, seq_k: int) -> jax.Array:
     return cols <= rows + (seq_k - seq_q)
 
 
+def masked_attention(scores, v):
+    """softmax(scores) v over the last axis of scaled scores [..., rows, keys] (-inf where masked) and
+    v [..., keys, D], in float32. Rows with no visible key give O = 0 and LSE = -inf, not NaN.
+    Returns (O, LSE)."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(scores - shift)
+    row_sum = jnp.sum(probs, axis=-1)
+    seen = row_sum > 0
+    safe_sum = jnp.where(seen, row_sum, 1.0)
+    out = jnp.einsum("...qk,...kd->...qd", probs, v.astype(jnp.float32), precision="highest") / safe_sum[..., None]
+    return out, jnp.where(seen, shift[..., 0] + jnp.log(safe_sum), -jnp.inf)
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "return_lse"))
 def reference_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = None, return_lse: bool = False):
     """softmax(Q K^T * scale + M) V for [B, H, N, D] arrays, in float32, materialising the scores.
@@ -28,15 +42,10 @@ def reference_attention(q, k, v, *, causal: bool = False, sm_scale: float | None
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     group = heads_q // heads_kv
     k = jnp.repeat(k, group, axis=1).astype(jnp.float32)
-    v = jnp.repeat(v, group, axis=1).astype(jnp.float32)
+    v = jnp.repeat(v, group, axis=1)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k, precision="highest") * scale
     if causal:
         scores = jnp.where(causal_mask(seq_q, seq_k), scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    probs = jnp.exp(scores - safe_max)
-    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, precision="highest") / jnp.where(row_sum > 0, row_sum, 1.0)
-    lse = jnp.where(row_sum[..., 0] > 0, safe_max[..., 0] + jnp.log(row_sum[..., 0]), -jnp.inf)
+    out, lse = masked_attention(scores, v)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
