@@ -39,7 +39,26 @@ std::string format_row(const BenchResult& r) {
                            100.0 * r.fraction_of_peak, format_bytes(double(r.extra_bytes)), r.repeats);
 }
 
-nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results) {
+std::string format_decode_header() {
+  return fmt::format("{:<6} {:>3} {:>4} {:>4} {:>4} {:>7} {:>5} {:>2} {:<5} {:>6} {:>10} {:>10} {:>10} {:>8} {:>6} {:>10} {:>3}",
+                     "mode", "B", "Hq", "Hkv", "D", "context", "page", "T", "dtype", "splits", "median", "tokens/s",
+                     "read", "GB/s", "%bw", "extra mem", "n");
+}
+
+std::string format_decode_row(const DecodeBenchResult& r) {
+  const DecodeBenchConfig& c = r.config;
+  const std::string page = c.page_size > 0 ? std::to_string(c.page_size) : "-";
+  const std::string splits = c.splits == 0 ? fmt::format("auto:{}", r.splits) : std::to_string(r.splits);
+  const std::string median = r.median_s >= 1.0 ? fmt::format("{:.3f} s", r.median_s)
+                                                : fmt::format("{:.3f} ms", r.median_s * 1e3);
+  return fmt::format("{:<6} {:>3} {:>4} {:>4} {:>4} {:>7} {:>5} {:>2} {:<5} {:>6} {:>10} {:>10.0f} {:>10} {:>8.1f} {:>5.1f}% {:>10} {:>3}",
+                     "decode", c.batch, c.heads, c.kv_heads, c.dim, c.context, page, c.query_tokens, to_string(c.dtype),
+                     splits, median, r.tokens_per_s, format_bytes(r.bytes), r.gbps, 100.0 * r.fraction_of_peak_bw,
+                     format_bytes(double(r.extra_bytes)), r.repeats);
+}
+
+nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results,
+                       const std::vector<DecodeBenchResult>& decode_results) {
   nlohmann::json out;
   out["machine"] = {{"threads", peak.threads},
                     {"cpu", peak.cpu_name},
@@ -51,11 +70,11 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
   out["results"] = nlohmann::json::array();
   for (const BenchResult& r : results) {
     const BenchConfig& c = r.config;
-    nlohmann::json row = {{"impl", c.impl},         {"pass", c.pass},          {"batch", c.batch},
-                          {"heads", c.heads},       {"kv_heads", c.kv_heads},  {"seq_q", c.seq_q},
-                          {"seq_k", c.seq_k},       {"dim", c.dim},            {"dtype", to_string(c.dtype)},
-                          {"causal", c.causal},     {"status", r.status},      {"flops", r.flops},
-                          {"extra_bytes", r.extra_bytes}};
+    nlohmann::json row = {{"mode", "attention"}, {"impl", c.impl},       {"pass", c.pass},
+                          {"batch", c.batch},      {"heads", c.heads},     {"kv_heads", c.kv_heads},
+                          {"seq_q", c.seq_q},      {"seq_k", c.seq_k},     {"dim", c.dim},
+                          {"dtype", to_string(c.dtype)}, {"causal", c.causal}, {"status", r.status},
+                          {"flops", r.flops},      {"extra_bytes", r.extra_bytes}};
     if (r.status == "ok") {
       row["median_s"] = r.median_s;
       row["tflops"] = r.tflops;
@@ -70,6 +89,29 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
     }
     row["bytes_needed"] = r.bytes_needed ? nlohmann::json(*r.bytes_needed) : nlohmann::json(nullptr);
     out["results"].push_back(row);
+  }
+  for (const DecodeBenchResult& r : decode_results) {
+    const DecodeBenchConfig& c = r.config;
+    out["results"].push_back({{"mode", "decode"},
+                              {"impl", "flash"},
+                              {"batch", c.batch},
+                              {"heads", c.heads},
+                              {"kv_heads", c.kv_heads},
+                              {"dim", c.dim},
+                              {"dtype", to_string(c.dtype)},
+                              {"context", c.context},
+                              {"page_size", c.page_size},
+                              {"query_tokens", c.query_tokens},
+                              {"splits", r.splits},
+                              {"splits_requested", c.splits == 0 ? nlohmann::json("auto") : nlohmann::json(c.splits)},
+                              {"status", "ok"},
+                              {"median_s", r.median_s},
+                              {"repeats", r.repeats},
+                              {"bytes", r.bytes},
+                              {"gbps", r.gbps},
+                              {"fraction_of_peak_bw", r.fraction_of_peak_bw},
+                              {"tokens_per_s", r.tokens_per_s},
+                              {"extra_bytes", r.extra_bytes}});
   }
   return out;
 }

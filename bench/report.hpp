@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "decode_bench.hpp"
 #include "machine_peak.hpp"
 #include "sweep.hpp"
 
@@ -15,7 +16,12 @@ std::string format_machine(const MachinePeak& peak);
 std::string format_table_header();
 std::string format_row(const BenchResult& result);
 
-nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results);
+std::string format_decode_header();
+std::string format_decode_row(const DecodeBenchResult& result);
+
+// Attention rows carry "mode": "attention", decode rows "mode": "decode", in one "results" array.
+nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results,
+                       const std::vector<DecodeBenchResult>& decode_results = {});
 
 std::string format_bytes(double bytes);  // "1.50 GiB", "64.0 MiB", "512 B"
 

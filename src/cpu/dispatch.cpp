@@ -3,17 +3,26 @@
 #include "pflash/runtime.hpp"
 
 namespace pflash::cpu {
+namespace {
+
+// AVX-512 kernels are not built yet: CPUs that have it run the AVX2 kernels.
+bool use_avx2() { return active_cpu_isa() >= CpuIsa::kAvx2; }
+
+}  // namespace
 
 void flash_forward(detail::FwdParams params) {
-  switch (active_cpu_isa()) {
-    case CpuIsa::kAvx512Bf16:
-    case CpuIsa::kAvx512:
-    case CpuIsa::kAvx2:
-      flash_forward_avx2(params);
-      return;
-    case CpuIsa::kPortable:
-      flash_forward_portable(params);
-      return;
+  if (use_avx2()) {
+    flash_forward_avx2(params);
+  } else {
+    flash_forward_portable(params);
+  }
+}
+
+void flash_decode(detail::DecodeParams params) {
+  if (use_avx2()) {
+    flash_decode_avx2(params);
+  } else {
+    flash_decode_portable(params);
   }
 }
 

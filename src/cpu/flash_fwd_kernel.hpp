@@ -27,6 +27,7 @@
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
+#include "cpu/tiles.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -34,131 +35,6 @@ namespace {  // NOLINT(google-build-namespaces): one copy per instruction set, s
 
 using detail::FwdParams;
 using std::int64_t;
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
-inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
-
-template <class T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
-template <class T>
-inline T from_float(float x) {
-  return T(x);
-}
-
-// Calls fn.template operator()<R>() with R == rows, for 1 <= rows <= MaxRows: the register tiles
-// take their row count as a compile-time constant so their accumulators stay in registers.
-template <int MaxRows, class Fn>
-inline void with_tile_rows(int rows, Fn&& fn) {
-  if constexpr (MaxRows >= 1) {
-    if (rows == MaxRows) {
-      fn.template operator()<MaxRows>();
-    } else {
-      with_tile_rows<MaxRows - 1>(rows, fn);
-    }
-  }
-}
-
-template <class Isa>
-struct Layout {
-  // A K panel holds kPanel consecutive keys; a V strip holds kPanel consecutive head_dim columns.
-  // Two vectors wide, to match the register tiles.
-  static constexpr int kPanel = 2 * Isa::kWidth;
-};
-
-// K of one head as panels [Nk_padded / kPanel][D][kPanel]: row d of a panel is column d of kPanel
-// consecutive keys, so the score tile loads vectors of keys. Keys past Nk are zero.
-template <class Isa, class T>
-void pack_k_panel(const T* k, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t panel, float* k_packed) {
-  constexpr int kPanel = Layout<Isa>::kPanel;
-  float* dst = k_packed + panel * dim * kPanel;
-  for (int jj = 0; jj < kPanel; ++jj) {
-    const int64_t key = panel * kPanel + jj;
-    if (key < seq_k) {
-      const T* row = k + key * row_stride;
-      for (int64_t d = 0; d < dim; ++d) dst[d * kPanel + jj] = to_float(row[d]);
-    } else {
-      for (int64_t d = 0; d < dim; ++d) dst[d * kPanel + jj] = 0.0f;
-    }
-  }
-}
-
-// V of one head as column strips [D_padded / kPanel][Nk_padded][kPanel]: the p x v tile streams one
-// strip contiguously. Padding (keys past Nk, columns past D) is zero, so it adds nothing.
-template <class Isa, class T>
-void pack_v_panel(const T* v, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t seq_k_padded,
-                  int64_t dim_padded, int64_t panel, float* v_packed) {
-  constexpr int kPanel = Layout<Isa>::kPanel;
-  for (int jj = 0; jj < kPanel; ++jj) {
-    const int64_t key = panel * kPanel + jj;
-    const T* row = v + key * row_stride;
-    for (int64_t strip = 0; strip < dim_padded / kPanel; ++strip) {
-      float* dst = v_packed + (strip * seq_k_padded + key) * kPanel;
-      for (int c = 0; c < kPanel; ++c) {
-        const int64_t d = strip * kPanel + c;
-        dst[c] = (key < seq_k && d < dim) ? to_float(row[d]) : 0.0f;
-      }
-    }
-  }
-}
-
-// scores[Rows][kPanel] = q[Rows][D] x k_panel^T
-template <class Isa, int Rows>
-inline void qk_tile(const float* q, int64_t q_ld, const float* k_panel, int64_t dim, float* scores, int64_t s_ld) {
-  using V = typename Isa::vec;
-  constexpr int W = Isa::kWidth;
-  V c0[Rows], c1[Rows];
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) c0[r] = c1[r] = Isa::zero();
-  for (int64_t d = 0; d < dim; ++d) {
-    const V b0 = Isa::load(k_panel + d * 2 * W);
-    const V b1 = Isa::load(k_panel + d * 2 * W + W);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const V a = Isa::set1(q[r * q_ld + d]);
-      c0[r] = Isa::fmadd(a, b0, c0[r]);
-      c1[r] = Isa::fmadd(a, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-    Isa::store(scores + r * s_ld, c0[r]);
-    Isa::store(scores + r * s_ld + W, c1[r]);
-  }
-}
-
-// acc[Rows][kPanel] = acc * alpha (per row) + p[Rows][cols] x v_strip[cols][kPanel]
-template <class Isa, int Rows>
-inline void pv_tile(const float* p, int64_t p_ld, const float* alpha, const float* v_strip, int64_t cols, float* acc,
-                    int64_t acc_ld) {
-  using V = typename Isa::vec;
-  constexpr int W = Isa::kWidth;
-  V c0[Rows], c1[Rows];
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-    const V a = Isa::set1(alpha[r]);
-    c0[r] = Isa::mul(Isa::load(acc + r * acc_ld), a);
-    c1[r] = Isa::mul(Isa::load(acc + r * acc_ld + W), a);
-  }
-  for (int64_t j = 0; j < cols; ++j) {
-    const V b0 = Isa::load(v_strip + j * 2 * W);
-    const V b1 = Isa::load(v_strip + j * 2 * W + W);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const V a = Isa::set1(p[r * p_ld + j]);
-      c0[r] = Isa::fmadd(a, b0, c0[r]);
-      c1[r] = Isa::fmadd(a, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) {
-    Isa::store(acc + r * acc_ld, c0[r]);
-    Isa::store(acc + r * acc_ld + W, c1[r]);
-  }
-}
 
 // One thread's tiles, carved from one workspace allocation.
 struct Scratch {
@@ -343,15 +219,15 @@ class FlashForward {
         if (!all_visible) {
           for (int64_t j = std::max<int64_t>(0, visible_keys(q_begin + i) - key_begin); j < cols; ++j) row[j] = kNegInf;
         }
-        online_softmax_row(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
+        online_softmax_row<Isa>(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
       }
 
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
             const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
-            pv_tile<Isa, R>(s.scores + r0 * s_ld, s_ld, s.alpha + r0, v_strip, cols, s.acc + r0 * acc_ld + strip * kPanel,
-                            acc_ld);
+            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, s.alpha + r0, v_strip, kPanel, cols,
+                               s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
           }
         });
       }
@@ -367,34 +243,9 @@ class FlashForward {
       for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(acc[d] * inv_sum);
       if (p_.lse != nullptr) {
         p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + (q_begin + i) * p_.lse_strides.row] =
-            row_sum > 0.0f ? (s.row_max[i] + std::log2(row_sum)) * std::numbers::ln2_v<float> : kNegInf;
+            finish_lse(s.row_max[i], row_sum);
       }
     }
-  }
-
-  // Turns one row of scores (log2 units, masked entries -inf) into probabilities relative to the
-  // updated running max, and updates the running max and sum. alpha rescales the accumulator.
-  static void online_softmax_row(float* row, int64_t cols, float& row_max, float& row_sum, float& alpha) {
-    using V = typename Isa::vec;
-    constexpr int W = Isa::kWidth;
-    V block_max = Isa::set1(kNegInf);
-    for (int64_t j = 0; j < cols; j += W) block_max = Isa::max(block_max, Isa::load(row + j));
-    const float new_max = std::max(row_max, Isa::reduce_max(block_max));
-    if (new_max == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
-      std::fill(row, row + cols, 0.0f);
-      alpha = 1.0f;
-      return;
-    }
-    alpha = std::exp2(row_max - new_max);  // row_max == -inf gives 0: the accumulator is still empty
-    const V shift = Isa::set1(new_max);
-    V sum = Isa::zero();
-    for (int64_t j = 0; j < cols; j += W) {
-      const V prob = Isa::exp2(Isa::sub(Isa::load(row + j), shift));
-      Isa::store(row + j, prob);
-      sum = Isa::add(sum, prob);
-    }
-    row_sum = row_sum * alpha + Isa::reduce_add(sum);
-    row_max = new_max;
   }
 
   FwdParams p_;

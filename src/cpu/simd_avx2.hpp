@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include "pflash/dtype.hpp"  // included first, outside the target pragma, by every user of this file
+
 namespace pflash::cpu {
 
 struct Avx2 {
@@ -15,7 +17,15 @@ struct Avx2 {
   static vec zero() { return _mm256_setzero_ps(); }
   static vec set1(float x) { return _mm256_set1_ps(x); }
   static vec load(const float* p) { return _mm256_load_ps(p); }
+  // Unaligned loads of W elements as fp32, from the caller's own tensors (fp32 or bf16).
+  static vec loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static vec loadu(const bfloat16* p) {
+    // bf16 is the top half of an fp32: widen each 16-bit lane to 32 bits and shift it up.
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  }
   static void store(float* p, vec x) { _mm256_store_ps(p, x); }
+  static void storeu(float* p, vec x) { _mm256_storeu_ps(p, x); }
   static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
@@ -27,6 +37,12 @@ struct Avx2 {
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
+  }
+  // out[0..3] = the lane sums of a, b, c, d: four dot products finished with one store.
+  static void store_sums4(float* out, vec a, vec b, vec c, vec d) {
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    const __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit half: [a, b, c, d] partial sums
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
   }
   static float reduce_max(vec x) {
     __m128 r = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));

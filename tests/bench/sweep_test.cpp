@@ -1,6 +1,7 @@
 // The benchmark rows: FLOP counting, the OOM row, and the JSON keys scripts depend on.
 #include <gtest/gtest.h>
 
+#include "decode_bench.hpp"
 #include "report.hpp"
 #include "sweep.hpp"
 
@@ -74,6 +75,7 @@ TEST(Report, JsonKeepsTheContractKeys) {
   }
   ASSERT_EQ(j["results"].size(), 2u);
   for (const auto& row : j["results"]) {
+    EXPECT_EQ(row["mode"], "attention");
     for (const char* key : {"impl", "pass", "batch", "heads", "kv_heads", "seq_q", "seq_k", "dim", "dtype", "causal",
                             "status", "median_s", "flops", "tflops", "fraction_of_peak", "extra_bytes",
                             "bytes_needed"}) {
@@ -85,6 +87,48 @@ TEST(Report, JsonKeepsTheContractKeys) {
   EXPECT_EQ(j["results"][0]["dtype"], "bf16");
   EXPECT_EQ(j["results"][1]["status"], "oom");
   EXPECT_TRUE(j["results"][1]["bytes_needed"].is_number());
+}
+
+TEST(DecodeBytes, CacheOncePlusQueriesAndOutputs) {
+  DecodeBenchConfig c;
+  c.batch = 2;
+  c.heads = 8;
+  c.kv_heads = 2;
+  c.dim = 64;
+  c.context = 1000;
+  c.query_tokens = 3;
+  c.dtype = DType::kBFloat16;
+  EXPECT_DOUBLE_EQ(decode_bytes(c), 2.0 * 2 * 2 * 1000 * 64 * 2 + 2.0 * 2 * 8 * 3 * 64 * 2);
+}
+
+TEST(RunDecodeConfig, PagedRowIsTimedAgainstTheReadBandwidth) {
+  DecodeBenchConfig c;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.dim = 32;
+  c.context = 300;
+  c.page_size = 16;
+  c.splits = 0;
+  DecodeBenchOptions options;
+  options.threads = 2;
+  options.repeats = 3;
+  const DecodeBenchResult r = run_decode_config(c, options, fake_peak());
+  EXPECT_GT(r.median_s, 0.0);
+  EXPECT_GE(r.splits, 1);
+  EXPECT_DOUBLE_EQ(r.fraction_of_peak_bw, r.bytes / r.median_s / 1e10);
+  EXPECT_DOUBLE_EQ(r.gbps, r.bytes / r.median_s / 1e9);
+  EXPECT_NE(format_decode_row(r).find("auto:"), std::string::npos) << format_decode_row(r);
+
+  const nlohmann::json j = to_json(fake_peak(), {}, {r});
+  ASSERT_EQ(j["results"].size(), 1u);
+  const auto& row = j["results"][0];
+  for (const char* key : {"mode", "batch", "heads", "kv_heads", "dim", "dtype", "context", "page_size", "query_tokens",
+                          "splits", "median_s", "bytes", "gbps", "fraction_of_peak_bw", "tokens_per_s"}) {
+    EXPECT_TRUE(row.contains(key)) << key;
+  }
+  EXPECT_EQ(row["mode"], "decode");
+  EXPECT_EQ(row["page_size"], 16);
+  EXPECT_EQ(row["splits_requested"], "auto");
 }
 
 }  // namespace

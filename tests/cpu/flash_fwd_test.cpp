@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "support/isa.hpp"
 #include "support/reference.hpp"
 #include "support/tensors.hpp"
 
@@ -60,17 +61,6 @@ std::vector<Case> forward_cases() {
   return cases;
 }
 
-std::vector<CpuIsa> isas() { return {CpuIsa::kPortable, CpuIsa::kAvx2}; }
-
-// Sets the instruction-set cap for one test and restores it.
-class IsaScope {
- public:
-  explicit IsaScope(CpuIsa isa) { set_max_cpu_isa(isa); }
-  ~IsaScope() { set_max_cpu_isa(CpuIsa::kAvx512Bf16); }
-  IsaScope(const IsaScope&) = delete;
-  IsaScope& operator=(const IsaScope&) = delete;
-};
-
 struct Problem {
   HostTensor q, k, v, o, lse;
   AttentionParams params() {
@@ -102,20 +92,6 @@ Problem make_problem(const Case& c, double input_stddev = 1.0) {
 
 double o_tolerance(DType dtype) { return dtype == DType::kFloat32 ? 1e-5 : 1e-2; }
 
-// LSE is fp32 in both dtypes (the inputs are exact in double): a few ulps of its magnitude.
-void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance) {
-  for (std::int64_t i = 0; i < static_cast<std::int64_t>(ref.size()); ++i) {
-    const std::int64_t n = lse.shape()[2], h = lse.shape()[1];
-    const double got = lse.at(i / (n * h), (i / n) % h, i % n);
-    const double want = ref[static_cast<std::size_t>(i)];
-    if (std::isinf(want)) {
-      ASSERT_EQ(got, want) << "lse row " << i << " sees no key";
-    } else {
-      ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want))) << "lse row " << i;
-    }
-  }
-}
-
 class FlashForward : public ::testing::TestWithParam<std::tuple<Case, CpuIsa>> {};
 
 TEST_P(FlashForward, MatchesFloat64Reference) {
@@ -139,7 +115,7 @@ TEST_P(FlashForward, MatchesFloat64Reference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Grid, FlashForward, ::testing::Combine(::testing::ValuesIn(forward_cases()),
-                                                                ::testing::ValuesIn(isas())),
+                                                                ::testing::ValuesIn(kernel_isas())),
                          [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
 
 class FlashForwardIsa : public ::testing::TestWithParam<CpuIsa> {
@@ -235,7 +211,7 @@ TEST_P(FlashForwardIsa, ExtraMemoryIndependentOfBatchAndHeads) {
   EXPECT_LT(peaks[1], 2ull * 512 * 64 * 4 + (1u << 20));
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, FlashForwardIsa, ::testing::ValuesIn(isas()),
+INSTANTIATE_TEST_SUITE_P(Isa, FlashForwardIsa, ::testing::ValuesIn(kernel_isas()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace

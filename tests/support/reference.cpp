@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include <gtest/gtest.h>
+
 namespace pflash::testing {
 
 ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, const HostTensor& v, bool causal,
@@ -42,6 +44,19 @@ ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, co
     }
   }
   return out;
+}
+
+void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance) {
+  const std::int64_t n = lse.shape()[2], h = lse.shape()[1];
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(ref.size()); ++i) {
+    const double got = lse.at(i / (n * h), (i / n) % h, i % n);
+    const double want = ref[static_cast<std::size_t>(i)];
+    if (std::isinf(want)) {
+      ASSERT_EQ(got, want) << "lse row " << i << " sees no key";
+    } else {
+      ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want))) << "lse row " << i;
+    }
+  }
 }
 
 }  // namespace pflash::testing

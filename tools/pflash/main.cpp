@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include "decode_bench.hpp"
 #include "machine_peak.hpp"
 #include "pflash/pflash.hpp"
 #include "report.hpp"
@@ -43,7 +44,115 @@ struct BenchArgs {
   int block_q = 0;
   int block_k = 0;
   std::string json;
+
+  // --mode decode
+  std::string mode = "attention";
+  std::vector<std::int64_t> page_size{0};
+  std::vector<std::int64_t> query_tokens{1};
+  std::vector<std::string> splits{"auto"};
 };
+
+// Decode rows default to the shape decode is judged on (B=1, Hq=32, Hkv=8, D=128, a 32k context);
+// flags given on the command line win.
+void apply_decode_defaults(BenchArgs& a, const CLI::App& bench) {
+  if (bench.count("--heads") == 0) a.heads = {32};
+  if (bench.count("--kv-heads") == 0) a.kv_heads = {8};
+  if (bench.count("--dim") == 0) a.dim = {128};
+  if (bench.count("--seq") == 0) a.seq = {32768};
+  if (bench.count("--repeats") == 0) a.repeats = 20;
+  if (bench.count("--warmup") == 0) a.warmup = 2;
+}
+
+std::vector<pflash::bench::DecodeBenchConfig> make_decode_configs(const BenchArgs& a) {
+  std::vector<pflash::bench::DecodeBenchConfig> configs;
+  for (const auto& dtype : a.dtype)
+    for (auto b : a.batch)
+      for (auto h : a.heads)
+        for (auto hkv : a.kv_heads.empty() ? std::vector<std::int64_t>{h} : a.kv_heads)
+          for (auto d : a.dim)
+            for (auto t : a.query_tokens)
+              for (auto context : a.seq)
+                for (auto page : a.page_size)
+                  for (const auto& splits : a.splits) {
+                    pflash::bench::DecodeBenchConfig c;
+                    c.batch = b;
+                    c.heads = h;
+                    c.kv_heads = hkv;
+                    c.dim = d;
+                    c.query_tokens = t;
+                    c.context = context;
+                    c.page_size = page;
+                    c.dtype = dtype == "fp32" ? pflash::DType::kFloat32 : pflash::DType::kBFloat16;
+                    c.splits = splits == "auto" ? 0 : std::stoi(splits);
+                    configs.push_back(c);
+                  }
+  return configs;
+}
+
+// A progress line on stderr: rewritten in place on a terminal, one line per row otherwise.
+class Progress {
+ public:
+  Progress() : tty_(isatty(STDERR_FILENO) != 0) {}
+  void show(const std::string& line) const {
+    if (tty_) {
+      std::cerr << "\r\033[K" << line << std::flush;
+    } else {
+      std::cerr << line << '\n';
+    }
+  }
+  void clear() const {
+    if (tty_) std::cerr << "\r\033[K" << std::flush;
+  }
+
+ private:
+  bool tty_;
+};
+
+int write_json(const std::string& path, const nlohmann::json& json) {
+  if (path.empty()) return 0;
+  std::ofstream out(path);
+  if (!out) {
+    std::cerr << "pflash: cannot write --json file '" << path << "'\n";
+    return 1;
+  }
+  out << json.dump(2) << '\n';
+  std::cerr << "wrote " << path << '\n';
+  return 0;
+}
+
+pflash::bench::MachinePeak measure_peak(int threads) {
+  std::cerr << "measuring this machine's peak FLOP/s and read bandwidth...\n";
+  const auto peak = pflash::bench::measure_machine_peak(threads);
+  std::cout << pflash::bench::format_machine(peak);
+  return peak;
+}
+
+int run_decode_bench(const BenchArgs& args) {
+  pflash::bench::DecodeBenchOptions options;
+  options.threads = args.threads > 0 ? args.threads : pflash::default_num_threads();
+  options.repeats = args.repeats;
+  options.warmup = args.warmup;
+  options.max_seconds = args.max_seconds;
+  const auto configs = make_decode_configs(args);
+  const auto peak = measure_peak(options.threads);
+  std::cout << fmt::format(
+      "timing: median of up to {} repeats (n; fewer when they would pass {} s) after {} warm-up; read = K and V "
+      "once + Q + O; %bw against the measured DRAM read bandwidth\n\n",
+      options.repeats, options.max_seconds, options.warmup);
+  std::cout << pflash::bench::format_decode_header() << std::endl;
+  const Progress progress;
+  std::vector<pflash::bench::DecodeBenchResult> results;
+  for (std::size_t i = 0; i < configs.size(); ++i) {
+    const auto& c = configs[i];
+    progress.show(fmt::format("[{}/{}] decode B={} Hq={} Hkv={} D={} context={} page={} T={} {} splits={}", i + 1,
+                              configs.size(), c.batch, c.heads, c.kv_heads, c.dim, c.context, c.page_size,
+                              c.query_tokens, pflash::to_string(c.dtype), c.splits == 0 ? "auto" : std::to_string(c.splits)));
+    results.push_back(pflash::bench::run_decode_config(c, options, peak));
+    progress.clear();
+    std::cout << pflash::bench::format_decode_row(results.back()) << std::endl;
+  }
+  return write_json(args.json, pflash::bench::to_json(peak, {}, results));
+}
 
 std::vector<BenchConfig> make_configs(const BenchArgs& a) {
   std::vector<std::pair<std::int64_t, std::int64_t>> lengths;
@@ -92,42 +201,25 @@ int run_bench(const BenchArgs& args) {
   options.block_k = args.block_k;
   const std::vector<BenchConfig> configs = make_configs(args);
 
-  std::cerr << "measuring this machine's peak FLOP/s and read bandwidth...\n";
-  const auto peak = pflash::bench::measure_machine_peak(options.threads);
-  std::cout << pflash::bench::format_machine(peak);
+  const auto peak = measure_peak(options.threads);
   std::cout << fmt::format(
       "timing: median of up to {} repeats (n; fewer when they would pass {} s) after {} warm-up; naive memory budget: {}\n\n",
       options.repeats, options.max_seconds, options.warmup,
       options.memory_budget ? pflash::bench::format_bytes(double(*options.memory_budget)) : "none");
   std::cout << pflash::bench::format_table_header() << std::endl;
 
-  const bool tty = isatty(STDERR_FILENO) != 0;
+  const Progress progress;
   std::vector<pflash::bench::BenchResult> results;
   for (std::size_t i = 0; i < configs.size(); ++i) {
     const BenchConfig& c = configs[i];
-    const std::string line = fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} causal={}", i + 1,
-                                         configs.size(), c.impl, c.pass, c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k,
-                                         c.dim, pflash::to_string(c.dtype), c.causal ? "on" : "off");
-    if (tty) {
-      std::cerr << "\r\033[K" << line << std::flush;
-    } else {
-      std::cerr << line << '\n';
-    }
+    progress.show(fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} causal={}", i + 1, configs.size(),
+                              c.impl, c.pass, c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim,
+                              pflash::to_string(c.dtype), c.causal ? "on" : "off"));
     results.push_back(pflash::bench::run_config(c, options, peak));
-    if (tty) std::cerr << "\r\033[K" << std::flush;
+    progress.clear();
     std::cout << pflash::bench::format_row(results.back()) << std::endl;
   }
-
-  if (!args.json.empty()) {
-    std::ofstream out(args.json);
-    if (!out) {
-      std::cerr << "pflash: cannot write --json file '" << args.json << "'\n";
-      return 1;
-    }
-    out << pflash::bench::to_json(peak, results).dump(2) << '\n';
-    std::cerr << "wrote " << args.json << '\n';
-  }
-  return 0;
+  return write_json(args.json, pflash::bench::to_json(peak, results));
 }
 
 }  // namespace
@@ -136,7 +228,8 @@ int main(int argc, char** argv) {
   CLI::App app{"pflash: IO-aware exact attention (FlashAttention-2) kernels and their benchmarks"};
   app.require_subcommand(0, 1);
   BenchArgs args;
-  CLI::App* bench = app.add_subcommand("bench", "run a benchmark sweep: flash vs naive attention");
+  CLI::App* bench = app.add_subcommand(
+      "bench", "run a benchmark sweep: flash vs naive attention, or (--mode decode) FlashDecoding over a KV cache");
   const auto positive = CLI::PositiveNumber;
   bench->add_option("--batch", args.batch, "batch sizes")->delimiter(',')->check(positive)->capture_default_str();
   bench->add_option("--heads", args.heads, "query heads Hq")->delimiter(',')->check(positive)->capture_default_str();
@@ -167,10 +260,33 @@ int main(int argc, char** argv) {
   bench->add_option("--block-q", args.block_q, "query block rows (0: automatic)")->check(CLI::Range(0, 4096));
   bench->add_option("--block-k", args.block_k, "key block columns (0: automatic)")->check(CLI::Range(0, 4096));
   bench->add_option("--json", args.json, "also write the results as JSON to this file");
+  bench->add_option("--mode", args.mode, "attention (training-shaped rows) or decode (FlashDecoding rows)")
+      ->check(CLI::IsMember({"attention", "decode"}))->capture_default_str();
+  bench->add_option("--page-size", args.page_size, "decode: KV cache page sizes, 0 = contiguous")
+      ->delimiter(',')->check(CLI::IsMember({0, 8, 16, 32, 64, 128, 256, 512}))->capture_default_str();
+  bench->add_option("--query-tokens", args.query_tokens, "decode: new query tokens per sequence (1-16)")
+      ->delimiter(',')->check(CLI::Range(1, 16))->capture_default_str();
+  bench->add_option("--splits", args.splits, "decode: KV splits per sequence, auto or 1-256")
+      ->delimiter(',')
+      ->check([](const std::string& s) {
+        if (s == "auto") return std::string();
+        try {
+          std::size_t used = 0;
+          const int n = std::stoi(s, &used);
+          if (used == s.size() && n >= 1 && n <= pflash::kMaxDecodeSplits) return std::string();
+        } catch (const std::exception&) {
+        }
+        return "expected auto or a split count from 1 to " + std::to_string(pflash::kMaxDecodeSplits) + ", got " + s;
+      })
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   if (app.got_subcommand(bench)) {
     try {
+      if (args.mode == "decode") {
+        apply_decode_defaults(args, *bench);
+        return run_decode_bench(args);
+      }
       return run_bench(args);
     } catch (const pflash::Error& e) {
       std::cerr << "\npflash: " << e.what() << '\n';

@@ -1,0 +1,278 @@
+// Argument checks of the decoding entry points: flash_decode, append_kv, merge_attention_states.
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/checker.hpp"
+#include "core/params.hpp"
+#include "pflash/error.hpp"
+#include "pflash/runtime.hpp"
+
+namespace pflash::detail {
+namespace {
+
+// The cache's views, lengths and block table; extra_tokens positions are about to be appended to
+// every sequence (append_kv) and must fit too.
+CacheParams check_cache(const Checker& check, const KVCacheView& cache, std::int64_t extra_tokens) {
+  const bool paged = cache.paged();
+  const char* layout = paged ? "[num_pages, Hkv, page_size, D] (paged)" : "[B, Hkv, capacity, D] (contiguous)";
+  check.tensor("cache.k", cache.k, 4, layout);
+  check.tensor("cache.v", cache.v, 4, layout);
+  check.dtype_matches("cache.v", cache.v, cache.k.dtype, "k and v of a cache share one dtype");
+  check.shape_is("cache.v", cache.v, {cache.k.size(0), cache.k.size(1), cache.k.size(2), cache.k.size(3)},
+                 "(the shape of cache.k)");
+  const std::int64_t batch = cache.batch();
+  if (batch < 1) check.fail("cache.seq_lens", "one length per sequence (B >= 1)", "an empty span");
+
+  CacheParams c;
+  c.k = cache.k.data;
+  c.v = cache.v.data;
+  c.dtype = cache.k.dtype;
+  c.k_strides = head_strides(cache.k);
+  c.v_strides = head_strides(cache.v);
+  c.seq_lens = cache.seq_lens.data();
+  if (paged) {
+    const std::int64_t page_size = cache.k.size(2);
+    if (!std::has_single_bit(static_cast<std::uint64_t>(page_size)) || page_size < kMinPageSize ||
+        page_size > kMaxPageSize) {
+      check.fail("cache.k", "a page size (dimension 2) that is a power of two from " + std::to_string(kMinPageSize) +
+                                " to " + std::to_string(kMaxPageSize),
+                 std::to_string(page_size));
+    }
+    if (static_cast<std::int64_t>(cache.block_table.size()) % batch != 0) {
+      check.fail("cache.block_table", "B * pages_per_seq entries for B = " + std::to_string(batch) + " sequences",
+                 std::to_string(cache.block_table.size()) + " entries");
+    }
+    c.block_table = cache.block_table.data();
+    c.pages_per_seq = cache.pages_per_seq();
+    c.page_size = page_size;
+    c.capacity = c.pages_per_seq * page_size;
+  } else {
+    if (cache.k.size(0) != batch) {
+      check.fail("cache.k", "batch (dimension 0) equal to the number of sequence lengths, " + std::to_string(batch),
+                 shape_string(cache.k));
+    }
+    c.capacity = cache.k.size(2);
+  }
+
+  const std::int64_t num_pages = cache.k.size(0);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t length = cache.seq_lens[static_cast<std::size_t>(b)];
+    if (length < 0 || length + extra_tokens > c.capacity) {
+      const std::string room = extra_tokens > 0 ? " - " + std::to_string(extra_tokens) + " appended" : "";
+      check.fail("cache.seq_lens",
+                 "lengths from 0 to the capacity " + std::to_string(c.capacity) + room +
+                     (paged ? " (pages_per_seq * page_size)" : " (dimension 2 of cache.k)"),
+                 "seq_lens[" + std::to_string(b) + "] = " + std::to_string(length));
+    }
+    if (!paged) continue;
+    const std::int64_t pages_used = (length + extra_tokens + c.page_size - 1) / c.page_size;
+    for (std::int64_t i = 0; i < pages_used; ++i) {
+      const std::int64_t page = c.block_table[b * c.pages_per_seq + i];
+      if (page < 0 || page >= num_pages) {
+        check.fail("cache.block_table",
+                   "page ids in [0, " + std::to_string(num_pages) + ") for every page a sequence uses",
+                   "block_table[" + std::to_string(b) + " * " + std::to_string(c.pages_per_seq) + " + " +
+                       std::to_string(i) + "] = " + std::to_string(page));
+      }
+    }
+  }
+  return c;
+}
+
+void check_common(const Checker& check, std::optional<float> softmax_scale, int num_threads) {
+  if (softmax_scale && !std::isfinite(*softmax_scale)) {
+    check.fail("softmax_scale", "a finite number", std::to_string(*softmax_scale));
+  }
+  if (num_threads < 0) check.fail("num_threads", "0 (all) or a positive count", std::to_string(num_threads));
+}
+
+}  // namespace
+
+DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* function_name) {
+  const Checker check(function_name);
+  constexpr const char* kQLayout = "[B, Hq, T, D]";
+  check.tensor("q", params.q, 4, kQLayout);
+  check.tensor("o", params.o, 4, kQLayout);
+  const CacheParams cache = check_cache(check, params.cache, 0);
+  check.dtype_matches("o", params.o, params.q.dtype, "o has q's dtype");
+
+  const std::int64_t batch = params.q.size(0), heads_q = params.q.size(1), tokens = params.q.size(2),
+                     dim = params.q.size(3);
+  const std::int64_t heads_kv = params.cache.k.size(1);
+  if (batch != params.cache.batch()) {
+    check.fail("q", "batch (dimension 0) equal to the cache's " + std::to_string(params.cache.batch()) + " sequences",
+               shape_string(params.q));
+  }
+  if (tokens > kMaxDecodeQueryTokens) {
+    check.fail("q", "1 to " + std::to_string(kMaxDecodeQueryTokens) + " query tokens T (dimension 2)",
+               "T = " + std::to_string(tokens));
+  }
+  if (dim > kMaxHeadDim) check.fail("q", "head_dim D <= " + std::to_string(kMaxHeadDim), "D = " + std::to_string(dim));
+  if (params.cache.k.size(3) != dim) {
+    check.fail("cache.k", "head_dim (dimension 3) equal to q's D = " + std::to_string(dim), shape_string(params.cache.k));
+  }
+  if (heads_q % heads_kv != 0) {
+    check.fail("cache.k", "a head count Hkv (dimension 1) dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
+               "Hkv = " + std::to_string(heads_kv));
+  }
+  check.shape_is("o", params.o, {batch, heads_q, tokens, dim}, "(the shape of q)");
+  check.non_self_overlapping("o", params.o);
+  const bool has_lse = !params.lse.empty();
+  if (has_lse) {
+    check.tensor("lse", params.lse, 3, "[B, Hq, T]");
+    if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
+    check.shape_is("lse", params.lse, {batch, heads_q, tokens}, "(the first three dimensions of q)");
+    check.non_self_overlapping("lse", params.lse);
+  }
+  const std::array<std::pair<const char*, TensorView>, 3> inputs{
+      {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}}};
+  for (const auto& [name, input] : inputs) {
+    if (overlaps(params.o, input)) check.fail("o", std::string("memory disjoint from input '") + name + "'", "an overlap");
+    if (has_lse && overlaps(params.lse, input)) {
+      check.fail("lse", std::string("memory disjoint from input '") + name + "'", "an overlap");
+    }
+  }
+  if (has_lse && overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
+  check_common(check, params.softmax_scale, params.num_threads);
+  if (params.num_splits < 0 || params.num_splits > kMaxDecodeSplits) {
+    check.fail("num_splits", "0 (automatic) or 1.." + std::to_string(kMaxDecodeSplits), std::to_string(params.num_splits));
+  }
+
+  DecodeParams p;
+  p.q = params.q.data;
+  p.o = params.o.data;
+  p.lse = has_lse ? static_cast<float*>(params.lse.data) : nullptr;
+  p.dtype = params.q.dtype;
+  p.q_strides = head_strides(params.q);
+  p.o_strides = head_strides(params.o);
+  if (has_lse) p.lse_strides = head_strides(params.lse);
+  p.cache = cache;
+  p.batch = batch;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.query_tokens = tokens;
+  p.dim = dim;
+  for (std::int32_t length : params.cache.seq_lens) p.max_seq_len = std::max<std::int64_t>(p.max_seq_len, length);
+  p.scale = params.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
+  p.num_splits = params.num_splits;  // 0: the backend chooses
+  p.num_threads = params.num_threads > 0 ? params.num_threads : default_num_threads();
+  return p;
+}
+
+AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, TensorView v_new,
+                                const char* function_name) {
+  const Checker check(function_name);
+  constexpr const char* kNewLayout = "[B, Hkv, T, D]";
+  check.tensor("k_new", k_new, 4, kNewLayout);
+  check.tensor("v_new", v_new, 4, kNewLayout);
+  // The cache's own layout first, so a wrong cache is reported as such.
+  const KVCacheView view = cache;
+  check.tensor("cache.k", view.k, 4, cache.paged() ? "[num_pages, Hkv, page_size, D] (paged)" : "[B, Hkv, capacity, D] (contiguous)");
+  const std::int64_t tokens = k_new.size(2);
+  check.shape_is("k_new", k_new, {cache.batch(), view.k.size(1), tokens, view.k.size(3)},
+                 "(B sequences, the cache's Hkv and D)");
+  check.shape_is("v_new", v_new, {k_new.size(0), k_new.size(1), k_new.size(2), k_new.size(3)}, "(the shape of k_new)");
+  check.dtype_matches("k_new", k_new, view.k.dtype, "the cache's dtype");
+  check.dtype_matches("v_new", v_new, view.k.dtype, "the cache's dtype");
+  const CacheParams c = check_cache(check, view, tokens);
+  check.non_self_overlapping("cache.k", view.k);
+  check.non_self_overlapping("cache.v", view.v);
+  if (overlaps(view.k, view.v)) check.fail("cache.v", "memory disjoint from cache.k", "an overlap");
+  for (const auto& [name, input] : std::array<std::pair<const char*, TensorView>, 2>{{{"k_new", k_new}, {"v_new", v_new}}}) {
+    if (overlaps(view.k, input) || overlaps(view.v, input)) {
+      check.fail(name, "memory disjoint from the cache it is appended to", "an overlap");
+    }
+  }
+  if (c.paged()) {
+    // Two sequences writing one page would overwrite each other's rows.
+    std::vector<std::pair<std::int64_t, std::int64_t>> written;  // (page, sequence)
+    for (std::int64_t b = 0; b < cache.batch(); ++b) {
+      const std::int64_t first = c.seq_lens[b] / c.page_size, last = (c.seq_lens[b] + tokens - 1) / c.page_size;
+      for (std::int64_t i = first; i <= last; ++i) written.emplace_back(c.block_table[b * c.pages_per_seq + i], b);
+    }
+    std::sort(written.begin(), written.end());
+    for (std::size_t i = 1; i < written.size(); ++i) {
+      if (written[i].first == written[i - 1].first && written[i].second != written[i - 1].second) {
+        check.fail("cache.block_table", "distinct pages for the positions different sequences append to",
+                   "page " + std::to_string(written[i].first) + " in sequences " + std::to_string(written[i - 1].second) +
+                       " and " + std::to_string(written[i].second));
+      }
+    }
+  }
+  AppendParams p;
+  p.cache = c;
+  p.k = cache.k.data;
+  p.v = cache.v.data;
+  p.seq_lens = cache.seq_lens.data();
+  p.k_new = k_new.data;
+  p.v_new = v_new.data;
+  p.k_new_strides = head_strides(k_new);
+  p.v_new_strides = head_strides(v_new);
+  p.batch = k_new.size(0);
+  p.heads_kv = k_new.size(1);
+  p.tokens = tokens;
+  p.dim = k_new.size(3);
+  return p;
+}
+
+MergeParams make_merge_params(const pflash::MergeParams& params, const char* function_name) {
+  const Checker check(function_name);
+  check.tensor("o_partials", params.o_partials, 4, "[S, N, H, D]");
+  check.tensor("lse_partials", params.lse_partials, 3, "[S, N, H]");
+  check.tensor("o", params.o, 3, "[N, H, D]");
+  const std::int64_t parts = params.o_partials.size(0), n = params.o_partials.size(1),
+                     heads = params.o_partials.size(2), dim = params.o_partials.size(3);
+  if (params.lse_partials.dtype != DType::kFloat32) {
+    check.fail("lse_partials", "dtype fp32", std::string(to_string(params.lse_partials.dtype)));
+  }
+  check.shape_is("lse_partials", params.lse_partials, {parts, n, heads}, "(the first three dimensions of o_partials)");
+  check.shape_is("o", params.o, {n, heads, dim}, "(o_partials without its first dimension)");
+  check.non_self_overlapping("o", params.o);
+  const bool has_lse = !params.lse.empty();
+  if (has_lse) {
+    check.tensor("lse", params.lse, 2, "[N, H]");
+    if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
+    check.shape_is("lse", params.lse, {n, heads}, "(the dimensions N, H of o_partials)");
+    check.non_self_overlapping("lse", params.lse);
+  }
+  const std::array<std::pair<const char*, TensorView>, 2> inputs{
+      {{"o_partials", params.o_partials}, {"lse_partials", params.lse_partials}}};
+  for (const auto& [name, input] : inputs) {
+    if (overlaps(params.o, input)) check.fail("o", std::string("memory disjoint from input '") + name + "'", "an overlap");
+    if (has_lse && overlaps(params.lse, input)) {
+      check.fail("lse", std::string("memory disjoint from input '") + name + "'", "an overlap");
+    }
+  }
+  if (has_lse && overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
+  check_common(check, std::nullopt, params.num_threads);
+
+  MergeParams p;
+  p.o_parts = params.o_partials.data;
+  p.parts_dtype = params.o_partials.dtype;
+  p.lse_parts = static_cast<const float*>(params.lse_partials.data);
+  p.o = params.o.data;
+  p.o_dtype = params.o.dtype;
+  p.lse = has_lse ? static_cast<float*>(params.lse.data) : nullptr;
+  p.num_parts = parts;
+  p.n = n;
+  p.heads = heads;
+  p.dim = dim;
+  p.parts_strides = head_strides(params.o_partials);
+  p.lse_parts_strides = head_strides(params.lse_partials);
+  p.o_n_stride = params.o.stride(0);
+  p.o_h_stride = params.o.stride(1);
+  if (has_lse) {
+    p.lse_n_stride = params.lse.stride(0);
+    p.lse_h_stride = params.lse.stride(1);
+  }
+  p.num_threads = params.num_threads > 0 ? params.num_threads : default_num_threads();
+  return p;
+}
+
+}  // namespace pflash::detail

@@ -1,0 +1,247 @@
+// FlashDecoding on the CPU against the float64 reference, over contiguous and paged caches, single
+// and multi-token queries, GQA, ragged lengths and forced split counts, on every instruction set.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "support/isa.hpp"
+#include "support/kv_cache.hpp"
+#include "support/reference.hpp"
+#include "support/tensors.hpp"
+
+namespace pflash::testing {
+namespace {
+
+struct Case {
+  std::int64_t heads_q, heads_kv, tokens, dim;
+  std::int64_t page_size;  // 0: contiguous
+  std::vector<std::int32_t> lengths;  // one per sequence
+  DType cache_dtype, q_dtype;
+  int num_splits;  // 0: automatic
+  Layout layout = Layout::kBhnd;
+};
+
+std::string case_name(const Case& c, CpuIsa isa) {
+  std::ostringstream name;
+  name << "Hq" << c.heads_q << "_Hkv" << c.heads_kv << "_T" << c.tokens << "_D" << c.dim << "_"
+       << (c.page_size ? "page" + std::to_string(c.page_size) : std::string("contiguous")) << "_L";
+  for (std::int32_t l : c.lengths) name << l << "x";
+  name << "_cache" << to_string(c.cache_dtype) << "_q" << to_string(c.q_dtype) << "_splits" << c.num_splits;
+  if (c.layout == Layout::kBnhd) name << "_nhd";
+  name << "_" << to_string(isa);
+  return name.str();
+}
+
+// The shape grid, in one place. Lengths around a page (page-1, page, page+1), 1 and 7, and long.
+std::vector<Case> decode_cases() {
+  const DType bf16 = DType::kBFloat16, fp32 = DType::kFloat32;
+  std::vector<Case> cases = {
+      {4, 4, 1, 64, 0, {1, 7, 300}, fp32, fp32, 0},             // MHA, ragged, tiny lengths
+      {8, 2, 1, 128, 0, {1000}, bf16, bf16, 0},                 // GQA 4, one long sequence
+      {8, 1, 1, 96, 0, {517, 33}, bf16, fp32, 3},               // MQA (GQA 8), D = 96, 3 splits
+      {8, 2, 3, 40, 0, {2, 50, 129}, fp32, bf16, 2},            // 3 query tokens, D = 40, length < T
+      {4, 1, 16, 80, 0, {16, 400}, bf16, bf16, 5},              // 16 query tokens (speculative)
+      {2, 2, 1, 256, 0, {333}, fp32, fp32, 16},                 // the largest head_dim, many splits
+      {2, 1, 2, 1, 0, {9, 70}, fp32, fp32, 4},                  // D = 1
+  };
+  for (std::int64_t page : {8, 16, 64, 512}) {
+    cases.push_back({8, 2, 1, 64, page, {1, 7, static_cast<std::int32_t>(page - 1)}, bf16, bf16, 0});
+    cases.push_back({8, 2, 2, 64, page, {static_cast<std::int32_t>(page), static_cast<std::int32_t>(page + 1), 700},
+                     fp32, fp32, 3});
+  }
+  cases.push_back({32, 8, 1, 128, 64, {1200, 65}, bf16, bf16, 4});                 // the benchmark's heads
+  cases.push_back({8, 1, 4, 96, 16, {100, 233}, bf16, bf16, 0, Layout::kBnhd});    // vLLM's page layout
+  cases.push_back({8, 2, 1, 64, 0, {250, 31}, fp32, fp32, 2, Layout::kBnhd});      // [B, N, H, D] cache
+  return cases;
+}
+
+struct Problem {
+  TestCache cache;
+  HostTensor q, o, lse;
+};
+
+Problem make_problem(const Case& c, std::mt19937_64& rng) {
+  std::int32_t max_len = 0;
+  for (std::int32_t l : c.lengths) max_len = std::max(max_len, l);
+  const auto batch = static_cast<std::int64_t>(c.lengths.size());
+  CacheSpec spec{c.cache_dtype, batch, c.heads_kv, c.dim, max_len + 5, c.page_size, c.layout};
+  Problem pr{TestCache(spec, rng), HostTensor(c.q_dtype, {batch, c.heads_q, c.tokens, c.dim}),
+             HostTensor(c.q_dtype, {batch, c.heads_q, c.tokens, c.dim}),
+             HostTensor(DType::kFloat32, {batch, c.heads_q, c.tokens})};
+  pr.cache.fill(c.lengths, rng);
+  pr.q.fill_normal(rng);
+  pr.o.poison();
+  pr.lse.poison();
+  return pr;
+}
+
+DecodeParams params_for(Problem& pr, int num_splits) {
+  DecodeParams p;
+  p.q = pr.q.view();
+  p.cache = pr.cache.view();
+  p.o = pr.o.mutable_view();
+  p.lse = pr.lse.mutable_view();
+  p.num_splits = num_splits;
+  return p;
+}
+
+// The reference, sequence by sequence: query token t of sequence b is position L_b - T + t, which is
+// the bottom-right causal alignment of reference_attention over that sequence's dense K/V.
+ReferenceOutput reference_decode(const Problem& pr, double scale) {
+  ReferenceOutput out;
+  for (std::int64_t b = 0; b < pr.q.shape()[0]; ++b) {
+    const HostTensor k = pr.cache.dense_k(b), v = pr.cache.dense_v(b), q = slice_batch(pr.q, b);
+    ReferenceOutput part;
+    if (k.shape()[2] == 0) {  // an empty sequence: every row sees nothing
+      part.o.assign(static_cast<std::size_t>(q.numel()), 0.0);
+      part.lse.assign(static_cast<std::size_t>(q.numel() / q.shape()[3]), -INFINITY);
+    } else {
+      part = reference_attention(q, k, v, /*causal=*/true, scale);
+    }
+    out.o.insert(out.o.end(), part.o.begin(), part.o.end());
+    out.lse.insert(out.lse.end(), part.lse.begin(), part.lse.end());
+  }
+  return out;
+}
+
+double o_tolerance(const Case& c) {
+  return c.cache_dtype == DType::kFloat32 && c.q_dtype == DType::kFloat32 ? 1e-5 : 1e-2;
+}
+
+class FlashDecode : public ::testing::TestWithParam<std::tuple<Case, CpuIsa>> {};
+
+TEST_P(FlashDecode, MatchesFloat64Reference) {
+  const auto& [c, isa] = GetParam();
+  if (detected_cpu_isa() < isa) GTEST_SKIP() << "this CPU has no " << to_string(isa);
+  const IsaScope scope(isa);
+  auto rng = make_rng();
+  Problem pr = make_problem(c, rng);
+  const std::vector<unsigned char> k_before = pr.cache.k().bytes(), v_before = pr.cache.v().bytes(),
+                                   q_before = pr.q.bytes();
+  const std::vector<std::int32_t> lengths_before = pr.cache.seq_lens(), table_before = pr.cache.block_table();
+  flash_decode(params_for(pr, c.num_splits));
+
+  EXPECT_EQ(pr.cache.k().bytes(), k_before) << "the cache was modified";
+  EXPECT_EQ(pr.cache.v().bytes(), v_before) << "the cache was modified";
+  EXPECT_EQ(pr.q.bytes(), q_before) << "q was modified";
+  EXPECT_EQ(pr.cache.seq_lens(), lengths_before);
+  EXPECT_EQ(pr.cache.block_table(), table_before);
+  // Positions past each length hold NaN: reading one would leave NaN in o.
+  ASSERT_TRUE(pr.o.all_finite_or_neg_inf()) << "o not fully written, or a position past a length was read";
+  ASSERT_TRUE(pr.lse.all_finite_or_neg_inf()) << "lse not fully written";
+  const ReferenceOutput ref = reference_decode(pr, 1.0 / std::sqrt(static_cast<double>(c.dim)));
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(c));
+  expect_lse_near(pr.lse, ref.lse, 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, FlashDecode,
+                         ::testing::Combine(::testing::ValuesIn(decode_cases()), ::testing::ValuesIn(kernel_isas())),
+                         [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
+
+class FlashDecodeIsa : public ::testing::TestWithParam<CpuIsa> {
+ protected:
+  void SetUp() override {
+    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
+    scope_ = std::make_unique<IsaScope>(GetParam());
+  }
+  std::unique_ptr<IsaScope> scope_;
+};
+
+// Every forced split count gives the unsplit result up to the merge's rounding (fp32 throughout),
+// and the result does not depend on the thread count.
+TEST_P(FlashDecodeIsa, SplitCountsAgreeWithNoSplit) {
+  auto rng = make_rng();
+  const Case c{8, 2, 2, 64, 16, {1000, 3, 250}, DType::kFloat32, DType::kFloat32, 1};
+  Problem pr = make_problem(c, rng);
+  flash_decode(params_for(pr, 1));
+  const std::vector<double> ref = [&] {
+    std::vector<double> values;
+    for (std::int64_t i = 0; i < pr.o.numel(); ++i) {
+      const auto& s = pr.o.shape();
+      values.push_back(pr.o.at(i / (s[1] * s[2] * s[3]), i / (s[2] * s[3]) % s[1], i / s[3] % s[2], i % s[3]));
+    }
+    return values;
+  }();
+  for (int splits = 1; splits <= 16; ++splits) {
+    for (int threads : {1, 2}) {
+      pr.o.poison();
+      DecodeParams p = params_for(pr, splits);
+      p.num_threads = threads;
+      flash_decode(p);
+      ASSERT_TRUE(pr.o.all_finite_or_neg_inf()) << splits << " splits";
+      EXPECT_LT(relative_l2_error(pr.o, ref), 1e-6) << splits << " splits, " << threads << " threads";
+    }
+  }
+}
+
+// Logits near 1e4 must not overflow the online softmax or the merge of splits.
+TEST_P(FlashDecodeIsa, LargeLogitsStayExact) {
+  auto rng = make_rng();
+  const Case c{4, 1, 2, 64, 0, {300}, DType::kFloat32, DType::kFloat32, 3};
+  Problem pr = make_problem(c, rng);
+  pr.q.fill_normal(rng, 50.0);
+  pr.cache.fill(c.lengths, rng, 50.0);
+  flash_decode(params_for(pr, 3));
+  const ReferenceOutput ref = reference_decode(pr, 1.0 / 8.0);
+  double max_logit = 0.0;
+  for (double l : ref.lse) max_logit = std::max(max_logit, std::abs(l));
+  ASSERT_GT(max_logit, 5e3);
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), 8.0 * max_logit * 1.2e-7);
+}
+
+TEST_P(FlashDecodeIsa, AutomaticSplitsUseEveryThreadForOneSequence) {
+  auto rng = make_rng();
+  const Case c{8, 1, 1, 64, 0, {4096}, DType::kBFloat16, DType::kBFloat16, 0};
+  Problem pr = make_problem(c, rng);
+  DecodeParams p = params_for(pr, 0);
+  p.num_threads = 2;
+  EXPECT_EQ(decode_num_splits(p), 2) << "one (sequence, KV head) item and two threads";
+  p.num_threads = 1;
+  EXPECT_EQ(decode_num_splits(p), 1);
+  p.num_splits = 7;
+  EXPECT_EQ(decode_num_splits(p), 7) << "a forced count is kept";
+}
+
+// A decode loop written with the library alone: each step appends the new token's K/V and decodes
+// it; every step must equal full causal attention recomputed from scratch over the whole history.
+TEST_P(FlashDecodeIsa, GenerationLoopWithAppendsMatchesRecomputation) {
+  for (std::int64_t page_size : {0, 16}) {
+    auto rng = make_rng();
+    const std::int64_t batch = 2, heads_q = 4, heads_kv = 2, dim = 32, steps = 64;
+    TestCache cache(CacheSpec{DType::kFloat32, batch, heads_kv, dim, 160, page_size}, rng);
+    cache.fill({30, 5}, rng);
+    for (std::int64_t step = 0; step < steps; ++step) {
+      HostTensor q(DType::kFloat32, {batch, heads_q, 1, dim}), k_new(DType::kFloat32, {batch, heads_kv, 1, dim}),
+          v_new(DType::kFloat32, {batch, heads_kv, 1, dim}), o(DType::kFloat32, {batch, heads_q, 1, dim});
+      q.fill_normal(rng);
+      k_new.fill_normal(rng);
+      v_new.fill_normal(rng);
+      o.poison();
+      append_kv(cache.mutable_view(), k_new.view(), v_new.view());
+      ASSERT_EQ(cache.seq_lens()[0], 30 + step + 1);
+      DecodeParams p;
+      p.q = q.view();
+      p.cache = cache.view();
+      p.o = o.mutable_view();
+      p.num_splits = static_cast<int>(step % 3) + 1;
+      flash_decode(p);
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const ReferenceOutput ref = reference_attention(slice_batch(q, b), cache.dense_k(b), cache.dense_v(b),
+                                                        /*causal=*/true, 1.0 / std::sqrt(double(dim)));
+        ASSERT_LT(relative_l2_error(slice_batch(o, b), ref.o), 1e-5) << "step " << step << ", sequence " << b;
+        // The appended row is the last position of the sequence, exactly as given.
+        const HostTensor k_dense = cache.dense_k(b);
+        ASSERT_EQ(k_dense.at(0, 1, cache.seq_lens()[b] - 1, 3), k_new.at(b, 1, 0, 3));
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, FlashDecodeIsa, ::testing::ValuesIn(kernel_isas()),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
+
+}  // namespace
+}  // namespace pflash::testing
