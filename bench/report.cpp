@@ -21,14 +21,14 @@ std::string format_machine(const MachinePeak& peak) {
 }
 
 std::string format_table_header() {
-  return fmt::format("{:<6} {:<5} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
+  return fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
                      "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "median", "tokens/s",
                      "TFLOP/s", "%peak", "extra mem", "n");
 }
 
 std::string format_row(const BenchResult& r) {
   const BenchConfig& c = r.config;
-  std::string row = fmt::format("{:<6} {:<5} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} ", c.impl, c.pass, c.batch,
+  std::string row = fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} ", c.impl, c.pass, c.batch,
                                 c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.causal ? "on" : "off");
   if (r.status == "oom") {
     return row + fmt::format("OOM (needs {})", format_bytes(double(r.bytes_needed.value_or(0))));

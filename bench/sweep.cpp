@@ -10,7 +10,10 @@ namespace pflash::bench {
 double attention_flops(const BenchConfig& c) {
   const double full = 4.0 * static_cast<double>(c.batch * c.heads) * static_cast<double>(c.seq_q) *
                       static_cast<double>(c.seq_k) * static_cast<double>(c.dim);
-  return c.causal && c.seq_q == c.seq_k ? full / 2.0 : full;
+  const double forward = c.causal && c.seq_q == c.seq_k ? full / 2.0 : full;
+  if (c.pass == "bwd") return 2.5 * forward;
+  if (c.pass == "fwd+bwd") return 3.5 * forward;
+  return forward;
 }
 
 BenchResult run_config(const BenchConfig& config, const BenchOptions& options, const MachinePeak& peak) {
@@ -35,11 +38,39 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   params.block_q = options.block_q;
   params.block_k = options.block_k;
 
+  // The backward's extra tensors (allocated for every row: cheap next to the timed work).
+  const bool backward = config.pass != "fwd";
+  const std::int64_t grad_rows = backward ? 1 : 0;
+  const RandomBuffer dout(config.dtype, config.batch, config.heads, config.seq_q * grad_rows, config.dim, 5);
+  RandomBuffer dq(config.dtype, config.batch, config.heads, config.seq_q * grad_rows, config.dim, 6);
+  RandomBuffer dk(config.dtype, config.batch, config.kv_heads, config.seq_k * grad_rows, config.dim, 7);
+  RandomBuffer dv(config.dtype, config.batch, config.kv_heads, config.seq_k * grad_rows, config.dim, 8);
+  AttentionBackwardParams grads;
+  if (backward) {
+    flash_attention_forward(params);  // the backward's inputs o and lse
+    grads.q = params.q;
+    grads.k = params.k;
+    grads.v = params.v;
+    grads.o = params.o;
+    grads.lse = params.lse;
+    grads.dout = dout.view();
+    grads.dq = dq.mutable_view();
+    grads.dk = dk.mutable_view();
+    grads.dv = dv.mutable_view();
+    grads.causal = config.causal;
+    grads.num_threads = options.threads;
+  }
+
   const bool naive = config.impl == "naive";
+  if (naive && backward) throw Error(ErrorCode::kUnsupported, "pflash bench: the naive baseline has no backward pass");
   if (naive) result.bytes_needed = naive_attention_bytes(params);
   const auto call = [&] {
     if (naive) {
       naive_attention(params, {.memory_budget = options.memory_budget});
+    } else if (config.pass == "bwd") {
+      flash_attention_backward(grads);
+    } else if (config.pass == "fwd+bwd") {
+      flash_attention_forward_backward(params, grads.dout, grads.dq, grads.dk, grads.dv);
     } else {
       flash_attention_forward(params);
     }

@@ -15,7 +15,7 @@ namespace pflash::bench {
 
 struct BenchConfig {
   std::string impl;  // "flash" or "naive"
-  std::string pass;  // "fwd"
+  std::string pass;  // "fwd", "bwd" or "fwd+bwd" (flash only)
   std::int64_t batch = 1, heads = 1, kv_heads = 1, seq_q = 1, seq_k = 1, dim = 64;
   DType dtype = DType::kBFloat16;
   bool causal = false;
@@ -46,7 +46,9 @@ struct BenchResult {
   std::optional<std::uint64_t> bytes_needed;  // naive rows
 };
 
-// 4 * B * Hq * Nq * Nk * D, halved for causal attention when Nq == Nk (half the scores are masked).
+// The forward: 4 * B * Hq * Nq * Nk * D, halved for causal attention when Nq == Nk (half the scores
+// are masked). The backward counts 2.5 times that (five matrix products against two, FlashAttention's
+// convention), fwd+bwd 3.5 times.
 double attention_flops(const BenchConfig& config);
 
 BenchResult run_config(const BenchConfig& config, const BenchOptions& options, const MachinePeak& peak);

@@ -1,5 +1,6 @@
 // Public entry points: validate once, then hand the filled parameters to the backend.
 #include "core/params.hpp"
+#include "core/workspace.hpp"
 #include "cpu/backend.hpp"
 #include "pflash/attention.hpp"
 
@@ -11,6 +12,41 @@ void validate(const AttentionParams& params, const char* function_name) {
 
 void flash_attention_forward(const AttentionParams& params) {
   cpu::flash_forward(detail::make_fwd_params(params, "flash_attention_forward"));
+}
+
+void flash_attention_backward(const AttentionBackwardParams& params) {
+  cpu::flash_backward(detail::make_bwd_params(params, "flash_attention_backward"));
+}
+
+void flash_attention_forward_backward(const AttentionParams& forward, TensorView dout, MutableTensorView dq,
+                                      MutableTensorView dk, MutableTensorView dv) {
+  constexpr const char* kName = "flash_attention_forward_backward";
+  AttentionBackwardParams backward;
+  backward.q = forward.q;
+  backward.k = forward.k;
+  backward.v = forward.v;
+  backward.o = forward.o;
+  backward.dout = dout;
+  backward.dq = dq;
+  backward.dk = dk;
+  backward.dv = dv;
+  backward.causal = forward.causal;
+  backward.softmax_scale = forward.softmax_scale;
+  backward.num_threads = forward.num_threads;
+
+  // Validate both passes before either writes anything; the LSE goes to the caller's buffer or ours.
+  AttentionParams fwd = forward;
+  const detail::FwdParams checked = detail::make_fwd_params(fwd, kName);
+  detail::Workspace<float> lse_buffer;
+  if (fwd.lse.empty()) {
+    lse_buffer = detail::Workspace<float>(static_cast<std::size_t>(checked.batch * checked.heads_q * checked.seq_q));
+    fwd.lse = MutableTensorView::contiguous(lse_buffer.data(), DType::kFloat32,
+                                            {checked.batch, checked.heads_q, checked.seq_q});
+  }
+  backward.lse = fwd.lse;
+  const detail::BwdParams bwd = detail::make_bwd_params(backward, kName);
+  cpu::flash_forward(detail::make_fwd_params(fwd, kName));
+  cpu::flash_backward(bwd);
 }
 
 }  // namespace pflash

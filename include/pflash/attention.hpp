@@ -33,6 +33,33 @@ struct AttentionParams {
 // Throws pflash::Error (ErrorCode::kInvalidArgument) naming the offending argument.
 void flash_attention_forward(const AttentionParams& params);
 
+// The gradients of O with respect to Q, K, V, FlashAttention-2 style: each tile of the probabilities
+// is recomputed from Q, K and the forward's LSE (P = exp(Q K^T * scale - LSE)), never stored whole.
+//   D_i = rowsum(dO_i * O_i),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),
+//   dQ = dS K * scale,  dK = dS^T Q * scale  (a KV head's dK, dV sum over its GQA group's query heads).
+// Deterministic: the same inputs give the same bits for any num_threads.
+struct AttentionBackwardParams {
+  TensorView q, k, v;     // as in AttentionParams
+  TensorView o;           // [B, Hq, Nq, D], the forward's output
+  TensorView dout;        // [B, Hq, Nq, D], the gradient of the loss with respect to o
+  TensorView lse;         // [B, Hq, Nq] fp32, the forward's LSE (required)
+  MutableTensorView dq;   // [B, Hq, Nq, D]
+  MutableTensorView dk;   // [B, Hkv, Nk, D]
+  MutableTensorView dv;   // [B, Hkv, Nk, D]; all of q, k, v, o, dout, dq, dk, dv share one dtype
+
+  bool causal = false;                 // must match the forward
+  std::optional<float> softmax_scale;  // must match the forward; default 1/sqrt(D)
+  int num_threads = 0;                 // 0: all threads
+};
+
+void flash_attention_backward(const AttentionBackwardParams& params);
+
+// One training step's attention: the forward (writing forward.o, and forward.lse when given, else
+// an internal LSE buffer), then the backward for dout, writing dq, dk, dv. The backward takes
+// causal, softmax_scale and num_threads from `forward`.
+void flash_attention_forward_backward(const AttentionParams& forward, TensorView dout, MutableTensorView dq,
+                                      MutableTensorView dk, MutableTensorView dv);
+
 // The argument checks flash_attention_forward runs first, exposed so callers can validate early.
 void validate(const AttentionParams& params, const char* function_name = "flash_attention_forward");
 

@@ -46,6 +46,18 @@ struct FwdParams {
   std::int64_t causal_offset() const { return seq_k - seq_q; }
 };
 
+// The backward pass: the forward's problem plus the tensors the backward reads and writes.
+struct BwdParams {
+  FwdParams fwd;  // q, k, v, sizes, strides, scale, causal, threads (fwd.o, fwd.lse: unused)
+  const void* o = nullptr;
+  const void* dout = nullptr;
+  const float* lse = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  HeadStrides o_strides, dout_strides, lse_strides, dq_strides, dk_strides, dv_strides;
+};
+
 // A validated KV cache: element strides of its k and v views ([B or page, Hkv, row, D]), and the
 // paging, if any. Position p of sequence b, head h is
 //   contiguous: base + b * strides.batch + h * strides.head + p * strides.row
@@ -127,6 +139,7 @@ struct MergeParams {
 
 // Validate (throwing pflash::Error) and fill the backend parameters, one per entry point.
 FwdParams make_fwd_params(const AttentionParams& params, const char* function_name);
+BwdParams make_bwd_params(const AttentionBackwardParams& params, const char* function_name);
 DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* function_name);
 MergeParams make_merge_params(const pflash::MergeParams& params, const char* function_name);
 AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, TensorView v_new,

@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,56 +14,88 @@
 
 namespace pflash::detail {
 
-FwdParams make_fwd_params(const AttentionParams& params, const char* function_name) {
-  const Checker check(function_name);
-  constexpr const char* kQLayout = "[B, Hq, Nq, D]";
-  constexpr const char* kKvLayout = "[B, Hkv, Nk, D]";
-  check.tensor("q", params.q, 4, kQLayout);
-  check.tensor("k", params.k, 4, kKvLayout);
-  check.tensor("v", params.v, 4, kKvLayout);
-  check.tensor("o", params.o, 4, kQLayout);
+namespace {
 
-  const DType dtype = params.q.dtype;
-  check.dtype_matches("k", params.k, dtype);
-  check.dtype_matches("v", params.v, dtype);
-  check.dtype_matches("o", params.o, dtype);
+constexpr const char* kQLayout = "[B, Hq, Nq, D]";
+constexpr const char* kKvLayout = "[B, Hkv, Nk, D]";
+constexpr const char* kOneDtype = "all of q, k, v, o share one dtype";
 
-  const std::int64_t batch = params.q.size(0), heads_q = params.q.size(1), seq_q = params.q.size(2),
-                     dim = params.q.size(3);
-  const std::int64_t heads_kv = params.k.size(1), seq_k = params.k.size(2);
+// q, k, v and the scalar options every attention pass shares; fills everything but the outputs.
+FwdParams check_problem(const Checker& check, const TensorView& q, const TensorView& k, const TensorView& v,
+                        std::optional<float> softmax_scale, bool causal, int num_threads) {
+  check.tensor("q", q, 4, kQLayout);
+  check.tensor("k", k, 4, kKvLayout);
+  check.tensor("v", v, 4, kKvLayout);
+  const DType dtype = q.dtype;
+  check.dtype_matches("k", k, dtype);
+  check.dtype_matches("v", v, dtype);
+
+  const std::int64_t batch = q.size(0), heads_q = q.size(1), seq_q = q.size(2), dim = q.size(3);
+  const std::int64_t heads_kv = k.size(1), seq_k = k.size(2);
   if (dim > kMaxHeadDim) {
     check.fail("q", "head_dim D <= " + std::to_string(kMaxHeadDim), "D = " + std::to_string(dim));
   }
-  check.shape_is("k", params.k, {batch, heads_kv, seq_k, dim}, "(batch and head_dim of q)");
-  check.shape_is("v", params.v, {batch, heads_kv, seq_k, dim}, "(the shape of k)");
+  check.shape_is("k", k, {batch, heads_kv, seq_k, dim}, "(batch and head_dim of q)");
+  check.shape_is("v", v, {batch, heads_kv, seq_k, dim}, "(the shape of k)");
   if (heads_q % heads_kv != 0) {
     check.fail("k", "a head count Hkv dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
                "Hkv = " + std::to_string(heads_kv));
   }
-  check.shape_is("o", params.o, {batch, heads_q, seq_q, dim}, "(the shape of q)");
-  check.non_self_overlapping("o", params.o);
+  if (softmax_scale && !std::isfinite(*softmax_scale)) {
+    check.fail("softmax_scale", "a finite number", std::to_string(*softmax_scale));
+  }
+  if (num_threads < 0) check.fail("num_threads", "0 (all) or a positive count", std::to_string(num_threads));
 
+  FwdParams p;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.dtype = dtype;
+  p.batch = batch;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.seq_q = seq_q;
+  p.seq_k = seq_k;
+  p.dim = dim;
+  p.q_strides = head_strides(q);
+  p.k_strides = head_strides(k);
+  p.v_strides = head_strides(v);
+  p.scale = softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
+  p.causal = causal;
+  p.num_threads = num_threads > 0 ? num_threads : default_num_threads();
+  return p;
+}
+
+// An output: its layout, dtype and shape, elements that do not alias, and memory disjoint from
+// every input.
+template <std::size_t N>
+void check_output(const Checker& check, const char* name, const TensorView& out, DType dtype, const char* dtype_why,
+                  std::initializer_list<std::int64_t> shape, const char* layout, const char* shape_note,
+                  const std::array<std::pair<const char*, TensorView>, N>& inputs) {
+  check.tensor(name, out, static_cast<int>(shape.size()), layout);
+  check.dtype_matches(name, out, dtype, dtype_why);
+  check.shape_is(name, out, shape, shape_note);
+  check.non_self_overlapping(name, out);
+  for (const auto& [input_name, input] : inputs) {
+    if (!input.empty() && overlaps(out, input)) {
+      check.fail(name, std::string("memory disjoint from input '") + input_name + "'", "an overlap");
+    }
+  }
+}
+
+}  // namespace
+
+FwdParams make_fwd_params(const AttentionParams& params, const char* function_name) {
+  const Checker check(function_name);
+  FwdParams p = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal,
+                              params.num_threads);
   const bool has_lse = !params.lse.empty();
+  check_output<3>(check, "o", params.o, p.dtype, kOneDtype, {p.batch, p.heads_q, p.seq_q, p.dim}, kQLayout, "(the shape of q)",
+                  {{{"q", params.q}, {"k", params.k}, {"v", params.v}}});
   if (has_lse) {
-    check.tensor("lse", params.lse, 3, "[B, Hq, Nq]");
-    if (params.lse.dtype != DType::kFloat32) {
-      check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
-    }
-    check.shape_is("lse", params.lse, {batch, heads_q, seq_q}, "(the first three dimensions of q)");
-    check.non_self_overlapping("lse", params.lse);
-  }
-
-  const std::array<std::pair<const char*, TensorView>, 3> inputs{{{"q", params.q}, {"k", params.k}, {"v", params.v}}};
-  for (const auto& [name, input] : inputs) {
-    if (overlaps(params.o, input)) check.fail("o", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    if (has_lse && overlaps(params.lse, input)) {
-      check.fail("lse", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    }
-  }
-  if (has_lse && overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
-
-  if (params.softmax_scale && !std::isfinite(*params.softmax_scale)) {
-    check.fail("softmax_scale", "a finite number", std::to_string(*params.softmax_scale));
+    check_output<3>(check, "lse", params.lse, DType::kFloat32, "an LSE is fp32", {p.batch, p.heads_q, p.seq_q}, "[B, Hq, Nq]",
+                    "(the first three dimensions of q)", {{{"q", params.q}, {"k", params.k}, {"v", params.v}}});
+    if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   }
   constexpr int kMaxBlock = 4096;
   if (params.block_q < 0 || params.block_q > kMaxBlock) {
@@ -71,31 +104,57 @@ FwdParams make_fwd_params(const AttentionParams& params, const char* function_na
   if (params.block_k < 0 || params.block_k > kMaxBlock) {
     check.fail("block_k", "0 (automatic) or 1.." + std::to_string(kMaxBlock), std::to_string(params.block_k));
   }
-  if (params.num_threads < 0) check.fail("num_threads", "0 (all) or a positive count", std::to_string(params.num_threads));
-
-  FwdParams p;
-  p.q = params.q.data;
-  p.k = params.k.data;
-  p.v = params.v.data;
   p.o = params.o.data;
   p.lse = has_lse ? static_cast<float*>(params.lse.data) : nullptr;
-  p.dtype = dtype;
-  p.batch = batch;
-  p.heads_q = heads_q;
-  p.heads_kv = heads_kv;
-  p.seq_q = seq_q;
-  p.seq_k = seq_k;
-  p.dim = dim;
-  p.q_strides = head_strides(params.q);
-  p.k_strides = head_strides(params.k);
-  p.v_strides = head_strides(params.v);
   p.o_strides = head_strides(params.o);
   if (has_lse) p.lse_strides = head_strides(params.lse);
-  p.scale = params.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
-  p.causal = params.causal;
   p.block_q = params.block_q;
   p.block_k = params.block_k;
-  p.num_threads = params.num_threads > 0 ? params.num_threads : default_num_threads();
+  return p;
+}
+
+BwdParams make_bwd_params(const AttentionBackwardParams& params, const char* function_name) {
+  const Checker check(function_name);
+  BwdParams p;
+  p.fwd = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal, params.num_threads);
+  const FwdParams& f = p.fwd;
+  // The inputs the forward produced.
+  check.tensor("o", params.o, 4, kQLayout);
+  check.dtype_matches("o", params.o, f.dtype);
+  check.shape_is("o", params.o, {f.batch, f.heads_q, f.seq_q, f.dim}, "(the shape of q)");
+  check.tensor("dout", params.dout, 4, kQLayout);
+  check.dtype_matches("dout", params.dout, f.dtype);
+  check.shape_is("dout", params.dout, {f.batch, f.heads_q, f.seq_q, f.dim}, "(the shape of q)");
+  if (params.lse.empty()) check.fail("lse", "the forward's LSE [B, Hq, Nq] fp32 (required)", "none");
+  check.tensor("lse", params.lse, 3, "[B, Hq, Nq]");
+  if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
+  check.shape_is("lse", params.lse, {f.batch, f.heads_q, f.seq_q}, "(the first three dimensions of q)");
+
+  const std::array<std::pair<const char*, TensorView>, 6> inputs{{{"q", params.q},
+                                                                   {"k", params.k},
+                                                                   {"v", params.v},
+                                                                   {"o", params.o},
+                                                                   {"dout", params.dout},
+                                                                   {"lse", params.lse}}};
+  check_output(check, "dq", params.dq, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout, "(the shape of q)", inputs);
+  check_output(check, "dk", params.dk, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of k)", inputs);
+  check_output(check, "dv", params.dv, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of v)", inputs);
+  if (overlaps(params.dq, params.dk)) check.fail("dk", "memory disjoint from 'dq'", "an overlap");
+  if (overlaps(params.dq, params.dv)) check.fail("dv", "memory disjoint from 'dq'", "an overlap");
+  if (overlaps(params.dk, params.dv)) check.fail("dv", "memory disjoint from 'dk'", "an overlap");
+
+  p.o = params.o.data;
+  p.dout = params.dout.data;
+  p.lse = static_cast<const float*>(params.lse.data);
+  p.dq = params.dq.data;
+  p.dk = params.dk.data;
+  p.dv = params.dv.data;
+  p.o_strides = head_strides(params.o);
+  p.dout_strides = head_strides(params.dout);
+  p.lse_strides = head_strides(params.lse);
+  p.dq_strides = head_strides(params.dq);
+  p.dk_strides = head_strides(params.dk);
+  p.dv_strides = head_strides(params.dv);
   return p;
 }
 

@@ -7,11 +7,14 @@
 namespace pflash::cpu {
 
 void flash_forward(detail::FwdParams params);
+void flash_backward(detail::BwdParams params);
 void flash_decode(detail::DecodeParams params);  // params.num_splits >= 1
 
 // One definition per instruction set, each in its own translation unit (<family>_<isa>.cpp).
 void flash_forward_portable(detail::FwdParams params);
 void flash_forward_avx2(detail::FwdParams params);
+void flash_backward_portable(detail::BwdParams params);
+void flash_backward_avx2(detail::BwdParams params);
 void flash_decode_portable(detail::DecodeParams params);
 void flash_decode_avx2(detail::DecodeParams params);
 

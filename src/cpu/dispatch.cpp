@@ -18,6 +18,14 @@ void flash_forward(detail::FwdParams params) {
   }
 }
 
+void flash_backward(detail::BwdParams params) {
+  if (use_avx2()) {
+    flash_backward_avx2(params);
+  } else {
+    flash_backward_portable(params);
+  }
+}
+
 void flash_decode(detail::DecodeParams params) {
   if (use_avx2()) {
     flash_decode_avx2(params);

@@ -273,9 +273,9 @@ class FlashDecode {
   void pv_rows(const float* p, const float* alpha, const TC* v, int64_t run, float* acc) const {
     const int64_t dim = p_.dim, v_ld = p_.cache.v_strides.row;
     int64_t d = 0;
-    for (; d + 3 * W <= dim; d += 3 * W) pv_tile<Isa, R, 3>(p, kScoresLd, alpha, v + d, v_ld, run, acc + d, acc_ld_);
-    for (; d + 2 * W <= dim; d += 2 * W) pv_tile<Isa, R, 2>(p, kScoresLd, alpha, v + d, v_ld, run, acc + d, acc_ld_);
-    for (; d + W <= dim; d += W) pv_tile<Isa, R, 1>(p, kScoresLd, alpha, v + d, v_ld, run, acc + d, acc_ld_);
+    for (; d + 3 * W <= dim; d += 3 * W) pv_tile<Isa, R, 3>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
+    for (; d + 2 * W <= dim; d += 2 * W) pv_tile<Isa, R, 2>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
+    for (; d + W <= dim; d += W) pv_tile<Isa, R, 1>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
     for (; d < dim; ++d) {
       for (int r = 0; r < R; ++r) {
         float sum = alpha != nullptr ? acc[r * acc_ld_ + d] * alpha[r] : acc[r * acc_ld_ + d];

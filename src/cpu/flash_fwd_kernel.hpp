@@ -226,7 +226,7 @@ class FlashForward {
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
             const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
-            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, s.alpha + r0, v_strip, kPanel, cols,
+            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, cols,
                                s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
           }
         });

@@ -146,12 +146,13 @@ inline void qk_rows_tile(const float* q, int64_t q_ld, const T* const (&k)[3], i
   }
 }
 
-// acc[Rows][Vecs * W] = acc * alpha (per row; skipped when alpha is null) + p[Rows][cols] x v[cols][Vecs * W].
-// v is any row-major run of V rows in fp32 or bf16: a packed strip (v_ld = kPanel) or the caller's
-// own rows (v_ld = their stride).
+// acc[Rows][Vecs * W] = acc * alpha (per row; skipped when alpha is null) + p[Rows][cols] x v[cols][Vecs * W],
+// with p(r, j) at p[r * p_rs + j * p_cs]: p_cs = 1 for p itself, p_rs = 1 for a transposed p (the
+// backward's P^T dO and dS^T Q). v is any row-major run of rows in fp32 or bf16: a packed strip
+// (v_ld = kPanel) or the caller's own rows (v_ld = their stride).
 template <class Isa, int Rows, int Vecs, class T>
-inline void pv_tile(const float* p, int64_t p_ld, const float* alpha, const T* v, int64_t v_ld, int64_t cols,
-                    float* acc, int64_t acc_ld) {
+inline void pv_tile(const float* p, int64_t p_rs, int64_t p_cs, const float* alpha, const T* v, int64_t v_ld,
+                    int64_t cols, float* acc, int64_t acc_ld) {
   using V = typename Isa::vec;
   constexpr int W = Isa::kWidth;
   V c[Rows][Vecs];
@@ -169,7 +170,7 @@ inline void pv_tile(const float* p, int64_t p_ld, const float* alpha, const T* v
     for (int x = 0; x < Vecs; ++x) b[x] = Isa::loadu(v + j * v_ld + x * W);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const V a = Isa::set1(p[r * p_ld + j]);
+      const V a = Isa::set1(p[r * p_rs + j * p_cs]);
 #pragma GCC unroll 4
       for (int x = 0; x < Vecs; ++x) c[r][x] = Isa::fmadd(a, b[x], c[r][x]);
     }

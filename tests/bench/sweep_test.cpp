@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "decode_bench.hpp"
+#include "pflash/error.hpp"
 #include "report.hpp"
 #include "sweep.hpp"
 
@@ -37,6 +38,32 @@ TEST(AttentionFlops, FourBHNNDHalvedForSquareCausal) {
   EXPECT_DOUBLE_EQ(attention_flops(config("flash", false, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
   EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 300, 300)), 2.0 * 2 * 4 * 300 * 300 * 32);
   EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
+}
+
+TEST(AttentionFlops, BackwardCountsTwoAndAHalfForwards) {
+  BenchConfig c = config("flash", true, 300, 300);
+  const double forward = attention_flops(c);
+  c.pass = "bwd";
+  EXPECT_DOUBLE_EQ(attention_flops(c), 2.5 * forward);
+  c.pass = "fwd+bwd";
+  EXPECT_DOUBLE_EQ(attention_flops(c), 3.5 * forward);
+}
+
+TEST(RunConfig, BackwardRowsAreTimedAndNaiveHasNone) {
+  BenchOptions options;
+  options.threads = 2;
+  options.repeats = 2;
+  for (const char* pass : {"bwd", "fwd+bwd"}) {
+    BenchConfig c = config("flash", true, 70, 90);
+    c.pass = pass;
+    const BenchResult r = run_config(c, options, fake_peak());
+    EXPECT_EQ(r.status, "ok") << pass;
+    EXPECT_DOUBLE_EQ(r.fraction_of_peak, r.flops / r.median_s / 2e11) << pass;
+    EXPECT_NE(format_row(r).find(pass), std::string::npos) << format_row(r);
+  }
+  BenchConfig naive = config("naive", false, 64, 64);
+  naive.pass = "bwd";
+  EXPECT_THROW(run_config(naive, options, fake_peak()), Error);
 }
 
 TEST(RunConfig, FlashRowIsTimedAgainstTheDtypePeak) {

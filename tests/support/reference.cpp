@@ -1,49 +1,122 @@
 #include "support/reference.hpp"
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include <gtest/gtest.h>
-
 namespace pflash::testing {
+namespace {
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Keys visible to query row i of Nq against Nk keys.
+std::int64_t visible_keys(bool causal, std::int64_t i, std::int64_t seq_q, std::int64_t seq_k) {
+  return causal ? std::clamp<std::int64_t>(i + seq_k - seq_q + 1, 0, seq_k) : seq_k;
+}
+
+// The probabilities of one query row (zero past the visible keys) and its LSE.
+double softmax_row(const Dense& q, const Dense& k, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t visible,
+                   double scale, std::vector<double>& p) {
+  const std::int64_t group = q.h / k.h;
+  std::fill(p.begin(), p.end(), 0.0);
+  if (visible == 0) return kNegInf;
+  double row_max = kNegInf;
+  for (std::int64_t j = 0; j < visible; ++j) {
+    double dot = 0.0;
+    for (std::int64_t d = 0; d < q.d; ++d) dot += q.at(b, h, i, d) * k.at(b, h / group, j, d);
+    p[static_cast<std::size_t>(j)] = dot * scale;
+    row_max = std::max(row_max, dot * scale);
+  }
+  double row_sum = 0.0;
+  for (std::int64_t j = 0; j < visible; ++j) row_sum += std::exp(p[static_cast<std::size_t>(j)] - row_max);
+  for (std::int64_t j = 0; j < visible; ++j) {
+    p[static_cast<std::size_t>(j)] = std::exp(p[static_cast<std::size_t>(j)] - row_max) / row_sum;
+  }
+  return row_max + std::log(row_sum);
+}
+
+}  // namespace
+
+Dense to_dense(const HostTensor& t) {
+  const auto& s = t.shape();
+  Dense out{s[0], s[1], s[2], s.size() > 3 ? s[3] : 1, {}};
+  out.data.resize(static_cast<std::size_t>(out.b * out.h * out.n * out.d));
+  for (std::int64_t i0 = 0; i0 < out.b; ++i0)
+    for (std::int64_t i1 = 0; i1 < out.h; ++i1)
+      for (std::int64_t i2 = 0; i2 < out.n; ++i2)
+        for (std::int64_t i3 = 0; i3 < out.d; ++i3) out.at(i0, i1, i2, i3) = t.at(i0, i1, i2, i3);
+  return out;
+}
+
+ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, bool causal, double scale) {
+  const std::int64_t group = q.h / k.h;
+  ReferenceOutput out;
+  out.o.assign(static_cast<std::size_t>(q.b * q.h * q.n * q.d), 0.0);
+  out.lse.assign(static_cast<std::size_t>(q.b * q.h * q.n), kNegInf);
+  std::vector<double> p(static_cast<std::size_t>(k.n));
+  for (std::int64_t b = 0; b < q.b; ++b)
+    for (std::int64_t h = 0; h < q.h; ++h)
+      for (std::int64_t i = 0; i < q.n; ++i) {
+        const std::int64_t visible = visible_keys(causal, i, q.n, k.n);
+        const std::size_t row = static_cast<std::size_t>((b * q.h + h) * q.n + i);
+        out.lse[row] = softmax_row(q, k, b, h, i, visible, scale, p);
+        for (std::int64_t d = 0; d < q.d; ++d) {
+          double acc = 0.0;
+          for (std::int64_t j = 0; j < visible; ++j) acc += p[static_cast<std::size_t>(j)] * v.at(b, h / group, j, d);
+          out.o[row * static_cast<std::size_t>(q.d) + static_cast<std::size_t>(d)] = acc;
+        }
+      }
+  return out;
+}
 
 ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, const HostTensor& v, bool causal,
                                     double scale) {
-  const std::int64_t batch = q.shape()[0], heads_q = q.shape()[1], seq_q = q.shape()[2], dim = q.shape()[3];
-  const std::int64_t heads_kv = k.shape()[1], seq_k = k.shape()[2];
-  const std::int64_t group = heads_q / heads_kv;
-  ReferenceOutput out;
-  out.o.assign(static_cast<std::size_t>(batch * heads_q * seq_q * dim), 0.0);
-  out.lse.assign(static_cast<std::size_t>(batch * heads_q * seq_q), -std::numeric_limits<double>::infinity());
-  std::vector<double> scores(static_cast<std::size_t>(seq_k));
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t h = 0; h < heads_q; ++h) {
-      for (std::int64_t i = 0; i < seq_q; ++i) {
-        const std::int64_t visible = causal ? std::clamp<std::int64_t>(i + seq_k - seq_q + 1, 0, seq_k) : seq_k;
-        const std::size_t row = static_cast<std::size_t>((b * heads_q + h) * seq_q + i);
-        if (visible == 0) continue;
-        double row_max = -std::numeric_limits<double>::infinity();
+  return reference_attention(to_dense(q), to_dense(k), to_dense(v), causal, scale);
+}
+
+// Per query row: P (materialised), dP = dO V^T, D = rowsum(P * dP), dS = P * (dP - D);
+// dV += P^T dO, dQ = scale * dS K, dK += scale * dS^T Q.
+ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, const Dense& v, const Dense& dout,
+                                                bool causal, double scale) {
+  const std::int64_t group = q.h / k.h;
+  ReferenceGradients g;
+  g.dq.assign(q.data.size(), 0.0);
+  g.dk.assign(k.data.size(), 0.0);
+  g.dv.assign(v.data.size(), 0.0);
+  const auto index = [](const Dense& t, std::int64_t b, std::int64_t h, std::int64_t n, std::int64_t d) {
+    return static_cast<std::size_t>(((b * t.h + h) * t.n + n) * t.d + d);
+  };
+  std::vector<double> p(static_cast<std::size_t>(k.n)), dp(static_cast<std::size_t>(k.n));
+  for (std::int64_t b = 0; b < q.b; ++b)
+    for (std::int64_t h = 0; h < q.h; ++h)
+      for (std::int64_t i = 0; i < q.n; ++i) {
+        const std::int64_t visible = visible_keys(causal, i, q.n, k.n);
+        softmax_row(q, k, b, h, i, visible, scale, p);
+        double row_dot = 0.0;
         for (std::int64_t j = 0; j < visible; ++j) {
           double dot = 0.0;
-          for (std::int64_t d = 0; d < dim; ++d) dot += q.at(b, h, i, d) * k.at(b, h / group, j, d);
-          scores[static_cast<std::size_t>(j)] = dot * scale;
-          row_max = std::max(row_max, dot * scale);
+          for (std::int64_t d = 0; d < q.d; ++d) dot += dout.at(b, h, i, d) * v.at(b, h / group, j, d);
+          dp[static_cast<std::size_t>(j)] = dot;
+          row_dot += p[static_cast<std::size_t>(j)] * dot;
         }
-        double row_sum = 0.0;
-        for (std::int64_t j = 0; j < visible; ++j) row_sum += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
-        out.lse[row] = row_max + std::log(row_sum);
-        for (std::int64_t d = 0; d < dim; ++d) {
-          double acc = 0.0;
-          for (std::int64_t j = 0; j < visible; ++j) {
-            acc += std::exp(scores[static_cast<std::size_t>(j)] - row_max) * v.at(b, h / group, j, d);
+        for (std::int64_t j = 0; j < visible; ++j) {
+          const double pj = p[static_cast<std::size_t>(j)];
+          const double ds = pj * (dp[static_cast<std::size_t>(j)] - row_dot);
+          for (std::int64_t d = 0; d < q.d; ++d) {
+            g.dv[index(v, b, h / group, j, d)] += pj * dout.at(b, h, i, d);
+            g.dq[index(q, b, h, i, d)] += scale * ds * k.at(b, h / group, j, d);
+            g.dk[index(k, b, h / group, j, d)] += scale * ds * q.at(b, h, i, d);
           }
-          out.o[row * static_cast<std::size_t>(dim) + static_cast<std::size_t>(d)] = acc / row_sum;
         }
       }
-    }
-  }
-  return out;
+  return g;
+}
+
+ReferenceGradients reference_attention_backward(const HostTensor& q, const HostTensor& k, const HostTensor& v,
+                                                const HostTensor& dout, bool causal, double scale) {
+  return reference_attention_backward(to_dense(q), to_dense(k), to_dense(v), to_dense(dout), causal, scale);
 }
 
 void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance) {

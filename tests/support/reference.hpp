@@ -1,23 +1,50 @@
-// The float64 oracle: materialised attention computed in double from the (already rounded) inputs.
+// The float64 oracle: materialised attention and its analytic gradient, computed in double from the
+// (already rounded) inputs.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
 
+// A [B, H, N, D] tensor in double, logical (row-major) order.
+struct Dense {
+  std::int64_t b = 0, h = 0, n = 0, d = 0;
+  std::vector<double> data;
+
+  double& at(std::int64_t i0, std::int64_t i1, std::int64_t i2, std::int64_t i3) {
+    return data[static_cast<std::size_t>(((i0 * h + i1) * n + i2) * d + i3)];
+  }
+  double at(std::int64_t i0, std::int64_t i1, std::int64_t i2, std::int64_t i3) const {
+    return data[static_cast<std::size_t>(((i0 * h + i1) * n + i2) * d + i3)];
+  }
+};
+Dense to_dense(const HostTensor& t);
+
 struct ReferenceOutput {
   std::vector<double> o;    // [B, Hq, Nq, D] in logical order
   std::vector<double> lse;  // [B, Hq, Nq], natural log; -inf for rows that see no key
 };
 
+struct ReferenceGradients {
+  std::vector<double> dq, dk, dv;  // logical order, shapes of q, k, v
+};
+
 // Bottom-right causal alignment: query i sees keys j <= i + Nk - Nq.
+ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, bool causal, double scale);
+ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, const HostTensor& v, bool causal,
+                                    double scale);
+
+// The gradients of sum(O * dout) with respect to q, k, v.
+ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, const Dense& v, const Dense& dout,
+                                                bool causal, double scale);
+ReferenceGradients reference_attention_backward(const HostTensor& q, const HostTensor& k, const HostTensor& v,
+                                                const HostTensor& dout, bool causal, double scale);
+
 // The kernels' LSE ([B, H, N] fp32) against the reference's: -inf exactly where the reference has
 // it, elsewhere within tolerance * max(1, |lse|) (fp32 in both dtypes: a few ulps of its magnitude).
 void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance);
-
-ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, const HostTensor& v, bool causal,
-                                    double scale);
 
 }  // namespace pflash::testing

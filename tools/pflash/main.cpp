@@ -174,6 +174,7 @@ std::vector<BenchConfig> make_configs(const BenchArgs& a) {
               for (auto d : a.dim)
                 for (auto [nq, nk] : lengths)
                   for (const auto& impl : a.impl) {
+                    if (impl == "naive" && pass != "fwd") continue;  // no naive backward
                     BenchConfig c;
                     c.impl = impl;
                     c.pass = pass;
@@ -241,7 +242,8 @@ int main(int argc, char** argv) {
   bench->add_option("--dtype", args.dtype, "bf16, fp32")->delimiter(',')->check(CLI::IsMember({"bf16", "fp32"}))->capture_default_str();
   bench->add_option("--causal", args.causal, "on, off")->delimiter(',')->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   bench->add_option("--impl", args.impl, "flash, naive")->delimiter(',')->check(CLI::IsMember({"flash", "naive"}))->capture_default_str();
-  bench->add_option("--pass", args.pass, "fwd")->delimiter(',')->check(CLI::IsMember({"fwd"}))->capture_default_str();
+  bench->add_option("--pass", args.pass, "fwd, bwd, fwd+bwd (the naive baseline runs fwd only)")
+      ->delimiter(',')->check(CLI::IsMember({"fwd", "bwd", "fwd+bwd"}))->capture_default_str();
   bench->add_option("--memory-budget", args.memory_budget, "naive's memory budget, e.g. 16GiB, or none")
       ->check([](const std::string& s) {
         try {

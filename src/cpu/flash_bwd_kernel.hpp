@@ -1,0 +1,274 @@
+// The FlashAttention-2 backward pass on the CPU, written once over an instruction-set policy `Isa`
+// and included by each flash_bwd_<isa>.cpp under its own target pragma (hence the anonymous
+// namespace, as in tiles.hpp).
+//
+// A task is one (batch, KV head): it owns that head's dK and dV, summed over the G query heads of
+// its group in a fixed order, and each query head's dQ, so no two threads ever add into the same
+// gradient and the result is the same bits for any thread count. Per task, K and V are packed once
+// (K as panels for S = Q K^T and as rows for dQ = dS K, V as panels for dP = dO V^T); per query head,
+// Q and dO are widened to fp32 rows and D_i = rowsum(dO_i * O_i) computed once. Then, key block by
+// key block (FA2's loop order: the block's dK, dV accumulate in L2 while query blocks stream past):
+//   s      = q_i x k_j^T                      (register tiles, as in the forward)
+//   p      = exp2(s * scale * log2(e) - lse_i * log2(e)), 0 where masked
+//   dv_j  += p^T x do_i
+//   dp     = do_i x v_j^T
+//   ds     = p * (dp - D_i)
+//   dk_j  += ds^T x q_i
+//   dq_i  += ds x k_j
+// and dQ, dK are scaled by `scale` once at the end. Nothing of size Nq x Nk is ever held: the extra
+// memory is O((Nq + Nk) * D) per thread.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numbers>
+
+#include "core/params.hpp"
+#include "core/workspace.hpp"
+#include "cpu/tiles.hpp"
+#include "pflash/dtype.hpp"
+
+namespace pflash::cpu {
+namespace {  // NOLINT(google-build-namespaces): one copy per instruction set, see tiles.hpp.
+
+using detail::BwdParams;
+using detail::FwdParams;
+
+template <class Isa, class T>
+class FlashBackward {
+ public:
+  static constexpr int W = Isa::kWidth;
+  static constexpr int kPanel = Layout<Isa>::kPanel;
+  static constexpr int kTileRows = Isa::kTileRows;
+  // 64 x 64 tiles: the key block's dK, dV accumulators and packed K, V (4 x 32 KiB at D = 128) plus
+  // the query block's Q, dO rows and the two score tiles stay in L2 (512 KiB) through the five
+  // products of a tile pair.
+  static constexpr int64_t kBlockQ = 64;
+  static constexpr int64_t kBlockK = 64;
+
+  explicit FlashBackward(BwdParams p)
+      : p_(p),
+        f_(p.fwd),
+        dim_padded_(round_up(f_.dim, kPanel)),
+        seq_k_padded_(round_up(f_.seq_k, kPanel)),
+        scale_log2_(f_.scale * std::numbers::log2e_v<float>) {}
+
+  void run() const {
+    const int64_t tasks = f_.batch * f_.heads_kv;
+    const int threads = static_cast<int>(std::clamp<int64_t>(f_.num_threads, 1, tasks));
+    const int64_t per_thread = workspace_floats();
+    detail::Workspace<float> workspace(static_cast<std::size_t>(per_thread * threads));
+#pragma omp parallel num_threads(threads)
+    {
+      const Buffers buf = carve(workspace.data() + per_thread * omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) kv_head(task / f_.heads_kv, task % f_.heads_kv, buf);
+    }
+  }
+
+ private:
+  struct Buffers {
+    float* k_panels;  // [Nk_padded / kPanel][D][kPanel]
+    float* v_panels;  // [Nk_padded / kPanel][D][kPanel]
+    float* k_rows;    // [Nk_padded][D_padded]
+    float* dk_acc;    // [Nk_padded][D_padded]
+    float* dv_acc;    // [Nk_padded][D_padded]
+    float* q_rows;    // [Nq][D_padded], one query head
+    float* do_rows;   // [Nq][D_padded]
+    float* dq_acc;    // [Nq][D_padded]
+    float* lse_log2;  // [Nq]
+    float* delta;     // [Nq], D_i = rowsum(dO_i * O_i)
+    float* p;         // [kBlockQ][kBlockK] probabilities of one tile pair
+    float* dp;        // [kBlockQ][kBlockK] dP, then dS in place
+  };
+
+  int64_t workspace_floats() const {
+    const int64_t nq = round_up(f_.seq_q, 16);
+    return 2 * seq_k_padded_ * f_.dim + 3 * seq_k_padded_ * dim_padded_ + 3 * nq * dim_padded_ + 2 * nq +
+           2 * kBlockQ * kBlockK;
+  }
+
+  Buffers carve(float* base) const {
+    const int64_t nq = round_up(f_.seq_q, 16);
+    Buffers b{};
+    b.k_panels = base;
+    b.v_panels = b.k_panels + seq_k_padded_ * f_.dim;
+    b.k_rows = b.v_panels + seq_k_padded_ * f_.dim;
+    b.dk_acc = b.k_rows + seq_k_padded_ * dim_padded_;
+    b.dv_acc = b.dk_acc + seq_k_padded_ * dim_padded_;
+    b.q_rows = b.dv_acc + seq_k_padded_ * dim_padded_;
+    b.do_rows = b.q_rows + nq * dim_padded_;
+    b.dq_acc = b.do_rows + nq * dim_padded_;
+    b.lse_log2 = b.dq_acc + nq * dim_padded_;
+    b.delta = b.lse_log2 + nq;
+    b.p = b.delta + nq;
+    b.dp = b.p + kBlockQ * kBlockK;
+    return b;
+  }
+
+  // Row `row` of head (b, h) of a [B, H, N, D] tensor widened to fp32, zero-padded to D_padded.
+  void widen_row(const void* base, const detail::HeadStrides& st, int64_t b, int64_t h, int64_t row, float* dst) const {
+    const T* src = static_cast<const T*>(base) + b * st.batch + h * st.head + row * st.row;
+    for (int64_t d = 0; d < f_.dim; ++d) dst[d] = to_float(src[d]);
+    std::fill(dst + f_.dim, dst + dim_padded_, 0.0f);
+  }
+
+  void kv_head(int64_t b, int64_t h_kv, const Buffers& buf) const {
+    const T* k_head = static_cast<const T*>(f_.k) + b * f_.k_strides.batch + h_kv * f_.k_strides.head;
+    const T* v_head = static_cast<const T*>(f_.v) + b * f_.v_strides.batch + h_kv * f_.v_strides.head;
+    for (int64_t panel = 0; panel < seq_k_padded_ / kPanel; ++panel) {
+      pack_k_panel<Isa>(k_head, f_.k_strides.row, f_.seq_k, f_.dim, panel, buf.k_panels);
+      pack_k_panel<Isa>(v_head, f_.v_strides.row, f_.seq_k, f_.dim, panel, buf.v_panels);
+    }
+    for (int64_t j = 0; j < seq_k_padded_; ++j) {
+      if (j < f_.seq_k) {
+        widen_row(f_.k, f_.k_strides, b, h_kv, j, buf.k_rows + j * dim_padded_);
+      } else {
+        std::fill(buf.k_rows + j * dim_padded_, buf.k_rows + (j + 1) * dim_padded_, 0.0f);
+      }
+    }
+    std::fill(buf.dk_acc, buf.dk_acc + seq_k_padded_ * dim_padded_, 0.0f);
+    std::fill(buf.dv_acc, buf.dv_acc + seq_k_padded_ * dim_padded_, 0.0f);
+
+    for (int64_t g = 0; g < f_.group_size(); ++g) query_head(b, h_kv * f_.group_size() + g, buf);
+
+    for (int64_t j = 0; j < f_.seq_k; ++j) {
+      T* dk = static_cast<T*>(p_.dk) + b * p_.dk_strides.batch + h_kv * p_.dk_strides.head + j * p_.dk_strides.row;
+      T* dv = static_cast<T*>(p_.dv) + b * p_.dv_strides.batch + h_kv * p_.dv_strides.head + j * p_.dv_strides.row;
+      const float* dk_acc = buf.dk_acc + j * dim_padded_;
+      const float* dv_acc = buf.dv_acc + j * dim_padded_;
+      for (int64_t d = 0; d < f_.dim; ++d) {
+        dk[d] = from_float<T>(dk_acc[d] * f_.scale);
+        dv[d] = from_float<T>(dv_acc[d]);
+      }
+    }
+  }
+
+  // Keys visible to query row i: [0, visible_keys(i)).
+  int64_t visible_keys(int64_t i) const {
+    if (!f_.causal) return f_.seq_k;
+    return std::clamp<int64_t>(i + f_.causal_offset() + 1, 0, f_.seq_k);
+  }
+
+  void query_head(int64_t b, int64_t h_q, const Buffers& buf) const {
+    for (int64_t i = 0; i < f_.seq_q; ++i) {
+      float* q_row = buf.q_rows + i * dim_padded_;
+      float* do_row = buf.do_rows + i * dim_padded_;
+      widen_row(f_.q, f_.q_strides, b, h_q, i, q_row);
+      widen_row(p_.dout, p_.dout_strides, b, h_q, i, do_row);
+      const T* o = static_cast<const T*>(p_.o) + b * p_.o_strides.batch + h_q * p_.o_strides.head + i * p_.o_strides.row;
+      float delta = 0.0f;
+      for (int64_t d = 0; d < f_.dim; ++d) delta += do_row[d] * to_float(o[d]);
+      buf.delta[i] = delta;
+      buf.lse_log2[i] =
+          p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + i * p_.lse_strides.row] * std::numbers::log2e_v<float>;
+    }
+    std::fill(buf.dq_acc, buf.dq_acc + f_.seq_q * dim_padded_, 0.0f);
+
+    for (int64_t key_begin = 0; key_begin < f_.seq_k; key_begin += kBlockK) {
+      const int64_t key_end = std::min(key_begin + kBlockK, f_.seq_k);
+      // Causal: query blocks whose every row ends before this key block never see it.
+      const int64_t first_row = f_.causal ? std::clamp<int64_t>(key_begin - f_.causal_offset(), 0, f_.seq_q) : 0;
+      for (int64_t q_begin = first_row / kBlockQ * kBlockQ; q_begin < f_.seq_q; q_begin += kBlockQ) {
+        tile_pair(q_begin, std::min(q_begin + kBlockQ, f_.seq_q), key_begin, key_end, buf);
+      }
+    }
+
+    for (int64_t i = 0; i < f_.seq_q; ++i) {
+      T* dq = static_cast<T*>(p_.dq) + b * p_.dq_strides.batch + h_q * p_.dq_strides.head + i * p_.dq_strides.row;
+      const float* acc = buf.dq_acc + i * dim_padded_;
+      for (int64_t d = 0; d < f_.dim; ++d) dq[d] = from_float<T>(acc[d] * f_.scale);
+    }
+  }
+
+  // The five products of one (query block, key block) pair.
+  void tile_pair(int64_t q_begin, int64_t q_end, int64_t key_begin, int64_t key_end, const Buffers& buf) const {
+    const int rows = static_cast<int>(q_end - q_begin);
+    const int64_t keys = key_end - key_begin;
+    const int64_t cols = round_up(keys, kPanel);
+    const int64_t dim = f_.dim, ld = dim_padded_;
+    constexpr int64_t s_ld = kBlockK;
+    const float* q_rows = buf.q_rows + q_begin * ld;
+    const float* do_rows = buf.do_rows + q_begin * ld;
+
+    // s = q x k^T and dp = do x v^T, both against 16-key panels.
+    for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+      with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
+        for (int64_t c = 0; c < cols; c += kPanel) {
+          const int64_t panel_offset = (key_begin + c) / kPanel * dim * kPanel;
+          qk_tile<Isa, R>(q_rows + r0 * ld, ld, buf.k_panels + panel_offset, dim, buf.p + r0 * s_ld + c, s_ld);
+          qk_tile<Isa, R>(do_rows + r0 * ld, ld, buf.v_panels + panel_offset, dim, buf.dp + r0 * s_ld + c, s_ld);
+        }
+      });
+    }
+
+    // p = exp2(s * scale * log2(e) - lse * log2(e)) where visible, else 0; ds = p * (dp - D_i).
+    using V = typename Isa::vec;
+    const V scale = Isa::set1(scale_log2_);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t i = q_begin + r;
+      float* p_row = buf.p + r * s_ld;
+      float* ds_row = buf.dp + r * s_ld;
+      const float lse = buf.lse_log2[i];
+      // A row that saw no key in the forward (LSE = -inf) has no gradient.
+      const int64_t visible = lse == kNegInf ? 0 : std::clamp<int64_t>(visible_keys(i) - key_begin, 0, keys);
+      const V shift = Isa::set1(lse), delta = Isa::set1(buf.delta[i]);
+      int64_t j = 0;
+      for (; j + W <= visible; j += W) {
+        const V prob = Isa::exp2(Isa::sub(Isa::mul(Isa::loadu(p_row + j), scale), shift));
+        Isa::storeu(p_row + j, prob);
+        Isa::storeu(ds_row + j, Isa::mul(prob, Isa::sub(Isa::loadu(ds_row + j), delta)));
+      }
+      for (; j < visible; ++j) {
+        p_row[j] = std::exp2(p_row[j] * scale_log2_ - lse);
+        ds_row[j] = p_row[j] * (ds_row[j] - buf.delta[i]);
+      }
+      std::fill(p_row + j, p_row + cols, 0.0f);
+      std::fill(ds_row + j, ds_row + cols, 0.0f);
+    }
+
+    // dv += p^T x do and dk += ds^T x q: output rows are keys, the inner sum runs over query rows.
+    float* dv_acc = buf.dv_acc + key_begin * ld;
+    float* dk_acc = buf.dk_acc + key_begin * ld;
+    for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
+      with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
+        for (int64_t d = 0; d < ld; d += kPanel) {
+          pv_tile<Isa, R, 2>(buf.p + k0, 1, s_ld, nullptr, do_rows + d, ld, rows, dv_acc + k0 * ld + d, ld);
+          pv_tile<Isa, R, 2>(buf.dp + k0, 1, s_ld, nullptr, q_rows + d, ld, rows, dk_acc + k0 * ld + d, ld);
+        }
+      });
+    }
+
+    // dq += ds x k.
+    float* dq_acc = buf.dq_acc + q_begin * ld;
+    const float* k_rows = buf.k_rows + key_begin * ld;
+    for (int r0 = 0; r0 < rows; r0 += kTileRows) {
+      with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
+        for (int64_t d = 0; d < ld; d += kPanel) {
+          pv_tile<Isa, R, 2>(buf.dp + r0 * s_ld, s_ld, 1, nullptr, k_rows + d, ld, keys, dq_acc + r0 * ld + d, ld);
+        }
+      });
+    }
+  }
+
+  BwdParams p_;
+  FwdParams f_;
+  int64_t dim_padded_;
+  int64_t seq_k_padded_;
+  float scale_log2_;
+};
+
+template <class Isa>
+void flash_backward(BwdParams p) {
+  if (p.fwd.dtype == DType::kBFloat16) {
+    FlashBackward<Isa, bfloat16>(p).run();
+  } else {
+    FlashBackward<Isa, float>(p).run();
+  }
+}
+
+}  // namespace
+}  // namespace pflash::cpu
