@@ -102,14 +102,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, FlashBackward,
                          ::testing::Combine(::testing::ValuesIn(attention_cases()), ::testing::ValuesIn(kernel_isas())),
                          [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
 
-class FlashBackwardIsa : public ::testing::TestWithParam<CpuIsa> {
- protected:
-  void SetUp() override {
-    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
-    scope_ = std::make_unique<IsaScope>(GetParam());
-  }
-  std::unique_ptr<IsaScope> scope_;
-};
+class FlashBackwardIsa : public PerIsaTest {};
 
 // Gradients are reduced in one fixed order: the same bits on every run and for any thread count.
 TEST_P(FlashBackwardIsa, DeterministicAcrossRunsAndThreadCounts) {
@@ -190,8 +183,7 @@ TEST_P(FlashBackwardIsa, ExtraMemoryLinearInSequenceLength) {
   EXPECT_LT(peaks[1], 2ull * 8 * 512 * 64 * 4 + (1u << 20));  // 2 threads x 8 rows of (N x D) fp32
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, FlashBackwardIsa, ::testing::ValuesIn(kernel_isas()),
-                         [](const auto& info) { return std::string(to_string(info.param)); });
+INSTANTIATE_TEST_SUITE_P(Isa, FlashBackwardIsa, ::testing::ValuesIn(kernel_isas()), IsaName());
 
 void expect_backward_invalid(const AttentionBackwardParams& p, const std::string& argument, const std::string& expected,
                              const std::string& got = "") {

@@ -141,14 +141,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, FlashDecode,
                          ::testing::Combine(::testing::ValuesIn(decode_cases()), ::testing::ValuesIn(kernel_isas())),
                          [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
 
-class FlashDecodeIsa : public ::testing::TestWithParam<CpuIsa> {
- protected:
-  void SetUp() override {
-    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
-    scope_ = std::make_unique<IsaScope>(GetParam());
-  }
-  std::unique_ptr<IsaScope> scope_;
-};
+class FlashDecodeIsa : public PerIsaTest {};
 
 // Every forced split count gives the unsplit result up to the merge's rounding (fp32 throughout),
 // and the result does not depend on the thread count.
@@ -240,8 +233,7 @@ TEST_P(FlashDecodeIsa, GenerationLoopWithAppendsMatchesRecomputation) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, FlashDecodeIsa, ::testing::ValuesIn(kernel_isas()),
-                         [](const auto& info) { return std::string(to_string(info.param)); });
+INSTANTIATE_TEST_SUITE_P(Isa, FlashDecodeIsa, ::testing::ValuesIn(kernel_isas()), IsaName());
 
 }  // namespace
 }  // namespace pflash::testing

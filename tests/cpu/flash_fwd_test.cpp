@@ -74,14 +74,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, FlashForward, ::testing::Combine(::testing::Value
                                                                 ::testing::ValuesIn(kernel_isas())),
                          [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
 
-class FlashForwardIsa : public ::testing::TestWithParam<CpuIsa> {
- protected:
-  void SetUp() override {
-    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
-    scope_ = std::make_unique<IsaScope>(GetParam());
-  }
-  std::unique_ptr<IsaScope> scope_;
-};
+class FlashForwardIsa : public PerIsaTest {};
 
 // Logits of magnitude ~1e4: the online softmax must not overflow. In fp32, logits that large carry
 // an absolute rounding error of about |logit| * FLT_EPSILON, which becomes the relative error of the
@@ -167,8 +160,7 @@ TEST_P(FlashForwardIsa, ExtraMemoryIndependentOfBatchAndHeads) {
   EXPECT_LT(peaks[1], 2ull * 512 * 64 * 4 + (1u << 20));
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, FlashForwardIsa, ::testing::ValuesIn(kernel_isas()),
-                         [](const auto& info) { return std::string(to_string(info.param)); });
+INSTANTIATE_TEST_SUITE_P(Isa, FlashForwardIsa, ::testing::ValuesIn(kernel_isas()), IsaName());
 
 }  // namespace
 }  // namespace pflash::testing

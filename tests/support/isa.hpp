@@ -1,6 +1,10 @@
 // Running a test on each instruction set the CPU backend has kernels for.
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "pflash/runtime.hpp"
@@ -16,6 +20,25 @@ class IsaScope {
   ~IsaScope() { set_max_cpu_isa(CpuIsa::kAvx512Bf16); }
   IsaScope(const IsaScope&) = delete;
   IsaScope& operator=(const IsaScope&) = delete;
+};
+
+// A fixture run once per kernel instruction set: skipped where the CPU lacks it, capped to it for
+// the test. Instantiate with ::testing::ValuesIn(kernel_isas()), IsaName().
+class PerIsaTest : public ::testing::TestWithParam<CpuIsa> {
+ protected:
+  void SetUp() override {
+    if (detected_cpu_isa() < GetParam()) GTEST_SKIP() << "this CPU has no " << to_string(GetParam());
+    scope_ = std::make_unique<IsaScope>(GetParam());
+  }
+
+ private:
+  std::unique_ptr<IsaScope> scope_;
+};
+
+struct IsaName {
+  std::string operator()(const ::testing::TestParamInfo<CpuIsa>& info) const {
+    return std::string(to_string(info.param));
+  }
 };
 
 }  // namespace pflash::testing

@@ -127,12 +127,19 @@ pflash::bench::MachinePeak measure_peak(int threads) {
   return peak;
 }
 
-int run_decode_bench(const BenchArgs& args) {
-  pflash::bench::DecodeBenchOptions options;
+// The timing flags every mode shares.
+template <class Options>
+Options timing_options(const BenchArgs& args) {
+  Options options;
   options.threads = args.threads > 0 ? args.threads : pflash::default_num_threads();
   options.repeats = args.repeats;
   options.warmup = args.warmup;
   options.max_seconds = args.max_seconds;
+  return options;
+}
+
+int run_decode_bench(const BenchArgs& args) {
+  const auto options = timing_options<pflash::bench::DecodeBenchOptions>(args);
   const auto configs = make_decode_configs(args);
   const auto peak = measure_peak(options.threads);
   std::cout << fmt::format(
@@ -192,11 +199,7 @@ std::vector<BenchConfig> make_configs(const BenchArgs& a) {
 }
 
 int run_bench(const BenchArgs& args) {
-  pflash::bench::BenchOptions options;
-  options.threads = args.threads > 0 ? args.threads : pflash::default_num_threads();
-  options.repeats = args.repeats;
-  options.warmup = args.warmup;
-  options.max_seconds = args.max_seconds;
+  auto options = timing_options<pflash::bench::BenchOptions>(args);
   options.memory_budget = parse_bytes(args.memory_budget);
   options.block_q = args.block_q;
   options.block_k = args.block_k;
