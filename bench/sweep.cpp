@@ -1,5 +1,6 @@
 #include "sweep.hpp"
 
+#include <optional>
 #include <vector>
 
 #include "pflash/pflash.hpp"
@@ -38,25 +39,25 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   params.block_q = options.block_q;
   params.block_k = options.block_k;
 
-  // The backward's extra tensors (allocated for every row: cheap next to the timed work).
+  // The backward's extra tensors, only for backward rows.
   const bool backward = config.pass != "fwd";
-  const std::int64_t grad_rows = backward ? 1 : 0;
-  const RandomBuffer dout(config.dtype, config.batch, config.heads, config.seq_q * grad_rows, config.dim, 5);
-  RandomBuffer dq(config.dtype, config.batch, config.heads, config.seq_q * grad_rows, config.dim, 6);
-  RandomBuffer dk(config.dtype, config.batch, config.kv_heads, config.seq_k * grad_rows, config.dim, 7);
-  RandomBuffer dv(config.dtype, config.batch, config.kv_heads, config.seq_k * grad_rows, config.dim, 8);
+  std::optional<RandomBuffer> dout, dq, dk, dv;
   AttentionBackwardParams grads;
   if (backward) {
+    dout.emplace(config.dtype, config.batch, config.heads, config.seq_q, config.dim, 5);
+    dq.emplace(config.dtype, config.batch, config.heads, config.seq_q, config.dim, 6);
+    dk.emplace(config.dtype, config.batch, config.kv_heads, config.seq_k, config.dim, 7);
+    dv.emplace(config.dtype, config.batch, config.kv_heads, config.seq_k, config.dim, 8);
     flash_attention_forward(params);  // the backward's inputs o and lse
     grads.q = params.q;
     grads.k = params.k;
     grads.v = params.v;
     grads.o = params.o;
     grads.lse = params.lse;
-    grads.dout = dout.view();
-    grads.dq = dq.mutable_view();
-    grads.dk = dk.mutable_view();
-    grads.dv = dv.mutable_view();
+    grads.dout = dout->view();
+    grads.dq = dq->mutable_view();
+    grads.dk = dk->mutable_view();
+    grads.dv = dv->mutable_view();
     grads.causal = config.causal;
     grads.num_threads = options.threads;
   }

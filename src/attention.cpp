@@ -35,17 +35,17 @@ void flash_attention_forward_backward(const AttentionParams& forward, TensorView
   backward.num_threads = forward.num_threads;
 
   // Validate both passes before either writes anything; the LSE goes to the caller's buffer or ours.
-  AttentionParams fwd = forward;
-  const detail::FwdParams checked = detail::make_fwd_params(fwd, kName);
+  detail::FwdParams fwd = detail::make_fwd_params(forward, kName);
   detail::Workspace<float> lse_buffer;
-  if (fwd.lse.empty()) {
-    lse_buffer = detail::Workspace<float>(static_cast<std::size_t>(checked.batch * checked.heads_q * checked.seq_q));
-    fwd.lse = MutableTensorView::contiguous(lse_buffer.data(), DType::kFloat32,
-                                            {checked.batch, checked.heads_q, checked.seq_q});
+  backward.lse = forward.lse;
+  if (forward.lse.empty()) {
+    lse_buffer = detail::Workspace<float>(static_cast<std::size_t>(fwd.batch * fwd.heads_q * fwd.seq_q));
+    fwd.lse = lse_buffer.data();
+    fwd.lse_strides = {fwd.heads_q * fwd.seq_q, fwd.seq_q, 1};
+    backward.lse = TensorView::contiguous(lse_buffer.data(), DType::kFloat32, {fwd.batch, fwd.heads_q, fwd.seq_q});
   }
-  backward.lse = fwd.lse;
   const detail::BwdParams bwd = detail::make_bwd_params(backward, kName);
-  cpu::flash_forward(detail::make_fwd_params(fwd, kName));
+  cpu::flash_forward(fwd);
   cpu::flash_backward(bwd);
 }
 

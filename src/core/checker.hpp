@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/params.hpp"
@@ -29,6 +31,22 @@ inline std::string dims_string(std::initializer_list<std::int64_t> dims) {
     first = false;
   }
   return s + "]";
+}
+
+struct ByteRange {
+  std::uintptr_t begin, end;
+};
+
+inline ByteRange byte_range(const TensorView& t) {
+  std::int64_t max_offset = 0;
+  for (int d = 0; d < t.rank; ++d) max_offset += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<std::uintptr_t>(t.data);
+  return {begin, begin + static_cast<std::uintptr_t>(max_offset + 1) * size_of(t.dtype)};
+}
+
+inline bool overlaps(const TensorView& a, const TensorView& b) {
+  const ByteRange ra = byte_range(a), rb = byte_range(b);
+  return ra.begin < rb.end && rb.begin < ra.end;
 }
 
 class Checker {
@@ -106,25 +124,32 @@ class Checker {
     }
   }
 
+  // A tensor whose shape (and dtype, when one is required) follows from the others: `tensor`'s
+  // checks, then the dtype, then the shape.
+  void shaped_like(const std::string& name, const TensorView& t, std::optional<DType> dtype, const char* dtype_why,
+                   std::initializer_list<std::int64_t> dims, const char* layout, const char* shape_note) const {
+    tensor(name, t, static_cast<int>(dims.size()), layout);
+    if (dtype) dtype_matches(name, t, *dtype, dtype_why);
+    shape_is(name, t, dims, shape_note);
+  }
+
+  // An output: shaped_like, elements that do not alias one another, and memory disjoint from every
+  // input named (empty inputs are skipped).
+  void output(const std::string& name, const TensorView& t, std::optional<DType> dtype, const char* dtype_why,
+              std::initializer_list<std::int64_t> dims, const char* layout, const char* shape_note,
+              std::initializer_list<std::pair<const char*, TensorView>> inputs) const {
+    shaped_like(name, t, dtype, dtype_why, dims, layout, shape_note);
+    non_self_overlapping(name, t);
+    for (const auto& [input_name, input] : inputs) {
+      if (!input.empty() && overlaps(t, input)) {
+        fail(name, std::string("memory disjoint from input '") + input_name + "'", "an overlap");
+      }
+    }
+  }
+
  private:
   const char* function_name_;
 };
-
-struct ByteRange {
-  std::uintptr_t begin, end;
-};
-
-inline ByteRange byte_range(const TensorView& t) {
-  std::int64_t max_offset = 0;
-  for (int d = 0; d < t.rank; ++d) max_offset += (t.size(d) - 1) * t.stride(d);
-  const auto begin = reinterpret_cast<std::uintptr_t>(t.data);
-  return {begin, begin + static_cast<std::uintptr_t>(max_offset + 1) * size_of(t.dtype)};
-}
-
-inline bool overlaps(const TensorView& a, const TensorView& b) {
-  const ByteRange ra = byte_range(a), rb = byte_range(b);
-  return ra.begin < rb.end && rb.begin < ra.end;
-}
 
 inline HeadStrides head_strides(const TensorView& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 

@@ -1,11 +1,9 @@
 // The attention forward's argument checks (the checks every entry point shares are in checker.hpp).
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <vector>
 
 #include "core/checker.hpp"
 #include "core/params.hpp"
@@ -19,6 +17,7 @@ namespace {
 constexpr const char* kQLayout = "[B, Hq, Nq, D]";
 constexpr const char* kKvLayout = "[B, Hkv, Nk, D]";
 constexpr const char* kOneDtype = "all of q, k, v, o share one dtype";
+constexpr const char* kLseDtype = "an LSE is fp32";
 
 // q, k, v and the scalar options every attention pass shares; fills everything but the outputs.
 FwdParams check_problem(const Checker& check, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -66,23 +65,6 @@ FwdParams check_problem(const Checker& check, const TensorView& q, const TensorV
   return p;
 }
 
-// An output: its layout, dtype and shape, elements that do not alias, and memory disjoint from
-// every input.
-template <std::size_t N>
-void check_output(const Checker& check, const char* name, const TensorView& out, DType dtype, const char* dtype_why,
-                  std::initializer_list<std::int64_t> shape, const char* layout, const char* shape_note,
-                  const std::array<std::pair<const char*, TensorView>, N>& inputs) {
-  check.tensor(name, out, static_cast<int>(shape.size()), layout);
-  check.dtype_matches(name, out, dtype, dtype_why);
-  check.shape_is(name, out, shape, shape_note);
-  check.non_self_overlapping(name, out);
-  for (const auto& [input_name, input] : inputs) {
-    if (!input.empty() && overlaps(out, input)) {
-      check.fail(name, std::string("memory disjoint from input '") + input_name + "'", "an overlap");
-    }
-  }
-}
-
 }  // namespace
 
 FwdParams make_fwd_params(const AttentionParams& params, const char* function_name) {
@@ -90,11 +72,11 @@ FwdParams make_fwd_params(const AttentionParams& params, const char* function_na
   FwdParams p = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal,
                               params.num_threads);
   const bool has_lse = !params.lse.empty();
-  check_output<3>(check, "o", params.o, p.dtype, kOneDtype, {p.batch, p.heads_q, p.seq_q, p.dim}, kQLayout, "(the shape of q)",
-                  {{{"q", params.q}, {"k", params.k}, {"v", params.v}}});
+  check.output("o", params.o, p.dtype, kOneDtype, {p.batch, p.heads_q, p.seq_q, p.dim}, kQLayout, "(the shape of q)",
+               {{"q", params.q}, {"k", params.k}, {"v", params.v}});
   if (has_lse) {
-    check_output<3>(check, "lse", params.lse, DType::kFloat32, "an LSE is fp32", {p.batch, p.heads_q, p.seq_q}, "[B, Hq, Nq]",
-                    "(the first three dimensions of q)", {{{"q", params.q}, {"k", params.k}, {"v", params.v}}});
+    check.output("lse", params.lse, DType::kFloat32, kLseDtype, {p.batch, p.heads_q, p.seq_q}, "[B, Hq, Nq]",
+                 "(the first three dimensions of q)", {{"q", params.q}, {"k", params.k}, {"v", params.v}});
     if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   }
   constexpr int kMaxBlock = 4096;
@@ -119,26 +101,21 @@ BwdParams make_bwd_params(const AttentionBackwardParams& params, const char* fun
   p.fwd = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal, params.num_threads);
   const FwdParams& f = p.fwd;
   // The inputs the forward produced.
-  check.tensor("o", params.o, 4, kQLayout);
-  check.dtype_matches("o", params.o, f.dtype);
-  check.shape_is("o", params.o, {f.batch, f.heads_q, f.seq_q, f.dim}, "(the shape of q)");
-  check.tensor("dout", params.dout, 4, kQLayout);
-  check.dtype_matches("dout", params.dout, f.dtype);
-  check.shape_is("dout", params.dout, {f.batch, f.heads_q, f.seq_q, f.dim}, "(the shape of q)");
+  check.shaped_like("o", params.o, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout, "(the shape of q)");
+  check.shaped_like("dout", params.dout, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout,
+                    "(the shape of q)");
   if (params.lse.empty()) check.fail("lse", "the forward's LSE [B, Hq, Nq] fp32 (required)", "none");
-  check.tensor("lse", params.lse, 3, "[B, Hq, Nq]");
-  if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
-  check.shape_is("lse", params.lse, {f.batch, f.heads_q, f.seq_q}, "(the first three dimensions of q)");
+  check.shaped_like("lse", params.lse, DType::kFloat32, kLseDtype, {f.batch, f.heads_q, f.seq_q}, "[B, Hq, Nq]",
+                    "(the first three dimensions of q)");
 
-  const std::array<std::pair<const char*, TensorView>, 6> inputs{{{"q", params.q},
-                                                                   {"k", params.k},
-                                                                   {"v", params.v},
-                                                                   {"o", params.o},
-                                                                   {"dout", params.dout},
-                                                                   {"lse", params.lse}}};
-  check_output(check, "dq", params.dq, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout, "(the shape of q)", inputs);
-  check_output(check, "dk", params.dk, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of k)", inputs);
-  check_output(check, "dv", params.dv, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of v)", inputs);
+  const auto inputs = {std::pair<const char*, TensorView>{"q", params.q}, {"k", params.k}, {"v", params.v},
+                       {"o", params.o}, {"dout", params.dout}, {"lse", params.lse}};
+  check.output("dq", params.dq, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout, "(the shape of q)",
+               inputs);
+  check.output("dk", params.dk, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of k)",
+               inputs);
+  check.output("dv", params.dv, f.dtype, kOneDtype, {f.batch, f.heads_kv, f.seq_k, f.dim}, kKvLayout, "(the shape of v)",
+               inputs);
   if (overlaps(params.dq, params.dk)) check.fail("dk", "memory disjoint from 'dq'", "an overlap");
   if (overlaps(params.dq, params.dv)) check.fail("dv", "memory disjoint from 'dq'", "an overlap");
   if (overlaps(params.dk, params.dv)) check.fail("dv", "memory disjoint from 'dk'", "an overlap");

@@ -98,9 +98,7 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
   const Checker check(function_name);
   constexpr const char* kQLayout = "[B, Hq, T, D]";
   check.tensor("q", params.q, 4, kQLayout);
-  check.tensor("o", params.o, 4, kQLayout);
   const CacheParams cache = check_cache(check, params.cache, 0);
-  check.dtype_matches("o", params.o, params.q.dtype, "o has q's dtype");
 
   const std::int64_t batch = params.q.size(0), heads_q = params.q.size(1), tokens = params.q.size(2),
                      dim = params.q.size(3);
@@ -121,24 +119,15 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     check.fail("cache.k", "a head count Hkv (dimension 1) dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
                "Hkv = " + std::to_string(heads_kv));
   }
-  check.shape_is("o", params.o, {batch, heads_q, tokens, dim}, "(the shape of q)");
-  check.non_self_overlapping("o", params.o);
+  check.output("o", params.o, params.q.dtype, "o has q's dtype", {batch, heads_q, tokens, dim}, kQLayout,
+               "(the shape of q)", {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
   const bool has_lse = !params.lse.empty();
   if (has_lse) {
-    check.tensor("lse", params.lse, 3, "[B, Hq, T]");
-    if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
-    check.shape_is("lse", params.lse, {batch, heads_q, tokens}, "(the first three dimensions of q)");
-    check.non_self_overlapping("lse", params.lse);
+    check.output("lse", params.lse, DType::kFloat32, "an LSE is fp32", {batch, heads_q, tokens}, "[B, Hq, T]",
+                 "(the first three dimensions of q)",
+                 {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
+    if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   }
-  const std::array<std::pair<const char*, TensorView>, 3> inputs{
-      {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}}};
-  for (const auto& [name, input] : inputs) {
-    if (overlaps(params.o, input)) check.fail("o", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    if (has_lse && overlaps(params.lse, input)) {
-      check.fail("lse", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    }
-  }
-  if (has_lse && overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   check_common(check, params.softmax_scale, params.num_threads);
   if (params.num_splits < 0 || params.num_splits > kMaxDecodeSplits) {
     check.fail("num_splits", "0 (automatic) or 1.." + std::to_string(kMaxDecodeSplits), std::to_string(params.num_splits));
@@ -224,32 +213,21 @@ AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, T
 MergeParams make_merge_params(const pflash::MergeParams& params, const char* function_name) {
   const Checker check(function_name);
   check.tensor("o_partials", params.o_partials, 4, "[S, N, H, D]");
-  check.tensor("lse_partials", params.lse_partials, 3, "[S, N, H]");
-  check.tensor("o", params.o, 3, "[N, H, D]");
   const std::int64_t parts = params.o_partials.size(0), n = params.o_partials.size(1),
                      heads = params.o_partials.size(2), dim = params.o_partials.size(3);
-  if (params.lse_partials.dtype != DType::kFloat32) {
-    check.fail("lse_partials", "dtype fp32", std::string(to_string(params.lse_partials.dtype)));
-  }
-  check.shape_is("lse_partials", params.lse_partials, {parts, n, heads}, "(the first three dimensions of o_partials)");
-  check.shape_is("o", params.o, {n, heads, dim}, "(o_partials without its first dimension)");
-  check.non_self_overlapping("o", params.o);
+  check.shaped_like("lse_partials", params.lse_partials, DType::kFloat32, "an LSE is fp32", {parts, n, heads},
+                    "[S, N, H]", "(the first three dimensions of o_partials)");
+  const std::initializer_list<std::pair<const char*, TensorView>> inputs = {{"o_partials", params.o_partials},
+                                                                            {"lse_partials", params.lse_partials}};
+  // o's dtype is free: the merge writes fp32 or bf16 from either.
+  check.output("o", params.o, std::nullopt, "", {n, heads, dim}, "[N, H, D]", "(o_partials without its first dimension)",
+               inputs);
   const bool has_lse = !params.lse.empty();
   if (has_lse) {
-    check.tensor("lse", params.lse, 2, "[N, H]");
-    if (params.lse.dtype != DType::kFloat32) check.fail("lse", "dtype fp32", std::string(to_string(params.lse.dtype)));
-    check.shape_is("lse", params.lse, {n, heads}, "(the dimensions N, H of o_partials)");
-    check.non_self_overlapping("lse", params.lse);
+    check.output("lse", params.lse, DType::kFloat32, "an LSE is fp32", {n, heads}, "[N, H]",
+                 "(the dimensions N, H of o_partials)", inputs);
+    if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   }
-  const std::array<std::pair<const char*, TensorView>, 2> inputs{
-      {{"o_partials", params.o_partials}, {"lse_partials", params.lse_partials}}};
-  for (const auto& [name, input] : inputs) {
-    if (overlaps(params.o, input)) check.fail("o", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    if (has_lse && overlaps(params.lse, input)) {
-      check.fail("lse", std::string("memory disjoint from input '") + name + "'", "an overlap");
-    }
-  }
-  if (has_lse && overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
   check_common(check, std::nullopt, params.num_threads);
 
   MergeParams p;
