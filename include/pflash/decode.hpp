@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 
 #include "pflash/kv_cache.hpp"
 #include "pflash/tensor.hpp"
@@ -24,10 +25,16 @@ inline constexpr int kMaxDecodeSplits = 256;
 struct DecodeParams {
   TensorView q;           // [B, Hq, T, D], T from 1 to 16, fp32 or bf16
   KVCacheView cache;      // fp32 or bf16 (independent of q's dtype), Hkv dividing Hq, same D
-  MutableTensorView o;    // [B, Hq, T, D], q's dtype
+  MutableTensorView o;    // [B, Hq, T, D], q's dtype, or fp32 to keep a partial result exact for a later merge
   MutableTensorView lse;  // optional [B, Hq, T] fp32, natural log
 
   std::optional<float> softmax_scale;  // default 1/sqrt(D)
+  // For a cache that holds only a window of each sequence (one shard of a sharded cache, see
+  // pflash/shard_layout.hpp): positions_after[b] of sequence b's positions follow the window and are
+  // held elsewhere. The query tokens are still the sequence's last T positions, so token t sees window
+  // position j when j <= seq_lens[b] + positions_after[b] - T + t. Empty: nothing follows ([B] otherwise).
+  std::span<const std::int32_t> positions_after;
+
   int num_splits = 0;   // ranges per sequence: 0 chooses from the thread count and the lengths
   int num_threads = 0;  // 0: all threads
 };

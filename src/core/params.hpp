@@ -91,9 +91,11 @@ struct DecodeParams {
   const void* q = nullptr;
   void* o = nullptr;
   float* lse = nullptr;  // may be null
-  DType dtype = DType::kFloat32;  // of q and o
+  DType dtype = DType::kFloat32;    // of q
+  DType o_dtype = DType::kFloat32;  // q's, or fp32
   HeadStrides q_strides, o_strides, lse_strides;
   CacheParams cache;
+  const std::int32_t* positions_after = nullptr;  // [B] positions past the cache's window; null: none
 
   std::int64_t batch = 0;
   std::int64_t heads_q = 0;

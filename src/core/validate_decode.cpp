@@ -119,7 +119,8 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     check.fail("cache.k", "a head count Hkv (dimension 1) dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
                "Hkv = " + std::to_string(heads_kv));
   }
-  check.output("o", params.o, params.q.dtype, "o has q's dtype", {batch, heads_q, tokens, dim}, kQLayout,
+  const DType o_dtype = params.o.dtype == DType::kFloat32 ? DType::kFloat32 : params.q.dtype;
+  check.output("o", params.o, o_dtype, "o has q's dtype or fp32", {batch, heads_q, tokens, dim}, kQLayout,
                "(the shape of q)", {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
   const bool has_lse = !params.lse.empty();
   if (has_lse) {
@@ -127,6 +128,18 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
                  "(the first three dimensions of q)",
                  {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
     if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
+  }
+  if (!params.positions_after.empty()) {
+    if (static_cast<std::int64_t>(params.positions_after.size()) != batch) {
+      check.fail("positions_after", "empty or one count per sequence (" + std::to_string(batch) + ")",
+                 std::to_string(params.positions_after.size()) + " entries");
+    }
+    for (std::size_t b = 0; b < params.positions_after.size(); ++b) {
+      if (params.positions_after[b] < 0) {
+        check.fail("positions_after", "counts >= 0",
+                   "positions_after[" + std::to_string(b) + "] = " + std::to_string(params.positions_after[b]));
+      }
+    }
   }
   check_common(check, params.softmax_scale, params.num_threads);
   if (params.num_splits < 0 || params.num_splits > kMaxDecodeSplits) {
@@ -138,6 +151,8 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
   p.o = params.o.data;
   p.lse = has_lse ? static_cast<float*>(params.lse.data) : nullptr;
   p.dtype = params.q.dtype;
+  p.o_dtype = params.o.dtype;
+  p.positions_after = params.positions_after.empty() ? nullptr : params.positions_after.data();
   p.q_strides = head_strides(params.q);
   p.o_strides = head_strides(params.o);
   if (has_lse) p.lse_strides = head_strides(params.lse);

@@ -11,7 +11,7 @@
 #include "core/params.hpp"
 #include "core/workspace.hpp"
 #include "cpu/backend.hpp"
-#include "cpu/merge_row.hpp"  // plain C++, shared with merge.cpp: kept outside the pragma
+#include "core/merge_row.hpp"  // plain C++, shared with merge.cpp: kept outside the pragma
 #include "pflash/dtype.hpp"
 
 #if defined(__x86_64__)

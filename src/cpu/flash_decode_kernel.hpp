@@ -20,7 +20,7 @@
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
-#include "cpu/merge_row.hpp"
+#include "core/merge_row.hpp"
 #include "cpu/tiles.hpp"
 #include "pflash/dtype.hpp"
 
@@ -132,10 +132,12 @@ class FlashDecode {
     return s;
   }
 
-  // Rows are (head g of the group, token t), t fastest. Token t of a sequence of length L is
-  // position L - T + t and sees positions [0, L - T + t + 1).
-  int64_t visible_end(int64_t row, int64_t seq_len) const {
-    return std::clamp<int64_t>(seq_len - p_.query_tokens + row % p_.query_tokens + 1, 0, seq_len);
+  // Rows are (head g of the group, token t), t fastest. Token t of a sequence of length L (of which
+  // `after` positions lie past this cache's window) is position L + after - T + t and sees positions
+  // [0, L + after - T + t + 1) of the window.
+  int64_t visible_end(int64_t row, int64_t b, int64_t seq_len) const {
+    const int64_t after = p_.positions_after != nullptr ? p_.positions_after[b] : 0;
+    return std::clamp<int64_t>(seq_len + after - p_.query_tokens + row % p_.query_tokens + 1, 0, seq_len);
   }
 
   // Positions [begin, end) of split `split` of a sequence of length seq_len: equal ranges, rounded
@@ -200,7 +202,7 @@ class FlashDecode {
       const int64_t cols_padded = round_up(cols, W);
       for (int64_t r = 0; r < rows_; ++r) {
         float* row = s.scores + r * kScoresLd;
-        const int64_t visible = std::clamp<int64_t>(visible_end(r, seq_len) - key_begin, 0, cols);
+        const int64_t visible = std::clamp<int64_t>(visible_end(r, b, seq_len) - key_begin, 0, cols);
         std::fill(row + visible, row + cols_padded, kNegInf);
         online_softmax_row<Isa>(row, cols_padded, s.row_max[r], s.row_sum[r], s.alpha[r]);
       }
@@ -229,7 +231,7 @@ class FlashDecode {
       const float inv_sum = s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f;
       const float lse = finish_lse(s.row_max[r], s.row_sum[r]);
       if (splits == 1) {
-        store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, p_.o, p_.dtype,
+        store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, p_.o, p_.o_dtype,
                          b * p_.o_strides.batch + h_q * p_.o_strides.head + t * p_.o_strides.row);
         if (p_.lse != nullptr) {
           p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + t * p_.lse_strides.row] = lse;
@@ -294,10 +296,10 @@ class FlashDecode {
                      ? p_.lse + b * p_.lse_strides.batch + h_q * p_.lse_strides.head + t * p_.lse_strides.row
                      : nullptr;
     const int64_t o_offset = b * p_.o_strides.batch + h_q * p_.o_strides.head + t * p_.o_strides.row;
-    if (p_.dtype == DType::kBFloat16) {
-      merge_row(splits, dim, parts, dim, lse_parts + out_row * splits, 1, static_cast<bfloat16*>(p_.o) + o_offset, lse);
+    if (p_.o_dtype == DType::kBFloat16) {
+      detail::merge_row(splits, dim, parts, dim, lse_parts + out_row * splits, 1, static_cast<bfloat16*>(p_.o) + o_offset, lse);
     } else {
-      merge_row(splits, dim, parts, dim, lse_parts + out_row * splits, 1, static_cast<float*>(p_.o) + o_offset, lse);
+      detail::merge_row(splits, dim, parts, dim, lse_parts + out_row * splits, 1, static_cast<float*>(p_.o) + o_offset, lse);
     }
   }
 

@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "cpu/backend.hpp"
-#include "cpu/merge_row.hpp"
+#include "core/merge_row.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -20,7 +20,7 @@ void merge_all(const detail::MergeParams& p) {
     const float* lse_parts = p.lse_parts + n * p.lse_parts_strides.head + h * p.lse_parts_strides.row;
     TOut* o = static_cast<TOut*>(p.o) + n * p.o_n_stride + h * p.o_h_stride;
     float* lse = p.lse != nullptr ? p.lse + n * p.lse_n_stride + h * p.lse_h_stride : nullptr;
-    merge_row(p.num_parts, p.dim, parts, p.parts_strides.batch, lse_parts, p.lse_parts_strides.batch, o, lse);
+    detail::merge_row(p.num_parts, p.dim, parts, p.parts_strides.batch, lse_parts, p.lse_parts_strides.batch, o, lse);
   }
 }
 

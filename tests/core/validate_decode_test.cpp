@@ -66,7 +66,7 @@ TEST(ValidateDecode, OutputDtypeShapeAndOverlap) {
   HostTensor o_bf16(DType::kBFloat16, {2, 4, 1, 16}), o_small(DType::kFloat32, {2, 4, 1, 15});
   auto p = f.params();
   p.o = o_bf16.mutable_view();
-  expect_decode_invalid(p, "o", "dtype fp32 (o has q's dtype)", "bf16");
+  expect_decode_invalid(p, "o", "dtype fp32 (o has q's dtype or fp32)", "bf16");
   p.o = o_small.mutable_view();
   expect_decode_invalid(p, "o", "shape [2, 4, 1, 16]", "[2, 4, 1, 15]");
   p.o = MutableTensorView::contiguous(const_cast<void*>(f.cache.k().view().data), DType::kFloat32, {2, 4, 1, 16});
@@ -74,6 +74,23 @@ TEST(ValidateDecode, OutputDtypeShapeAndOverlap) {
   p = f.params();
   p.num_splits = 257;
   expect_decode_invalid(p, "num_splits", "0 (automatic) or 1..256", "257");
+}
+
+TEST(ValidateDecode, Fp32OutputForBf16QueriesAndPositionsAfter) {
+  Fixture f(0);
+  HostTensor q_bf16(DType::kBFloat16, {2, 4, 1, 16});
+  q_bf16.fill_normal(f.rng);
+  auto p = f.params();
+  p.q = q_bf16.view();
+  EXPECT_NO_THROW(flash_decode(p)) << "an fp32 o keeps a bf16 decode's partial result exact";
+  const std::vector<std::int32_t> one = {3}, negative = {0, -1}, fine = {0, 40};
+  p = f.params();
+  p.positions_after = one;
+  expect_decode_invalid(p, "positions_after", "empty or one count per sequence (2)", "1 entries");
+  p.positions_after = negative;
+  expect_decode_invalid(p, "positions_after", "counts >= 0", "positions_after[1] = -1");
+  p.positions_after = fine;
+  EXPECT_NO_THROW(flash_decode(p));
 }
 
 TEST(ValidateDecode, LengthsBeyondTheCache) {
