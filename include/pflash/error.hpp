@@ -8,7 +8,9 @@
 
 namespace pflash {
 
-enum class ErrorCode { kInvalidArgument, kOutOfMemory, kUnsupported };
+// kPeerFailed: a collective call (the distributed layer) failed on another rank, or the
+// communication itself failed; the message names the rank.
+enum class ErrorCode { kInvalidArgument, kOutOfMemory, kUnsupported, kPeerFailed };
 
 class Error : public std::runtime_error {
  public:

@@ -9,4 +9,5 @@
 #include "pflash/merge.hpp"
 #include "pflash/naive.hpp"
 #include "pflash/runtime.hpp"
+#include "pflash/shard_layout.hpp"
 #include "pflash/tensor.hpp"

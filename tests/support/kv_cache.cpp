@@ -1,6 +1,7 @@
 #include "support/kv_cache.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 namespace pflash::testing {
@@ -55,6 +56,22 @@ void TestCache::fill(const std::vector<std::int32_t>& lengths, std::mt19937_64& 
   }
 }
 
+void TestCache::fill_from(const TestCache& whole, std::int64_t first, const std::vector<std::int32_t>& lengths) {
+  seq_lens_ = lengths;
+  for (std::int64_t b = 0; b < spec_.batch; ++b) {
+    for (std::int64_t p = 0; p < lengths[static_cast<std::size_t>(b)]; ++p) {
+      const auto [i0, i2] = locate(b, p);
+      const auto [w0, w2] = whole.locate(b, first + p);
+      for (std::int64_t h = 0; h < spec_.heads_kv; ++h) {
+        for (std::int64_t d = 0; d < spec_.dim; ++d) {
+          k_.set(whole.k_.at(w0, h, w2, d), i0, h, i2, d);
+          v_.set(whole.v_.at(w0, h, w2, d), i0, h, i2, d);
+        }
+      }
+    }
+  }
+}
+
 HostTensor TestCache::dense(const HostTensor& t, std::int64_t b) const {
   const std::int64_t length = seq_lens_[static_cast<std::size_t>(b)];
   HostTensor out(spec_.dtype, {1, spec_.heads_kv, length, spec_.dim});
@@ -72,6 +89,23 @@ HostTensor slice_batch(const HostTensor& t, std::int64_t b) {
   for (std::int64_t h = 0; h < s[1]; ++h)
     for (std::int64_t n = 0; n < s[2]; ++n)
       for (std::int64_t d = 0; d < s[3]; ++d) out.set(t.at(b, h, n, d), 0, h, n, d);
+  return out;
+}
+
+ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale) {
+  ReferenceOutput out;
+  for (std::int64_t b = 0; b < q.shape()[0]; ++b) {
+    const HostTensor k = cache.dense_k(b), v = cache.dense_v(b), q_b = slice_batch(q, b);
+    ReferenceOutput part;
+    if (k.shape()[2] == 0) {
+      part.o.assign(static_cast<std::size_t>(q_b.numel()), 0.0);
+      part.lse.assign(static_cast<std::size_t>(q_b.numel() / q_b.shape()[3]), -INFINITY);
+    } else {
+      part = reference_attention(q_b, k, v, /*causal=*/true, scale);
+    }
+    out.o.insert(out.o.end(), part.o.begin(), part.o.end());
+    out.lse.insert(out.lse.end(), part.lse.begin(), part.lse.end());
+  }
   return out;
 }
 

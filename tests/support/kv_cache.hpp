@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "support/reference.hpp"
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
@@ -28,6 +29,10 @@ class TestCache {
 
   // Sets every length, writing random values (normal, stddev) at every position below it.
   void fill(const std::vector<std::int32_t>& lengths, std::mt19937_64& rng, double stddev = 1.0);
+
+  // Sets every length; position p < lengths[b] of sequence b becomes whole's position first + p (a
+  // window of another cache with the same heads, dim and dtype: one shard of a sharded cache).
+  void fill_from(const TestCache& whole, std::int64_t first, const std::vector<std::int32_t>& lengths);
 
   // Sequence b's positions [0, seq_lens[b]) as a dense [1, Hkv, seq_lens[b], D] tensor.
   HostTensor dense_k(std::int64_t b) const { return dense(k_, b); }
@@ -54,5 +59,10 @@ class TestCache {
 
 // Rows [b] of a [B, H, N, D] tensor as a [1, H, N, D] tensor.
 HostTensor slice_batch(const HostTensor& t, std::int64_t b);
+
+// The float64 decode of q [B, Hq, T, D] against the cache, sequence by sequence: query token t of
+// sequence b is position L_b - T + t, the bottom-right causal alignment of reference_attention over
+// that sequence's dense K/V (an empty sequence: O = 0, LSE = -inf).
+ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale);
 
 }  // namespace pflash::testing

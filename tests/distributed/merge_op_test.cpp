@@ -1,0 +1,80 @@
+// The user-defined MPI reduction operator merges (O, LSE) states exactly as merge_attention_states
+// merges the same parts.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "distributed/merge_op.hpp"
+#include "pflash/merge.hpp"
+#include "support/tensors.hpp"
+
+namespace pflash::testing {
+namespace {
+
+TEST(MergeStatesOp, AllReduceEqualsMergeAttentionStates) {
+  int rank = 0, p = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  for (const std::int64_t dim : {1, 96, 256}) {
+    auto rng = make_rng();  // the same stream on every rank: every rank knows every rank's part
+    const std::int64_t n = 37, heads = 3, rows = n * heads;
+    HostTensor o_parts(DType::kFloat32, {p, n, heads, dim}), lse_parts(DType::kFloat32, {p, n, heads});
+    o_parts.fill_normal(rng);
+    std::uniform_real_distribution<double> spread(-20.0, 20.0);
+    std::uniform_int_distribution<int> kind(0, 9);
+    for (std::int64_t s = 0; s < p; ++s) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t h = 0; h < heads; ++h) {
+          const int k = kind(rng);
+          // Parts that saw nothing (NaN O, as a kernel may leave it), LSEs near 1e4, ordinary ones;
+          // row 0 sees nothing anywhere.
+          double lse = k == 0 || i == 0 ? -INFINITY : k == 1 ? 1e4 + spread(rng) : spread(rng);
+          lse_parts.set(lse, s, i, h);
+          if (std::isinf(lse)) o_parts.set(NAN, s, i, h, 0);
+        }
+      }
+    }
+    HostTensor o(DType::kFloat32, {n, heads, dim, 1}), lse(DType::kFloat32, {n, heads, 1});
+    MergeParams m;
+    m.o_partials = o_parts.view();
+    m.lse_partials = lse_parts.view();
+    m.o = o.mutable_view();
+    m.o.rank = 3;
+    m.lse = lse.mutable_view();
+    m.lse.rank = 2;
+    merge_attention_states(m);
+
+    // This rank's part as states of D + 1 floats, all-reduced with the operator.
+    std::vector<float> states(static_cast<std::size_t>(rows * (dim + 1)));
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t d = 0; d < dim; ++d) states[r * (dim + 1) + d] = static_cast<float>(o_parts.at(rank, r / heads, r % heads, d));
+      states[r * (dim + 1) + dim] = static_cast<float>(lse_parts.at(rank, r / heads, r % heads));
+    }
+    const detail::StateType type(dim);
+    ASSERT_EQ(MPI_Allreduce(MPI_IN_PLACE, states.data(), static_cast<int>(rows), type.get(), detail::merge_states_op(),
+                            MPI_COMM_WORLD),
+              MPI_SUCCESS);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double expected_lse = lse.at(r / heads, r % heads, 0), got_lse = states[r * (dim + 1) + dim];
+      if (std::isinf(expected_lse)) {
+        EXPECT_EQ(got_lse, expected_lse) << "row " << r;
+        continue;  // a state that saw nothing has no O to compare (a lone part's is left as it came)
+      }
+      EXPECT_NEAR(got_lse, expected_lse, 1e-6 * std::max(1.0, std::abs(expected_lse))) << "row " << r;
+      // Pairwise merging rounds differently from one P-way merge: a few ulps.
+      double worst = 0.0;
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const double error = std::abs(states[r * (dim + 1) + d] - o.at(r / heads, r % heads, d));
+        worst = std::isnan(error) ? INFINITY : std::max(worst, error);
+      }
+      EXPECT_LT(worst, 1e-5) << "row " << r << ", D = " << dim;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pflash::testing
