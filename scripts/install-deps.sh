@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the C++ build needs; skips apt-get when they are all present.
 #   g++ (C++20, OpenMP) and CMake; GoogleTest; CLI11 (pflash's flags); nlohmann-json (bench JSON);
-#   fmt (tables); OpenBLAS (the naive baseline's matrix products); Python 3 with venv for the
+#   fmt (tables); OpenBLAS (the naive baseline's matrix products); OpenMPI (the distributed layer,
+#   pflash decode and its tests under mpirun); Python 3 with venv for the
 #   TPU backend's virtual environment (pinned JAX from PyPI, python/requirements.txt).
 set -euo pipefail
 packages=(
@@ -11,6 +12,7 @@ packages=(
   nlohmann-json3-dev
   libfmt-dev
   libopenblas-openmp-dev
+  libopenmpi-dev openmpi-bin
   python3 python3-venv python3-pip
 )
 missing=()

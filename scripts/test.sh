@@ -13,7 +13,7 @@ ctest --test-dir build -j"$jobs" --output-on-failure
 
 echo "== C++ tests (AddressSanitizer + UndefinedBehaviorSanitizer)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPFLASH_SANITIZE=address,undefined \
-  >/dev/null
+  -DPFLASH_WITH_NCCL=OFF >/dev/null
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan -j"$jobs" --output-on-failure

@@ -1,6 +1,5 @@
-// pflash: the command-line tool. `pflash bench` runs a benchmark sweep and prints a table (and JSON).
-#include <unistd.h>
-
+// pflash: the command-line tool. `pflash bench` runs a benchmark sweep and prints a table (and JSON);
+// `pflash decode`, launched with mpirun, runs FlashDecoding over a KV cache sharded across a mesh.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <fstream>
@@ -13,14 +12,21 @@
 
 #include "decode_bench.hpp"
 #include "machine_peak.hpp"
+#include "output.hpp"
 #include "pflash/pflash.hpp"
 #include "report.hpp"
 #include "sweep.hpp"
 #include "units.hpp"
 
+#ifdef PFLASH_HAVE_MPI
+#include "decode_command.hpp"
+#endif
+
 namespace {
 
 using pflash::bench::BenchConfig;
+using pflash::tool::Progress;
+using pflash::tool::write_json;
 using pflash::bench::parse_bytes;
 
 struct BenchArgs {
@@ -87,37 +93,6 @@ std::vector<pflash::bench::DecodeBenchConfig> make_decode_configs(const BenchArg
                     configs.push_back(c);
                   }
   return configs;
-}
-
-// A progress line on stderr: rewritten in place on a terminal, one line per row otherwise.
-class Progress {
- public:
-  Progress() : tty_(isatty(STDERR_FILENO) != 0) {}
-  void show(const std::string& line) const {
-    if (tty_) {
-      std::cerr << "\r\033[K" << line << std::flush;
-    } else {
-      std::cerr << line << '\n';
-    }
-  }
-  void clear() const {
-    if (tty_) std::cerr << "\r\033[K" << std::flush;
-  }
-
- private:
-  bool tty_;
-};
-
-int write_json(const std::string& path, const nlohmann::json& json) {
-  if (path.empty()) return 0;
-  std::ofstream out(path);
-  if (!out) {
-    std::cerr << "pflash: cannot write --json file '" << path << "'\n";
-    return 1;
-  }
-  out << json.dump(2) << '\n';
-  std::cerr << "wrote " << path << '\n';
-  return 0;
 }
 
 pflash::bench::MachinePeak measure_peak(int threads) {
@@ -285,7 +260,24 @@ int main(int argc, char** argv) {
       })
       ->capture_default_str();
 
+#ifdef PFLASH_HAVE_MPI
+  pflash::tool::DecodeCommandArgs decode_args;
+  CLI::App* decode = pflash::tool::add_decode_command(app, decode_args);
+#else
+  CLI::App* decode = app.add_subcommand("decode", "sharded FlashDecoding over MPI (not built: no MPI was found)");
+  decode->allow_extras();
+#endif
+
   CLI11_PARSE(app, argc, argv);
+  if (app.got_subcommand(decode)) {
+#ifdef PFLASH_HAVE_MPI
+    return pflash::tool::run_decode_command(decode_args, &argc, &argv);
+#else
+    std::cerr << "pflash decode: this pflash was built without MPI; install it (Debian: libopenmpi-dev openmpi-bin) "
+                 "and reconfigure\n";
+    return 2;
+#endif
+  }
   if (app.got_subcommand(bench)) {
     try {
       if (args.mode == "decode") {
