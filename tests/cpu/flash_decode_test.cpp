@@ -10,6 +10,7 @@
 
 #include "support/isa.hpp"
 #include "support/kv_cache.hpp"
+#include "support/merge.hpp"
 #include "support/reference.hpp"
 #include "support/tensors.hpp"
 
@@ -267,17 +268,7 @@ TEST_P(FlashDecodeIsa, WindowsWithPositionsAfterMergeToTheWholeDecode) {
     p.lse.strides = {heads_q * tokens, tokens, 1, 0};
     flash_decode(p);
   }
-  HostTensor o(DType::kBFloat16, {batch, heads_q * tokens, dim, 1}), lse(DType::kFloat32, {batch, heads_q * tokens, 1});
-  o.poison();
-  lse.poison();
-  MergeParams m;
-  m.o_partials = o_parts.view();
-  m.lse_partials = lse_parts.view();
-  m.o = o.mutable_view();
-  m.o.rank = 3;
-  m.lse = lse.mutable_view();
-  m.lse.rank = 2;
-  merge_attention_states(m);
+  const auto [o, lse] = merge_parts(o_parts, lse_parts, DType::kBFloat16);
   EXPECT_LT(relative_l2_error(o, ref.o), 1e-2);
   for (std::int64_t b = 0; b < batch; ++b) {
     for (std::int64_t r = 0; r < heads_q * tokens; ++r) {

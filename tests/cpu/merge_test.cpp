@@ -9,6 +9,7 @@
 
 #include "support/errors.hpp"
 #include "support/reference.hpp"
+#include "support/merge.hpp"
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
@@ -66,23 +67,6 @@ Partitioned make_partitioned(std::int64_t parts, std::int64_t empty_part, DType 
   return p;
 }
 
-struct Merged {
-  HostTensor o, lse;
-};
-
-Merged merge(const HostTensor& o_parts, const HostTensor& lse_parts, DType o_dtype) {
-  Merged m{HostTensor(o_dtype, {kHeads, kTokens, kDim}), HostTensor(DType::kFloat32, {kHeads, kTokens})};
-  m.o.poison();
-  m.lse.poison();
-  MergeParams params;
-  params.o_partials = o_parts.view();
-  params.lse_partials = lse_parts.view();
-  params.o = m.o.mutable_view();
-  params.lse = m.lse.mutable_view();
-  merge_attention_states(params);
-  return m;
-}
-
 void expect_merged_equals_whole(const Merged& m, const Partitioned& p, double tolerance) {
   ASSERT_TRUE(m.o.all_finite_or_neg_inf());
   EXPECT_LT(relative_l2_error(m.o, p.whole.o), tolerance);
@@ -99,7 +83,7 @@ TEST(MergeAttentionStates, RandomPartitionsEqualTheWholeIncludingEmptyParts) {
     for (std::int64_t empty_part : {std::int64_t{-1}, parts - 1}) {
       if (parts == 1 && empty_part == 0) continue;
       const Partitioned p = make_partitioned(parts, empty_part, DType::kFloat32, rng);
-      expect_merged_equals_whole(merge(p.o_parts, p.lse_parts, DType::kFloat32), p, 1e-6);
+      expect_merged_equals_whole(merge_parts(p.o_parts, p.lse_parts), p, 1e-6);
     }
   }
 }
@@ -107,7 +91,7 @@ TEST(MergeAttentionStates, RandomPartitionsEqualTheWholeIncludingEmptyParts) {
 TEST(MergeAttentionStates, Bf16PartialsAndOutput) {
   auto rng = make_rng();
   const Partitioned p = make_partitioned(4, -1, DType::kBFloat16, rng);
-  expect_merged_equals_whole(merge(p.o_parts, p.lse_parts, DType::kBFloat16), p, 1e-2);
+  expect_merged_equals_whole(merge_parts(p.o_parts, p.lse_parts, DType::kBFloat16), p, 1e-2);
 }
 
 // (a, b, c, d) merged at once equals ((a, b), (c, d)) merged pairwise, and the order of parts does
@@ -115,7 +99,7 @@ TEST(MergeAttentionStates, Bf16PartialsAndOutput) {
 TEST(MergeAttentionStates, AssociativeAndCommutative) {
   auto rng = make_rng();
   const Partitioned p = make_partitioned(4, -1, DType::kFloat32, rng);
-  const Merged all = merge(p.o_parts, p.lse_parts, DType::kFloat32);
+  const Merged all = merge_parts(p.o_parts, p.lse_parts);
 
   HostTensor pair_o(DType::kFloat32, {2, kHeads, kTokens, kDim}), pair_lse(DType::kFloat32, {2, kHeads, kTokens});
   for (std::int64_t half = 0; half < 2; ++half) {
@@ -128,14 +112,14 @@ TEST(MergeAttentionStates, AssociativeAndCommutative) {
           lse2.set(p.lse_parts.at(src, h, t), s, h, t);
           for (std::int64_t d = 0; d < kDim; ++d) o2.set(p.o_parts.at(src, h, t, d), s, h, t, d);
         }
-    const Merged m = merge(o2, lse2, DType::kFloat32);
+    const Merged m = merge_parts(o2, lse2);
     for (std::int64_t h = 0; h < kHeads; ++h)
       for (std::int64_t t = 0; t < kTokens; ++t) {
         pair_lse.set(m.lse.at(h, t, 0), half, h, t);
         for (std::int64_t d = 0; d < kDim; ++d) pair_o.set(m.o.at(h, t, d), half, h, t, d);
       }
   }
-  const Merged nested = merge(pair_o, pair_lse, DType::kFloat32);
+  const Merged nested = merge_parts(pair_o, pair_lse);
   for (std::int64_t h = 0; h < kHeads; ++h)
     for (std::int64_t t = 0; t < kTokens; ++t) {
       EXPECT_NEAR(nested.lse.at(h, t, 0), all.lse.at(h, t, 0), 1e-5);
@@ -149,7 +133,7 @@ TEST(MergeAttentionStates, RowWithEveryPartEmptyIsZeroWithLseMinusInfinity) {
   for (std::int64_t s = 0; s < 3; ++s)
     for (std::int64_t h = 0; h < kHeads; ++h)
       for (std::int64_t t = 0; t < kTokens; ++t) lse_parts.set(-INFINITY, s, h, t);
-  const Merged m = merge(o_parts, lse_parts, DType::kFloat32);
+  const Merged m = merge_parts(o_parts, lse_parts);
   for (std::int64_t h = 0; h < kHeads; ++h)
     for (std::int64_t t = 0; t < kTokens; ++t) {
       EXPECT_EQ(m.lse.at(h, t, 0), -INFINITY);

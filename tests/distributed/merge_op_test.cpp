@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "distributed/merge_op.hpp"
-#include "pflash/merge.hpp"
+#include "support/merge.hpp"
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
@@ -38,15 +38,7 @@ TEST(MergeStatesOp, AllReduceEqualsMergeAttentionStates) {
         }
       }
     }
-    HostTensor o(DType::kFloat32, {n, heads, dim, 1}), lse(DType::kFloat32, {n, heads, 1});
-    MergeParams m;
-    m.o_partials = o_parts.view();
-    m.lse_partials = lse_parts.view();
-    m.o = o.mutable_view();
-    m.o.rank = 3;
-    m.lse = lse.mutable_view();
-    m.lse.rank = 2;
-    merge_attention_states(m);
+    const auto [o, lse] = merge_parts(o_parts, lse_parts);
 
     // This rank's part as states of D + 1 floats, all-reduced with the operator.
     std::vector<float> states(static_cast<std::size_t>(rows * (dim + 1)));

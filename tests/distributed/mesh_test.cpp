@@ -2,18 +2,13 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include "distributed/world.hpp"
 #include "pflash/distributed/mesh.hpp"
 #include "pflash/error.hpp"
 #include "support/errors.hpp"
 
 namespace pflash::testing {
 namespace {
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 TEST(Mesh, TorusCoordinatesAndWrapAround) {
   const int p = world_size();

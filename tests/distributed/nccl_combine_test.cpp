@@ -9,19 +9,16 @@
 #include <random>
 #include <vector>
 
+#include "distributed/world.hpp"
 #include "pflash/distributed/nccl_combine.hpp"
-#include "pflash/merge.hpp"
+#include "support/merge.hpp"
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
 namespace {
 
 TEST(NcclCombine, EqualsMergeAttentionStates) {
-  const Mesh mesh(MPI_COMM_WORLD, {1, [] {
-                                      int size = 0;
-                                      MPI_Comm_size(MPI_COMM_WORLD, &size);
-                                      return size;
-                                    }()});
+  const Mesh mesh(MPI_COMM_WORLD, {1, world_size()});
   int devices = 0;
   const bool have_gpus = cudaGetDeviceCount(&devices) == cudaSuccess && devices >= mesh.size();
   int all_have = have_gpus ? 1 : 0;
@@ -36,15 +33,7 @@ TEST(NcclCombine, EqualsMergeAttentionStates) {
   std::uniform_real_distribution<double> spread(-30.0, 30.0);
   for (std::int64_t s = 0; s < p; ++s)
     for (std::int64_t i = 0; i < n; ++i) lse_parts.set(i % 7 == 0 && s == 0 ? -INFINITY : spread(rng), s, i, 0);
-  HostTensor o(DType::kFloat32, {n, heads, dim, 1}), lse(DType::kFloat32, {n, heads, 1});
-  MergeParams m;
-  m.o_partials = o_parts.view();
-  m.lse_partials = lse_parts.view();
-  m.o = o.mutable_view();
-  m.o.rank = 3;
-  m.lse = lse.mutable_view();
-  m.lse.rank = 2;
-  merge_attention_states(m);
+  const auto [o, lse] = merge_parts(o_parts, lse_parts);
 
   std::vector<float> states(static_cast<std::size_t>(rows * (dim + 1)));
   for (std::int64_t r = 0; r < rows; ++r) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "distributed/world.hpp"
 #include "pflash/distributed/sharded_decode.hpp"
 #include "pflash/pflash.hpp"
 #include "support/kv_cache.hpp"
@@ -20,12 +21,6 @@
 
 namespace pflash::testing {
 namespace {
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
 
 enum class Shards { kEven, kEmptySecond };  // kEmptySecond: shard 1 owns nothing and passes no storage
 
