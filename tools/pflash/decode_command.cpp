@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <csignal>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -429,7 +430,11 @@ int run_decode_command(const DecodeCommandArgs& args, int* argc, char*** argv) {
     status = run(args);
   } catch (const std::exception& e) {
     // A failure on any rank ends the whole job: the others may be waiting in a collective for it.
-    std::cerr << "pflash decode: rank " << rank << ": " << e.what() << "; aborting the job\n" << std::flush;
+    // One write, so that the ranks' lines (mpirun forwards each write as it comes) never interleave.
+    const std::string line = "pflash decode: rank " + std::to_string(rank) + ": " + e.what() + "; aborting the job\n";
+    std::fflush(stdout);
+    std::fputs(line.c_str(), stderr);
+    std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 2);
   }
   MPI_Finalize();
