@@ -10,6 +10,7 @@
 
 #include "core/checker.hpp"
 #include "core/params.hpp"
+#include "core/validate_decode.hpp"
 #include "pflash/error.hpp"
 #include "pflash/runtime.hpp"
 
@@ -94,6 +95,18 @@ void check_common(const Checker& check, std::optional<float> softmax_scale, int 
 
 }  // namespace
 
+void check_decode_outputs(const Checker& check, const TensorView& q, const TensorView& o, const TensorView& lse,
+                          std::initializer_list<std::pair<const char*, TensorView>> inputs) {
+  const std::int64_t batch = q.size(0), heads_q = q.size(1), tokens = q.size(2), dim = q.size(3);
+  const DType o_dtype = o.dtype == DType::kFloat32 ? DType::kFloat32 : q.dtype;
+  check.output("o", o, o_dtype, "o has q's dtype or fp32", {batch, heads_q, tokens, dim}, "[B, Hq, T, D]",
+               "(the shape of q)", inputs);
+  if (lse.empty()) return;
+  check.output("lse", lse, DType::kFloat32, "an LSE is fp32", {batch, heads_q, tokens}, "[B, Hq, T]",
+               "(the first three dimensions of q)", inputs);
+  if (overlaps(lse, o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
+}
+
 DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* function_name) {
   const Checker check(function_name);
   constexpr const char* kQLayout = "[B, Hq, T, D]";
@@ -119,16 +132,9 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     check.fail("cache.k", "a head count Hkv (dimension 1) dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
                "Hkv = " + std::to_string(heads_kv));
   }
-  const DType o_dtype = params.o.dtype == DType::kFloat32 ? DType::kFloat32 : params.q.dtype;
-  check.output("o", params.o, o_dtype, "o has q's dtype or fp32", {batch, heads_q, tokens, dim}, kQLayout,
-               "(the shape of q)", {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
+  check_decode_outputs(check, params.q, params.o, params.lse,
+                       {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
   const bool has_lse = !params.lse.empty();
-  if (has_lse) {
-    check.output("lse", params.lse, DType::kFloat32, "an LSE is fp32", {batch, heads_q, tokens}, "[B, Hq, T]",
-                 "(the first three dimensions of q)",
-                 {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
-    if (overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
-  }
   if (!params.positions_after.empty()) {
     if (static_cast<std::int64_t>(params.positions_after.size()) != batch) {
       check.fail("positions_after", "empty or one count per sequence (" + std::to_string(batch) + ")",

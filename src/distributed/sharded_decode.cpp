@@ -14,6 +14,7 @@
 #include "core/checker.hpp"
 #include "core/merge_row.hpp"
 #include "core/shard.hpp"
+#include "core/validate_decode.hpp"
 #include "distributed/merge_op.hpp"
 #include "distributed/mpi_check.hpp"
 #include "pflash/decode.hpp"
@@ -40,8 +41,7 @@ struct LocalResult {
 
 LocalResult decode_shard(const Mesh& mesh, const ShardedDecodeParams& params) {
   const detail::Checker check(kName);
-  constexpr const char* kQLayout = "[B, Hq, T, D]";
-  check.tensor("q", params.q, 4, kQLayout);
+  check.tensor("q", params.q, 4, "[B, Hq, T, D]");
   LocalResult r{params.q.size(0), params.q.size(1), params.q.size(2), params.q.size(3), {}};
   const KVCacheShardView& shard = params.cache;
   if (shard.layout.shards() != mesh.size()) {
@@ -53,16 +53,8 @@ LocalResult decode_shard(const Mesh& mesh, const ShardedDecodeParams& params) {
     check.fail("cache.shard", "this rank's index in the mesh, " + std::to_string(mesh.rank()), std::to_string(shard.shard));
   }
   const std::vector<ShardExtent> extents = detail::check_shard(check, shard);
-  const std::initializer_list<std::pair<const char*, TensorView>> inputs = {
-      {"q", params.q}, {"cache.local.k", shard.local.k}, {"cache.local.v", shard.local.v}};
-  const DType o_dtype = params.o.dtype == DType::kFloat32 ? DType::kFloat32 : params.q.dtype;
-  check.output("o", params.o, o_dtype, "o has q's dtype or fp32", {r.batch, r.heads_q, r.tokens, r.dim}, kQLayout,
-               "(the shape of q)", inputs);
-  if (!params.lse.empty()) {
-    check.output("lse", params.lse, DType::kFloat32, "an LSE is fp32", {r.batch, r.heads_q, r.tokens}, "[B, Hq, T]",
-                 "(the first three dimensions of q)", inputs);
-    if (detail::overlaps(params.lse, params.o)) check.fail("lse", "memory disjoint from 'o'", "an overlap");
-  }
+  detail::check_decode_outputs(check, params.q, params.o, params.lse,
+                               {{"q", params.q}, {"cache.local.k", shard.local.k}, {"cache.local.v", shard.local.v}});
   if (params.combine != CombineAlgorithm::kAuto && params.combine != CombineAlgorithm::kAllReduce &&
       params.combine != CombineAlgorithm::kAllGather) {
     check.fail("combine", "kAuto, kAllReduce or kAllGather", std::to_string(static_cast<int>(params.combine)));

@@ -239,6 +239,13 @@ TEST(ShardedDecode, OneRankBadArgumentsFailEveryRank) {
   EXPECT_EQ(*wrong_layout.code, ErrorCode::kInvalidArgument) << "every rank failed on its own";
   EXPECT_NE(wrong_layout.message.find("argument 'cache.layout': expected one shard per rank"), std::string::npos)
       << wrong_layout.message;
+  p.cache = KVCacheShardView{local.view(), seq_lens, layout, rank};
+  p.combine = static_cast<CombineAlgorithm>(7);
+  const ErrorSeen wrong_combine = error_of([&] { sharded_flash_decode(mesh, p); });
+  ASSERT_TRUE(wrong_combine.code.has_value());
+  EXPECT_EQ(*wrong_combine.code, ErrorCode::kInvalidArgument);
+  EXPECT_NE(wrong_combine.message.find("argument 'combine': expected kAuto, kAllReduce or kAllGather"), std::string::npos)
+      << wrong_combine.message;
 }
 
 TEST(ShardedDecode, RanksMustAgreeOnTheProblemSize) {
