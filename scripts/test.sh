@@ -18,6 +18,6 @@ cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan -j"$jobs" --output-on-failure
 
-echo "== Python: TPU backend (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh, TPU export)"
+echo "== Python: TPU backend (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh; compiled for a v5e by libtpu)"
 cd python
 JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest -q -rs

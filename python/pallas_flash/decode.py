@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -48,10 +49,11 @@ def default_num_splits(num_blocks: int) -> int:
 
 
 def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *, scale,
-                   query_tokens, block_k, blocks_per_split, max_len):
+                   query_tokens, block_k, blocks_per_split, max_len, static_end):
     b, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block = split * blocks_per_split + j
-    end = end_ref[b]  # position after the last query token, in this cache's coordinates
+    # The position after the last query token, in this cache's coordinates.
+    end = end_ref[b] if static_end is None else static_end
     rows = q_ref.shape[0]
 
     @pl.when(j == 0)
@@ -75,7 +77,11 @@ def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, ro
 
 def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
     """Partials over splits: O [B, Hkv, splits, group*T, D] f32 and LSE [B, Hkv, splits, group*T, 1].
-    end [B]: per sequence, the position after its last query token in this cache's coordinates."""
+    end: per sequence, the position after its last query token in this cache's coordinates: an
+    int32 [B] array read by scalar prefetch, or a Python int for every sequence, known at trace time."""
+    static_end = int(end) if isinstance(end, (int, np.integer)) else None
+    if static_end is not None:
+        end = jnp.full((q.shape[0],), static_end, jnp.int32)
     batch, heads_q, query_tokens, dim = q.shape
     heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads_q // heads_kv
@@ -90,14 +96,15 @@ def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
         return b, h, 0, 0
 
     def kv_map(b, h, s, j, end_ref):
-        last = lax.div(jnp.maximum(jnp.minimum(end_ref[b], max_len) - 1, 0), jnp.int32(block_k))
+        end_b = end_ref[b] if static_end is None else static_end
+        last = lax.div(jnp.maximum(jnp.minimum(end_b, max_len) - 1, 0), jnp.int32(block_k))
         return b, h, jnp.minimum(s * blocks_per_split + j, last), 0
 
     def out_map(b, h, s, j, end_ref):
         return b, h, s, 0, 0
 
     kernel = functools.partial(_decode_kernel, scale=scale, query_tokens=query_tokens, block_k=block_k,
-                               blocks_per_split=blocks_per_split, max_len=max_len)
+                               blocks_per_split=blocks_per_split, max_len=max_len, static_end=static_end)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -125,6 +132,10 @@ def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
                                              vmem_limit_bytes=vmem_budget_bytes()),
         interpret=pltpu.InterpretParams() if interpret else False,
+        # At most every cache row once (fewer when sequences are shorter than the cache).
+        cost_estimate=pl.CostEstimate(flops=4 * batch * heads_kv * rows * max_len * dim,
+                                      transcendentals=batch * heads_kv * rows * max_len,
+                                      bytes_accessed=2 * k_cache.size * k_cache.dtype.itemsize + 2 * q.size * 4),
         name="pallas_flash_decode",
     )(end.astype(jnp.int32), q_rows, k_cache, v_cache)
 
@@ -139,6 +150,7 @@ def _reference_partial(q, k_cache, v_cache, end, *, scale):
     s = jnp.einsum("bhrd,bhkd->bhrk", q_rows, k_cache.astype(jnp.float32), precision="highest") * scale
     token = jnp.arange(rows)[:, None] % query_tokens
     col = jnp.arange(max_len)[None, :]
+    end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
     visible = col[None, None] <= (end[:, None, None, None] - query_tokens + token[None, None])
     return masked_attention(jnp.where(visible, s, -jnp.inf), v_cache)
 
@@ -163,7 +175,10 @@ def _check(q, k_cache, v_cache, lengths):
         raise ValueError(f"flash_decode: expected caches with q's B and D, got q {q.shape}, cache {k_cache.shape}")
     if q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"flash_decode: expected Hkv dividing Hq, got Hq={q.shape[1]}, Hkv={k_cache.shape[1]}")
-    if lengths.shape != (q.shape[0],):
+    if isinstance(lengths, (int, np.integer)):
+        if not 0 <= lengths <= k_cache.shape[2]:
+            raise ValueError(f"flash_decode: expected an int length in 0..Nmax={k_cache.shape[2]}, got {lengths}")
+    elif lengths.shape != (q.shape[0],):
         raise ValueError(f"flash_decode: expected lengths of shape ({q.shape[0]},), got {lengths.shape}")
 
 
@@ -179,7 +194,9 @@ def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None,
     """Decode attention: q [B, Hq, T, D] (T new tokens, 1..16) against k_cache, v_cache [B, Hkv, Nmax, D].
 
     lengths [B] int32: valid cache positions per sequence, the new tokens' K/V included; new token t
-    sits at position lengths - T + t and sees keys j <= that position. The cache is split into
+    sits at position lengths - T + t and sees keys j <= that position. A Python int is one length for
+    every sequence, known at trace time: the kernel reads no length from SMEM (the v5e compiler's
+    static profile reads scalar-prefetch values as 0, so it is how decode is profiled). The cache is split into
     num_splits ranges (default: default_num_splits) decoded independently and merged exactly.
     Lengths are not checked against Nmax on the device: positions past Nmax do not exist and are
     never read. Returns O [B, Hq, T, D], or (O, LSE [B, Hq, T]) with return_lse.
@@ -221,9 +238,15 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float 
     mode = kernel_mode(interpret)
     cache_spec = P(None, None, axes, None)
 
+    # A full cache and one new token: every shard sees all of its positions, the same trace-time
+    # length on every device. Any other int length becomes an array (each shard's end differs).
+    full_shards = isinstance(lengths, (int, np.integer)) and lengths == k_cache.shape[2] and q.shape[2] == 1
+    if isinstance(lengths, (int, np.integer)) and not full_shards:
+        lengths = jnp.full((q.shape[0],), lengths, jnp.int32)
+
     def local(q, k_shard, v_shard, lengths):
         shard = lax.axis_index(axes)
-        end = lengths - shard * shard_len  # the queries' end in this shard's coordinates
+        end = shard_len if full_shards else lengths - shard * shard_len  # the queries' end in this shard
         o, lse = _decode(q, k_shard, v_shard, end, scale=scale, num_splits=splits, mode=mode)
         o_all = lax.all_gather(o, axes)  # [devices, B, Hkv, rows, D]: a few KiB per device
         lse_all = lax.all_gather(lse, axes)
@@ -238,5 +261,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float 
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P()), out_specs=(P(), P()),
                              check_vma=False)(q, k_cache, v_cache, lengths)
 
+    if full_shards:
+        lengths = jnp.zeros((q.shape[0],), jnp.int32)  # unread: every shard's end is known
     o, lse = sharded(q, k_cache, v_cache, lengths)
     return _finish(o, lse, q, return_lse)

@@ -1,9 +1,10 @@
 """FlashAttention-2 training kernels for the TPU (Pallas/Mosaic): forward and backward.
 
-Forward, grid (B, Hq, Nq/block_q, Nk/block_k), the last axis sequential: a query block stays
+Forward, grid (B, Nq/block_q, Hq, Nk/block_k), the last axis sequential: a query block stays
 resident in VMEM while K/V blocks stream past it (Pallas double-buffers their DMAs); the running
-max, running sum and fp32 accumulator live in VMEM scratch; O and LSE are written once at the last
-key block. Backward recomputes P = exp(S * scale - LSE) from the saved LSE, with two kernels:
+max, running sum and fp32 accumulator live in VMEM scratch; O is written once at the last key block,
+the LSE row of every head into one lane-dense [Hq, block_q] block that goes to HBM once per query
+block. Backward recomputes P = exp(S * scale - LSE) from the saved LSE, with two kernels:
 dK/dV (grid over key blocks, queries of every head in the GQA group streamed past) and dQ.
 Causal: key blocks entirely above the diagonal are skipped with pl.when, and their index maps are
 clamped to the last needed block so that no DMA is issued for them either.
@@ -22,8 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_flash.backend import kernel_mode
-from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
-from pallas_flash.planner import LANES, BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
+from pallas_flash.online_softmax import NEG_INF, column_to_row, finish_state, init_state, row_to_column, update_state
+from pallas_flash.planner import BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
 from pallas_flash.reference import reference_attention
 
 
@@ -80,6 +81,21 @@ def _first_q_block(problem: _Problem, kv_block, block_q: int, block_k: int, num_
     return jnp.minimum(_div(first_query, block_q), num_q_blocks - 1)
 
 
+def _visited_kv_blocks(problem: _Problem, num_q_blocks: int, block_q: int, block_k: int, num_kv_blocks: int):
+    """Per query block, how many key blocks its grid row computes (and fetches): all of them, or
+    (causal) up to the diagonal. Python ints, for the kernels' declared cost."""
+    if not problem.causal:
+        return [num_kv_blocks] * num_q_blocks
+    last = [((i + 1) * block_q - 1 + problem.causal_offset) // block_k for i in range(num_q_blocks)]
+    return [max(0, min(n, num_kv_blocks - 1)) + 1 for n in last]
+
+
+def _cost(flops: int, exps: int, bytes_accessed: int):
+    """What XLA's cost analysis reports for a kernel (and its scheduler plans with): the MXU work,
+    exponentials and HBM traffic of every DMA the grid issues, re-reads of K/V included."""
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(exps), bytes_accessed=int(bytes_accessed))
+
+
 def _scores(problem: _Problem, q, k):
     """S * scale in fp32 on the MXU: q (block_q, D) x k (block_k, D)^T."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -102,7 +118,7 @@ def _interpret_arg(problem: _Problem):
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *, problem, block_q,
                 block_k, num_kv_blocks):
-    q_block, kv_block = pl.program_id(2), pl.program_id(3)
+    q_block, head, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(kv_block == 0)
     def _init():
@@ -118,28 +134,39 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, a
     def _finish():
         o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
         o_ref[...] = o.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        lse_ref[pl.ds(head, 1), :] = column_to_row(lse)
 
 
 def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
-    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], all aligned. Returns O and LSE [B, Hq, Nq, 1]."""
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], all aligned. Returns O and LSE [B, Hq, Nq].
+
+    Grid (B, Nq/block_q, Hq, Nk/block_k): the heads run inside a query block so that one LSE block,
+    [Hq, block_q] lane-dense, stays in VMEM while every head writes its row and goes to HBM once
+    (an [N, 1] column would take 128x its size there, in (8, 128) tiles)."""
     batch, heads_q, seq_q, dim = q.shape
     seq_k = k.shape[2]
     block_q, block_k = blocks.block_q, blocks.block_k
     num_q_blocks, num_kv_blocks = seq_q // block_q, seq_k // block_k
     group = problem.group
 
-    def q_map(b, h, i, j):
+    def q_map(b, i, h, j):
         return b, h, i, 0
 
-    def kv_map(b, h, i, j):
+    def kv_map(b, i, h, j):
         return b, lax.div(h, jnp.int32(group)), jnp.minimum(j, _last_kv_block(problem, i, block_q, block_k, num_kv_blocks)), 0
+
+    def lse_map(b, i, h, j):
+        return b, 0, i
 
     kernel = functools.partial(_fwd_kernel, problem=problem, block_q=block_q, block_k=block_k,
                                num_kv_blocks=num_kv_blocks)
+    visited = sum(_visited_kv_blocks(problem, num_q_blocks, block_q, block_k, num_kv_blocks))
+    pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
+    kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
+    itemsize = q.dtype.itemsize
     return pl.pallas_call(
         kernel,
-        grid=(batch, heads_q, num_q_blocks, num_kv_blocks),
+        grid=(batch, num_q_blocks, heads_q, num_kv_blocks),
         in_specs=[
             pl.BlockSpec((None, None, block_q, dim), q_map),
             pl.BlockSpec((None, None, block_k, dim), kv_map),
@@ -147,19 +174,22 @@ def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
         ],
         out_specs=[
             pl.BlockSpec((None, None, block_q, dim), q_map),
-            pl.BlockSpec((None, None, block_q, 1), q_map),
+            pl.BlockSpec((None, heads_q, block_q), lse_map),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads_q, seq_q, 1), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
         ],
         scratch_shapes=[
             pltpu.VMEM((block_q, 1), jnp.float32),  # row_max
             pltpu.VMEM((block_q, 1), jnp.float32),  # row_sum
             pltpu.VMEM((block_q, dim), jnp.float32),  # acc
         ],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        # The LSE block is revisited by every head of a query block: the head axis is sequential.
+        compiler_params=_compiler_params(("parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=_interpret_arg(problem),
+        cost_estimate=_cost(4 * pairs * dim, pairs,
+                            itemsize * (2 * q.size + 2 * kv_rows * dim) + 4 * batch * heads_q * seq_q),
         name="pallas_flash_fwd",
     )(q, k, v)
 
@@ -175,10 +205,16 @@ def _probs(problem, q, k, lse, q_start, k_start, block_q, block_k):
     return jnp.where(mask, jnp.exp(s - jnp.where(lse == NEG_INF, 0.0, lse)), 0.0)
 
 
+def _head_row(stat_ref, head):
+    """Row `head` of a [heads, block_q] statistics block, as the (block_q, 1) column the tile math uses."""
+    return row_to_column(stat_ref[pl.ds(head, 1), :])
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, problem,
                 block_q, block_k, num_q_blocks):
-    kv_block, step = pl.program_id(2), pl.program_id(3)
+    head_kv, kv_block, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     q_block = lax.rem(step, jnp.int32(num_q_blocks))
+    head_q = head_kv * problem.group + lax.div(step, jnp.int32(num_q_blocks))
 
     @pl.when(step == 0)
     def _init():
@@ -188,10 +224,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     @pl.when(q_block >= _first_q_block(problem, kv_block, block_q, block_k, num_q_blocks))
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        p = _probs(problem, q, k, lse_ref[...], q_block * block_q, kv_block * block_k, block_q, block_k)
+        p = _probs(problem, q, k, _head_row(lse_ref, head_q), q_block * block_q, kv_block * block_k, block_q, block_k)
         dv_acc_ref[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_ref[...])
+        ds = p * (dp - _head_row(delta_ref, head_q))
         dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32) * problem.sm_scale
 
     @pl.when(step == pl.num_programs(3) - 1)
@@ -202,7 +238,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, *, problem, block_q, block_k,
                num_kv_blocks):
-    q_block, kv_block = pl.program_id(2), pl.program_id(3)
+    head, q_block, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(kv_block == 0)
     def _init():
@@ -211,9 +247,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_r
     @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        p = _probs(problem, q, k, lse_ref[...], q_block * block_q, kv_block * block_k, block_q, block_k)
+        p = _probs(problem, q, k, _head_row(lse_ref, head), q_block * block_q, kv_block * block_k, block_q, block_k)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_ref[...])
+        ds = p * (dp - _head_row(delta_ref, head))
         dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * problem.sm_scale
 
     @pl.when(kv_block == num_kv_blocks - 1)
@@ -225,12 +261,18 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
     batch, heads_q, seq_q, dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     group = problem.group
-    # D_i = rowsum(dO_i * O_i), once per row (a cheap elementwise pass XLA fuses).
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    # D_i = rowsum(dO_i * O_i), once per row (a cheap elementwise pass XLA fuses), [B, Hq, Nq] like the LSE.
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+
+    itemsize = q.dtype.itemsize
 
     # dK, dV: one key block resident, the query blocks of every head of its group streamed past.
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     nq, nk = seq_q // bq, seq_k // bk
+    visited = sum(_visited_kv_blocks(problem, nq, bq, bk, nk))  # (query block, key block) pairs per head
+    pairs = batch * heads_q * visited * bq * bk
+    q_side = batch * heads_q * visited * (2 * bq * dim * itemsize + 2 * heads_q * bq * 4)  # Q, dO, LSE, delta
+    dkv_cost = _cost(8 * pairs * dim, pairs, q_side + 4 * k.size * itemsize)  # + K, V in, dK, dV out
 
     def q_side_map(b, h_kv, j, step):
         i = jnp.maximum(lax.rem(step, jnp.int32(nq)), _first_q_block(problem, j, bq, bk, nq))
@@ -238,6 +280,9 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
 
     def kv_side_map(b, h_kv, j, step):
         return b, h_kv, j, 0
+
+    def stats_side_map(b, h_kv, j, step):  # every head's row: the kernel picks its own
+        return b, 0, jnp.maximum(lax.rem(step, jnp.int32(nq)), _first_q_block(problem, j, bq, bk, nq))
 
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, problem=problem, block_q=bq, block_k=bk, num_q_blocks=nq),
@@ -247,8 +292,8 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
             pl.BlockSpec((None, None, bk, dim), kv_side_map),
             pl.BlockSpec((None, None, bk, dim), kv_side_map),
             pl.BlockSpec((None, None, bq, dim), q_side_map),
-            pl.BlockSpec((None, None, bq, 1), q_side_map),
-            pl.BlockSpec((None, None, bq, 1), q_side_map),
+            pl.BlockSpec((None, heads_q, bq), stats_side_map),
+            pl.BlockSpec((None, heads_q, bq), stats_side_map),
         ],
         out_specs=[
             pl.BlockSpec((None, None, bk, dim), kv_side_map),
@@ -258,18 +303,26 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
         scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret_arg(problem),
+        cost_estimate=dkv_cost,
         name="pallas_flash_bwd_dkv",
     )(q, k, v, do, lse, delta)
 
     # dQ: one query block resident, key blocks streamed past.
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     nq, nk = seq_q // bq, seq_k // bk
+    visited = sum(_visited_kv_blocks(problem, nq, bq, bk, nk))
+    pairs = batch * heads_q * visited * bq * bk
+    q_side = batch * heads_q * nq * (3 * bq * dim * itemsize + 2 * heads_q * bq * 4)  # Q, dO in, dQ out, LSE, delta
+    dq_cost = _cost(6 * pairs * dim, pairs, q_side + batch * heads_q * visited * 2 * bk * dim * itemsize)
 
     def q_map(b, h, i, j):
         return b, h, i, 0
 
     def kv_map(b, h, i, j):
         return b, lax.div(h, jnp.int32(group)), jnp.minimum(j, _last_kv_block(problem, i, bq, bk, nk)), 0
+
+    def stats_map(b, h, i, j):
+        return b, 0, i
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, problem=problem, block_q=bq, block_k=bk, num_kv_blocks=nk),
@@ -279,14 +332,15 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
             pl.BlockSpec((None, None, bk, dim), kv_map),
             pl.BlockSpec((None, None, bk, dim), kv_map),
             pl.BlockSpec((None, None, bq, dim), q_map),
-            pl.BlockSpec((None, None, bq, 1), q_map),
-            pl.BlockSpec((None, None, bq, 1), q_map),
+            pl.BlockSpec((None, heads_q, bq), stats_map),
+            pl.BlockSpec((None, heads_q, bq), stats_map),
         ],
         out_specs=pl.BlockSpec((None, None, bq, dim), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret_arg(problem),
+        cost_estimate=dq_cost,
         name="pallas_flash_bwd_dq",
     )(q, k, v, do, lse, delta)
     return dq, dk, dv
@@ -334,23 +388,24 @@ def _check_inputs(q, k, v):
         raise ValueError(f"flash_attention: expected one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def alignment_padding(q_shape, k_shape, blocks: BlockSizes) -> tuple[tuple[int, int], tuple[int, int], int]:
-    """((Nq, Nq_aligned), (Nk, Nk_aligned), D_aligned): the sizes the kernels see. Sequence lengths
-    round up to their blocks, head_dim to 128 (the MXU and lane width)."""
-    seq_q, seq_k, dim = q_shape[2], k_shape[2], q_shape[3]
+def alignment_padding(q_shape, k_shape, blocks: BlockSizes) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((Nq, Nq_aligned), (Nk, Nk_aligned)): the sequence lengths the kernels see, rounded up to their
+    blocks. head_dim is never padded: a block's last dimension may equal the array's, and VMEM pads it
+    to the 128 lanes by itself."""
+    seq_q, seq_k = q_shape[2], k_shape[2]
     nq = round_up(seq_q, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
     nk = round_up(seq_k, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-    return (seq_q, nq), (seq_k, nk), round_up(dim, LANES)
+    return (seq_q, nq), (seq_k, nk)
 
 
 def padding_bytes(q_shape, k_shape, dtype, blocks: BlockSizes | None = None) -> int:
-    """Bytes the wrapper's one-time alignment copy of q, k, v writes (0 for aligned shapes)."""
+    """Bytes the wrapper's one-time alignment copy of q, k, v writes (0 for aligned lengths)."""
     blocks = blocks or plan_block_sizes(q_shape[2], k_shape[2], q_shape[3], dtype)
-    (seq_q, nq), (seq_k, nk), d = alignment_padding(q_shape, k_shape, blocks)
-    if (seq_q, seq_k, q_shape[3]) == (nq, nk, d):
+    (seq_q, nq), (seq_k, nk) = alignment_padding(q_shape, k_shape, blocks)
+    if (seq_q, seq_k) == (nq, nk):
         return 0
     itemsize = jnp.dtype(dtype).itemsize
-    return (q_shape[0] * q_shape[1] * nq * d + 2 * k_shape[0] * k_shape[1] * nk * d) * itemsize
+    return (q_shape[0] * q_shape[1] * nq + 2 * k_shape[0] * k_shape[1] * nk) * q_shape[3] * itemsize
 
 
 def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = None,
@@ -361,9 +416,10 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
       give 0 and LSE = -inf.
     - sm_scale: default 1/sqrt(D). GQA/MQA: k, v may have Hkv heads, Hkv dividing Hq.
     - block_sizes: default plan_block_sizes(...) for the v5e.
-    - Alignment: when N is a multiple of the blocks and D of 128 the kernels read the inputs as they
-      are; otherwise q, k, v are padded once with zeros (padding_bytes() says how many bytes that
-      writes) and the result sliced. Padded keys and queries are masked inside the kernels.
+    - Alignment: any head_dim is read in place. When N is a multiple of the blocks the kernels read
+      the inputs as they are; otherwise q, k, v are padded along N once with zeros (padding_bytes()
+      says how many bytes that writes) and the result sliced. Padded keys and queries are masked
+      inside the kernels.
     - interpret: None runs the compiled kernel on TPU, the TPU interpret mode on CPU, and the
       reference path elsewhere; True/False force interpret mode or compilation.
     Returns O (q's dtype), or (O, LSE [B, Hq, Nq] float32) with return_lse.
@@ -377,15 +433,15 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
         return reference_attention(q, k, v, causal=causal, sm_scale=scale, return_lse=return_lse)
 
     blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype)
-    (_, nq), (_, nk), d = alignment_padding(q.shape, k.shape, blocks)
+    (_, nq), (_, nk) = alignment_padding(q.shape, k.shape, blocks)
     problem = _Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, causal=causal, group=heads_q // heads_kv,
                        interpret=mode == "interpret")
-    if (nq, nk, d) != (seq_q, seq_k, dim):
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, nq - seq_q), (0, d - dim)))
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk - seq_k), (0, d - dim)))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk - seq_k), (0, d - dim)))
+    if nq != seq_q:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, nq - seq_q), (0, 0)))
+    if nk != seq_k:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, nk - seq_k), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, nk - seq_k), (0, 0)))
     o, lse = _flash_aligned(problem, blocks, q, k, v)
-    if (nq, d) != (seq_q, dim):
-        o = o[:, :, :seq_q, :dim]
-    lse = lse[:, :, :seq_q, 0]
+    if nq != seq_q:
+        o, lse = o[:, :, :seq_q], lse[:, :, :seq_q]
     return (o, lse) if return_lse else o

@@ -36,3 +36,20 @@ def finish_state(row_max_ref, row_sum_ref, acc_ref):
     seen = row_sum > 0.0
     safe_sum = jnp.where(seen, row_sum, 1.0)
     return acc_ref[...] / safe_sum, jnp.where(seen, row_max_ref[...] + jnp.log(safe_sum), NEG_INF)
+
+
+# Row statistics live in HBM lane-dense, one row of N values per head ([B, H, N]): an (N, 1) column
+# would be stored in (8, 128) tiles at 128x its size. These two move a statistic between the kernels'
+# column form (rows, 1) and that row form (1, rows), through one (rows, 128) x (128, rows) transpose
+# on the XLU.
+LANES = 128
+
+
+def column_to_row(column):
+    rows = column.shape[0]
+    return jnp.broadcast_to(column, (rows, LANES)).T[0:1, :]
+
+
+def row_to_column(row):
+    rows = row.shape[1]
+    return jnp.broadcast_to(row, (LANES, rows)).T[:, 0:1]

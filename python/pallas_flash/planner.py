@@ -1,8 +1,8 @@
 """Block sizes for the TPU v5e, chosen from its VMEM budget and the problem's shape.
 
-A v5e TensorCore has 128 MiB of VMEM and four 128x128 MXUs. Every block is a multiple of 128 along
-the dimensions that feed the MXU (rows of Q and K/V blocks, and head_dim once padded), which also
-satisfies Mosaic's (8, 128) tiling of the last two dimensions. The planner keeps the query block as
+A v5e TensorCore has 128 MiB of VMEM and four 128x128 MXUs. Every block is a multiple of 128 rows
+(Q and K/V blocks feed the MXU), which also satisfies Mosaic's (8, 128) tiling; a block's head_dim
+is the array's (VMEM pads it to 128 lanes, which the formulas below count). The planner keeps the query block as
 large as the budget allows (each K/V block read from HBM is then reused by more query rows: the
 arithmetic intensity of the forward pass is ~block_q FLOPs per K/V byte) and streams K/V in blocks
 of 512 rows.

@@ -1,4 +1,5 @@
-"""The Phase-I baseline and the tests' oracle: plain jax.numpy attention under jax.jit."""
+"""Plain jax.numpy attention: the tests' oracle (reference_attention, float32 at highest precision) and
+the materialising baseline the benchmark runs (naive_attention, as a user would write it)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,21 @@ def reference_attention(q, k, v, *, causal: bool = False, sm_scale: float | None
     out, lse = masked_attention(scores, v)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale"))
+def naive_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = None):
+    """The baseline FlashAttention is measured against: the scores [B, Hq, Nq, Nk] materialised in
+    float32 (MXU products in the inputs' dtype, fp32 accumulation), softmax, then P in the inputs'
+    dtype times V. Its memory grows with Nq * Nk: on one 16 GiB v5e it stops compiling long before
+    the flash kernels do. GQA by repeating K and V. Rows with no visible key give NaN (as plain
+    softmax does)."""
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    k = jnp.repeat(k, heads_q // heads_kv, axis=1)
+    v = jnp.repeat(v, heads_q // heads_kv, axis=1)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        scores = jnp.where(causal_mask(q.shape[2], k.shape[2]), scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)

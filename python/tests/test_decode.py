@@ -83,6 +83,18 @@ def test_sharded_decode_multi_token_gqa_on_2x2():
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_a_python_int_length_is_every_sequences_length(tokens):
+    # Known at trace time (no SMEM read): the same result as the array of that length.
+    q, k, v = make_cache(2, 4, 2, tokens, 32, 512)
+    o, lse = flash_decode(q, k, v, 300, num_splits=2, return_lse=True)
+    assert_matches(o, lse, q, k, v, jnp.array([300, 300], jnp.int32))
+    mesh = jax.make_mesh((2, 2), ("x", "y"))
+    q, k, v = make_cache(1, 4, 2, tokens, 32, 512)
+    o, lse = sharded_flash_decode(q, k, v, 512, mesh, num_splits=1, return_lse=True)  # a full cache
+    assert_matches(o, lse, q, k, v, jnp.array([512], jnp.int32))
+
+
 @pytest.mark.parametrize(
     "q_shape, cache_shape, lengths, message",
     [
@@ -95,6 +107,12 @@ def test_sharded_decode_multi_token_gqa_on_2x2():
 def test_bad_decode_inputs_raise(q_shape, cache_shape, lengths, message):
     with pytest.raises(ValueError, match=message):
         flash_decode(jnp.zeros(q_shape), jnp.zeros(cache_shape), jnp.zeros(cache_shape), jnp.array(lengths, jnp.int32))
+
+
+def test_an_int_length_past_the_cache_is_rejected():
+    z = jnp.zeros((1, 2, 256, 32))
+    with pytest.raises(ValueError, match="int length in 0..Nmax=256"):
+        flash_decode(jnp.zeros((1, 2, 1, 32)), z, z, 257)
 
 
 def test_sharded_decode_needs_divisible_cache():

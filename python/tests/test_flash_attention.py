@@ -94,8 +94,9 @@ def test_gradients_match_reference(shape, causal):
 
 def test_padding_bytes():
     assert padding_bytes((1, 8, 1024, 128), (1, 8, 1024, 128), jnp.bfloat16) == 0
-    # N = 1000 -> 1024, D = 96 -> 128: q, k, v copies of [1, 8, 1024, 128] bf16
-    assert padding_bytes((1, 8, 1000, 96), (1, 8, 1000, 96), jnp.bfloat16) == 3 * 8 * 1024 * 128 * 2
+    assert padding_bytes((1, 8, 1024, 96), (1, 8, 1024, 96), jnp.bfloat16) == 0  # any head_dim is read in place
+    # N = 1000 -> 1024: q, k, v copies of [1, 8, 1024, 96] bf16
+    assert padding_bytes((1, 8, 1000, 96), (1, 8, 1000, 96), jnp.bfloat16) == 3 * 8 * 1024 * 96 * 2
 
 
 @pytest.mark.parametrize(

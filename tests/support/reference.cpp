@@ -119,16 +119,24 @@ ReferenceGradients reference_attention_backward(const HostTensor& q, const HostT
   return reference_attention_backward(to_dense(q), to_dense(k), to_dense(v), to_dense(dout), causal, scale);
 }
 
+::testing::AssertionResult lse_near(double got, double want, double tolerance) {
+  if (std::isnan(got) || std::isnan(want)) {
+    return ::testing::AssertionFailure() << "LSE " << got << ", expected " << want << ": NaN";
+  }
+  if (std::isinf(got) || std::isinf(want)) {
+    if (got == want) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "LSE " << got << ", expected " << want;
+  }
+  const double bound = tolerance * std::max(1.0, std::abs(want));
+  if (std::abs(got - want) <= bound) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "LSE " << got << ", expected " << want << " within " << bound;
+}
+
 void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance) {
   const std::int64_t n = lse.shape()[2], h = lse.shape()[1];
   for (std::int64_t i = 0; i < static_cast<std::int64_t>(ref.size()); ++i) {
     const double got = lse.at(i / (n * h), (i / n) % h, i % n);
-    const double want = ref[static_cast<std::size_t>(i)];
-    if (std::isinf(want)) {
-      ASSERT_EQ(got, want) << "lse row " << i << " sees no key";
-    } else {
-      ASSERT_NEAR(got, want, tolerance * std::max(1.0, std::abs(want))) << "lse row " << i;
-    }
+    ASSERT_TRUE(lse_near(got, ref[static_cast<std::size_t>(i)], tolerance)) << "lse row " << i;
   }
 }
 

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "support/tensors.hpp"
 
 namespace pflash::testing {
@@ -43,8 +45,13 @@ ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, 
 ReferenceGradients reference_attention_backward(const HostTensor& q, const HostTensor& k, const HostTensor& v,
                                                 const HostTensor& dout, bool causal, double scale);
 
-// The kernels' LSE ([B, H, N] fp32) against the reference's: -inf exactly where the reference has
-// it, elsewhere within tolerance * max(1, |lse|) (fp32 in both dtypes: a few ulps of its magnitude).
+// One LSE against its expected value: an infinity only by the same infinity (a row that sees no key
+// has LSE = -inf, and -inf - -inf is NaN, which EXPECT_NEAR takes for a failure), a finite value
+// within tolerance * max(1, |want|), and NaN never (neither where a number nor where -inf is expected).
+::testing::AssertionResult lse_near(double got, double want, double tolerance);
+
+// The kernels' LSE ([B, H, N] fp32) against the reference's, row by row with lse_near (fp32 in both
+// dtypes: tolerance is a few ulps of its magnitude).
 void expect_lse_near(const HostTensor& lse, const std::vector<double>& ref, double tolerance);
 
 }  // namespace pflash::testing

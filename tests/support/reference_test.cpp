@@ -28,6 +28,20 @@ TEST(Reference, TwoKeysMatchesHandComputedSoftmax) {
   EXPECT_NEAR(ref.lse[0], std::log(std::exp(2.0) + 1.0), 1e-14);
 }
 
+TEST(Reference, LseComparisonTreatsInfinitiesAsValuesAndNaNAsFailure) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  EXPECT_TRUE(lse_near(-kInf, -kInf, 1e-5));  // a row that sees no key, on both sides
+  EXPECT_TRUE(lse_near(10.00001, 10.0, 1e-5));
+  EXPECT_FALSE(lse_near(10.001, 10.0, 1e-5));
+  EXPECT_FALSE(lse_near(-kInf, 3.0, 1e-5));
+  EXPECT_FALSE(lse_near(3.0, -kInf, 1e-5));
+  EXPECT_FALSE(lse_near(kInf, -kInf, 1e-5));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_FALSE(lse_near(nan, 3.0, 1e-5));  // a planted NaN fails where a number is expected
+  EXPECT_FALSE(lse_near(nan, -kInf, 1e-5));
+  EXPECT_FALSE(lse_near(nan, nan, 1e-5));
+}
+
 TEST(Reference, CausalIsBottomRightAligned) {
   // Nq = 2, Nk = 3: row 0 sees keys 0..1, row 1 sees keys 0..2. With zero queries every visible key
   // has weight 1/visible, so the output is the mean of the visible values.

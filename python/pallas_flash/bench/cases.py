@@ -1,0 +1,330 @@
+"""What the benchmark runs: one `Case` per row (implementation, pass, shape), and how each is built
+as a jitted function with its arguments, abstract (for the v5e compiler) or real (to measure).
+
+Implementations:
+- pallas_flash: this package's kernels (flash_attention, flash_decode, sharded_flash_decode).
+- jax_flash_attention: jax.experimental.pallas.ops.tpu.flash_attention, at given block sizes
+  (the report sweeps them and keeps the best for the shape). MHA only: K and V are repeated for GQA.
+- jax_splash: JAX's splash attention (CausalMask or FullMask), vmapped over the batch.
+- xla_reference: plain XLA attention (pallas_flash.reference.naive_attention): the scores materialised.
+- jax_paged_attention (decode): JAX's paged_attention kernel over the same cache in 128-row pages.
+- jax_cudnn, jax_xla (GPU): jax.nn.dot_product_attention with implementation="cudnn" / "xla".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_flash as pf
+from pallas_flash.reference import naive_attention
+
+ATTENTION_IMPLS = ("pallas_flash", "jax_flash_attention", "jax_splash", "xla_reference")
+DECODE_IMPLS = ("pallas_flash", "jax_paged_attention", "xla_reference")
+GPU_IMPLS = ("jax_cudnn", "jax_xla")
+PASSES = ("fwd", "bwd", "fwd+bwd", "decode")
+DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
+PAGE_SIZE = 128  # jax_paged_attention's page size; 16 pages (2048 keys) per compute block
+
+# JAX flash_attention's forward candidates (block_q, block_k_major, block_k) and backward block sizes.
+JAX_FORWARD_BLOCKS = tuple((bq, bkm, 512) for bq in (512, 1024, 2048) for bkm in (512, 1024, 2048))
+JAX_BACKWARD_BLOCKS = (512, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark row. Decode: seq_q is the new tokens per sequence, seq_k the context."""
+
+    impl: str
+    pass_: str
+    batch: int
+    heads: int
+    kv_heads: int
+    seq_q: int
+    seq_k: int
+    dim: int
+    dtype: str
+    causal: bool
+    mesh: str = "1x1"
+    # Block sizes, fixed (None: the implementation's own choice). pallas_flash: BlockSizes' six fields;
+    # jax_flash_attention: (block_q, block_k_major, block_k, backward block).
+    blocks: tuple[int, ...] | None = None
+    trace_time_lengths: bool = False  # decode: every sequence fills the cache, known at trace time
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def devices(self) -> int:
+        rows, cols = (int(x) for x in self.mesh.split("x"))
+        return rows * cols
+
+    def for_profile(self) -> Case:
+        """The same kernel for one KV head's group of one sequence: the compiler's estimate scales
+        linearly in batch and KV heads (independent grid rows), and simulating every grid step of
+        the full shape would take minutes. Decode lengths become trace-time constants (the
+        simulator reads scalar-prefetch values as 0)."""
+        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group,
+                                   trace_time_lengths=self.pass_ == "decode")
+
+    @property
+    def profile_scale(self) -> int:
+        return self.batch * self.kv_heads
+
+    def flops(self) -> float:
+        """Useful FLOPs, FlashAttention's convention: 4 B Hq Nq Nk D for a forward (QK^T and PV),
+        halved for causal self-attention; a backward is 2.5 forwards, fwd+bwd 3.5."""
+        forward = 4.0 * self.batch * self.heads * self.seq_q * self.seq_k * self.dim
+        if self.causal and self.seq_q == self.seq_k and self.pass_ != "decode":
+            forward /= 2
+        return forward * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}[self.pass_]
+
+    def tokens(self) -> int:
+        """Query tokens one call processes (new tokens for decode)."""
+        return self.batch * self.seq_q
+
+    def key(self) -> dict:
+        return {
+            "impl": self.impl, "pass": self.pass_, "batch": self.batch, "heads": self.heads,
+            "kv_heads": self.kv_heads, "seq_q": self.seq_q, "seq_k": self.seq_k, "dim": self.dim,
+            "dtype": self.dtype, "causal": self.causal,
+            "context": self.seq_k if self.pass_ == "decode" else None,
+            "mesh": self.mesh if self.pass_ == "decode" else None,
+        }
+
+    def as_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Case:
+        data = dict(data)
+        if data.get("blocks") is not None:
+            data["blocks"] = tuple(data["blocks"])
+        return cls(**data)
+
+
+def fixed_blocks(case: Case) -> Case:
+    """The case with its implementation's block sizes written out (the planner's for pallas_flash, the
+    JAX default for jax_flash_attention), so that a smaller shape can be profiled with the same kernel."""
+    if case.blocks or case.pass_ == "decode":
+        return case
+    if case.impl == "pallas_flash":
+        return dataclasses.replace(case, blocks=dataclasses.astuple(
+            pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, DTYPES[case.dtype])))
+    if case.impl == "jax_flash_attention":
+        return dataclasses.replace(case, blocks=(1024, 1024, 512, 1024))
+    return case
+
+
+def supported(case: Case) -> str | None:
+    """Why a case cannot run (None when it can)."""
+    if case.pass_ == "decode":
+        if case.impl not in DECODE_IMPLS + GPU_IMPLS:
+            return f"{case.impl} has no decode"
+        if case.impl == "jax_paged_attention" and (case.seq_q != 1 or case.mesh != "1x1"):
+            return "jax_paged_attention: one query token, one device"
+        if case.impl == "xla_reference" and case.mesh != "1x1":
+            return "xla_reference: one device"
+        return None
+    if case.impl == "jax_paged_attention":
+        return "jax_paged_attention is decode only"
+    if case.impl in ("jax_flash_attention", "jax_splash") and case.dim % 128 and case.dim != 64:
+        return f"{case.impl}: head_dim {case.dim} unsupported"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a case
+
+
+class Placement:
+    """Where arrays live: `abstract` (shapes on the v5e topology, for the compiler) or real arrays on
+    this host's devices (to measure)."""
+
+    def __init__(self, abstract: bool, seed: int = 0):
+        self.abstract = abstract
+        self._key = jax.random.PRNGKey(seed)
+
+    def mesh(self, shape: str) -> jax.sharding.Mesh:
+        rows, cols = (int(x) for x in shape.split("x"))
+        if self.abstract:
+            from pallas_flash import v5e
+
+            devices = np.array(v5e.topology().devices[: rows * cols])
+        else:
+            devices = np.array(jax.devices()[: rows * cols])
+        if devices.size != rows * cols:
+            raise ValueError(f"--mesh {shape}: expected {rows * cols} devices, this host has {devices.size}")
+        return jax.sharding.Mesh(devices.reshape(rows, cols), ("x", "y"))
+
+    def sharding(self, mesh=None, spec=None):
+        if mesh is not None:
+            return NamedSharding(mesh, spec)
+        if self.abstract:
+            from pallas_flash import v5e
+
+            return v5e.chip()
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def array(self, shape, dtype, sharding=None, fill=None):
+        sharding = sharding or self.sharding()
+        if self.abstract:
+            return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+        if fill is not None:
+            value = jnp.full(shape, fill, dtype)
+        else:
+            self._key, key = jax.random.split(self._key)
+            value = jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        return jax.device_put(value, sharding)
+
+    def index_array(self, values, sharding=None):
+        values = np.asarray(values, np.int32)
+        if self.abstract:
+            return jax.ShapeDtypeStruct(values.shape, jnp.int32, sharding=sharding or self.sharding())
+        return jax.device_put(values, sharding or self.sharding())
+
+
+def jax_flash_block_sizes(case: Case):
+    from jax.experimental.pallas.ops.tpu import flash_attention as jfa
+
+    bq, bkm, bk, bwd = case.blocks or (1024, 1024, 512, 1024)
+    clamp_q, clamp_k = (lambda b: min(b, case.seq_q)), (lambda b: min(b, case.seq_k))
+    return jfa.BlockSizes(
+        block_q=clamp_q(bq), block_k_major=clamp_k(bkm), block_k=clamp_k(bk), block_b=1,
+        block_q_major_dkv=clamp_q(bwd), block_k_major_dkv=clamp_k(bwd), block_k_dkv=clamp_k(bwd),
+        block_q_dkv=clamp_q(bwd), block_k_major_dq=clamp_k(bwd), block_k_dq=clamp_k(bwd), block_q_dq=clamp_q(bwd))
+
+
+def _attention_fn(case: Case):
+    """f(q, k, v) -> O for the case's implementation, q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]."""
+    scale = 1.0 / math.sqrt(case.dim)
+    causal = case.causal
+
+    def repeat_kv(k, v):
+        return jnp.repeat(k, case.group, axis=1), jnp.repeat(v, case.group, axis=1)
+
+    if case.impl == "pallas_flash":
+        blocks = pf.BlockSizes(*case.blocks) if case.blocks else None
+        return lambda q, k, v: pf.flash_attention(q, k, v, causal=causal, block_sizes=blocks, interpret=False)
+    if case.impl == "xla_reference":
+        return lambda q, k, v: naive_attention(q, k, v, causal=causal)
+    if case.impl == "jax_flash_attention":
+        from jax.experimental.pallas.ops.tpu import flash_attention as jfa
+
+        blocks = jax_flash_block_sizes(case)
+
+        def jax_flash(q, k, v):
+            k, v = repeat_kv(k, v) if case.group > 1 else (k, v)
+            return jfa.flash_attention(q, k, v, causal=causal, sm_scale=scale, block_sizes=blocks)
+
+        return jax_flash
+    if case.impl == "jax_splash":
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+        shape = (case.seq_q, case.seq_k)
+        head_mask = masks.CausalMask(shape, offset=case.seq_k - case.seq_q) if causal else masks.FullMask(shape)
+        bq, bk = min(1024, case.seq_q), min(1024, case.seq_k)
+        blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=min(512, bk), block_q_dkv=bq,
+                                   block_kv_dkv=bk, block_kv_dkv_compute=min(512, bk), block_q_dq=bq, block_kv_dq=bk)
+        kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * case.heads), block_sizes=blocks,
+                                        head_shards=1, q_seq_shards=1)
+
+        def jax_splash(q, k, v):
+            k, v = repeat_kv(k, v) if case.group > 1 else (k, v)
+            return jax.vmap(kernel)(q * jnp.asarray(scale, q.dtype), k, v)
+
+        return jax_splash
+    if case.impl in GPU_IMPLS:
+        implementation = {"jax_cudnn": "cudnn", "jax_xla": "xla"}[case.impl]
+
+        def jax_sdpa(q, k, v):  # [B, H, N, D] -> jax.nn's [B, N, H, D]
+            o = jax.nn.dot_product_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), is_causal=causal,
+                                             implementation=implementation)
+            return o.swapaxes(1, 2)
+
+        return jax_sdpa
+    raise ValueError(f"--impl: unknown implementation {case.impl!r}")
+
+
+def _decode_fn(case: Case, place: Placement):
+    """(f, args) for a decode step: T new tokens of B sequences against a full cache of `context`."""
+    dtype = DTYPES[case.dtype]
+    batch, tokens, context = case.batch, case.seq_q, case.seq_k
+    # Profiling passes the (full) length as a Python int: a trace-time constant, not an SMEM read.
+    static_length = context if case.trace_time_lengths else None
+    if case.impl == "jax_paged_attention":
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+        pages_per_seq = context // PAGE_SIZE
+        q = place.array((batch, case.heads, tokens, case.dim), dtype)
+        pool = place.array((case.kv_heads, batch * pages_per_seq, PAGE_SIZE, case.dim), dtype)
+        table = place.index_array(np.arange(batch * pages_per_seq).reshape(batch, pages_per_seq))
+
+        def paged(q, k_pages, v_pages, lengths, table):
+            return paged_attention(q[:, :, 0], k_pages, v_pages, lengths, table,
+                                   pages_per_compute_block=min(16, pages_per_seq))[:, :, None]
+
+        return paged, (q, pool, pool, place.index_array(np.full(batch, context)), table)
+
+    if case.mesh != "1x1":
+        mesh = place.mesh(case.mesh)
+        replicated = place.sharding(mesh, P())
+        q = place.array((batch, case.heads, tokens, case.dim), dtype, replicated)
+        cache = place.array((batch, case.kv_heads, context, case.dim), dtype,
+                            place.sharding(mesh, P(None, None, ("x", "y"), None)))
+
+        def sharded_decode(q, k, v, lengths):
+            return pf.sharded_flash_decode(q, k, v, static_length or lengths, mesh, interpret=False)
+
+        return sharded_decode, (q, cache, cache, place.index_array(np.full(batch, context), replicated))
+
+    q = place.array((batch, case.heads, tokens, case.dim), dtype)
+    cache = place.array((batch, case.kv_heads, context, case.dim), dtype)
+    if case.impl == "xla_reference":
+        return (lambda q, k, v: naive_attention(q, k, v, causal=True)), (q, cache, cache)
+    if case.impl in GPU_IMPLS:
+        return _attention_fn(dataclasses.replace(case, causal=True)), (q, cache, cache)
+
+    def decode(q, k, v, lengths):
+        return pf.flash_decode(q, k, v, static_length or lengths, interpret=False)
+
+    return decode, (q, cache, cache, place.index_array(np.full(batch, context)))
+
+
+def build(case: Case, place: Placement):
+    """(f, args): the jitted-to-be function of the case and its arguments."""
+    reason = supported(case)
+    if reason:
+        raise ValueError(reason)
+    if case.pass_ == "decode":
+        return _decode_fn(case, place)
+    dtype = DTYPES[case.dtype]
+    q = place.array((case.batch, case.heads, case.seq_q, case.dim), dtype)
+    k = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
+    v = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
+    attention = _attention_fn(case)
+    if case.pass_ == "fwd":
+        return attention, (q, k, v)
+    do = place.array(q.shape, dtype)
+    if case.pass_ == "fwd+bwd":
+        def train_step(q, k, v, do):
+            o, vjp = jax.vjp(attention, q, k, v)
+            return (o, *vjp(do))
+
+        return train_step, (q, k, v, do)
+    # bwd: the backward alone, its residuals (what the forward saved) as inputs.
+    residuals = jax.eval_shape(lambda q, k, v: jax.vjp(attention, q, k, v)[1], q, k, v)
+    if place.abstract:
+        residuals = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=place.sharding()),
+                                 residuals)
+    else:
+        residuals = jax.jit(lambda q, k, v: jax.vjp(attention, q, k, v)[1])(q, k, v)
+    return (lambda vjp, do: vjp(do)), (residuals, do)

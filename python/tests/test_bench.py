@@ -1,0 +1,152 @@
+"""The v5e benchmark report: its arithmetic, its command line, its extrapolation (checked against a
+direct profile), and one end-to-end run compiling for the v5e with the static profile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from pallas_flash import hardware, v5e
+from pallas_flash.bench import __main__ as cli
+from pallas_flash.bench import cases, estimate, measure, report
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_v5e_clock_is_the_mxu_rate():
+    assert hardware.TPU_V5E.clock_hz == pytest.approx(1.503e9, rel=1e-3)
+    assert hardware.TPU_V5E.peak_flops == pytest.approx(4 * 128 * 128 * 2 * hardware.TPU_V5E.clock_hz)
+
+
+def test_tiled_bytes_of_an_lse_column():
+    [column] = v5e.parse_arrays("f32[1,16,4096,1]{3,2,1,0:T(8,128)}")
+    assert column.logical_bytes == 16 * 4096 * 4
+    assert column.tiled_bytes == 128 * column.logical_bytes  # one lane of each 128
+    [row] = v5e.parse_arrays("f32[1,16,4096]{2,1,0:T(8,128)}")
+    assert row.tiled_bytes == row.logical_bytes
+    [transposed] = v5e.parse_arrays("bf16[1,4,4096,64]{2,3,1,0:T(8,128)(2,1)S(1)}")
+    assert transposed.tiled_bytes == transposed.logical_bytes and transposed.memory_space == 1
+
+
+def test_quadratic_fit_is_exact_on_a_parabola():
+    def parabola(x):
+        return 3 * x * x - 5 * x + 7
+
+    points = [(x, parabola(x)) for x in (1, 2, 3)]
+    assert estimate.quadratic_fit(points, 16) == pytest.approx(parabola(16))
+
+
+def test_time_rule_takes_the_slower_of_compute_and_memory():
+    chip = hardware.TPU_V5E
+    compute_bound = report.estimated_time(1.503e9, 1e6, chip)
+    assert compute_bound == (pytest.approx(1.0, rel=1e-3), "compute")
+    memory_bound = report.estimated_time(1.0, 819e9, chip)
+    assert memory_bound == (pytest.approx(1.0), "memory")
+    # Four chips read four times the bytes in the same time.
+    assert report.estimated_time(1.0, 4 * 819e9, chip, chips=4) == (pytest.approx(1.0), "memory")
+    assert report.estimated_time(None, 1e9, chip) == (None, None)
+
+
+def test_row_figures_are_consistent():
+    case = cases.Case("pallas_flash", "fwd", 1, 16, 16, 4096, 4096, 128, "bf16", causal=True)
+    chip = hardware.TPU_V5E
+    row = report.make_row(case, chip, status="ok", source="estimate", est_cycles=3.0e6, time_s=2e-3, hbm_bytes=1e8)
+    assert row["tflops"] == pytest.approx(case.flops() / 2e-3 / 1e12)
+    assert case.flops() == 2 * 16 * 4096 * 4096 * 128  # causal self-attention counts half of 4 B H N^2 D
+    assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 197e12)
+    assert row["tokens_per_s"] == pytest.approx(4096 / 2e-3)
+    assert row["tokens_per_s_per_dollar"] == pytest.approx(row["tokens_per_s"] / chip.price_per_chip_hour)
+    assert row["hbm_utilization"] == pytest.approx(1e8 / 2e-3 / 819e9)
+    decode = cases.Case("pallas_flash", "decode", 1, 32, 8, 1, 32768, 128, "bf16", True, mesh="2x2")
+    row = report.make_row(decode, chip, status="ok", source="estimate", est_cycles=1e5, time_s=1e-4, hbm_bytes=1e8)
+    assert row["chips"] == 4 and row["tokens_per_s_per_dollar"] == pytest.approx(1e4 / (4 * chip.price_per_chip_hour))
+
+
+def test_price_override_is_validated():
+    assert hardware.with_price(hardware.TPU_V5E, 2.5).price_per_chip_hour == 2.5
+    with pytest.raises(ValueError, match="price_per_chip_hour"):
+        hardware.with_price(hardware.TPU_V5E, -1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impl", "pallas_flash,cudnn_v9"], "--impl"),
+    (["--seq", "0"], "--seq"),
+    (["--pass", "forward"], "--pass"),
+    (["--kv-heads", "5"], "--kv-heads"),
+    (["--query-tokens", "17"], "--query-tokens"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unsupported_pairs_are_skipped_not_run():
+    args = cli.parse_args(["--impl", "jax_flash_attention,jax_paged_attention", "--pass", "fwd,decode",
+                           "--seq", "1024", "--causal", "on", "--mesh", "1x1"])
+    run, skipped = cli.build_cases(args)
+    assert {(c.impl, c.pass_) for c in run} == {("jax_flash_attention", "fwd"), ("jax_paged_attention", "decode")}
+    assert {(c.impl, c.pass_) for c in skipped} == {("jax_flash_attention", "decode"), ("jax_paged_attention", "fwd")}
+
+
+def test_profiling_scales_by_batch_and_kv_heads():
+    case = cases.Case("pallas_flash", "fwd", 2, 32, 8, 4096, 4096, 128, "bf16", True)
+    small = case.for_profile()
+    assert (small.batch, small.heads, small.kv_heads) == (1, 4, 1) and case.profile_scale == 16
+
+
+def test_measure_times_a_call():
+    median, samples = measure.time_call(lambda x: x * 2, (jnp.ones(1024),), warmup=1, repeats=5)
+    assert 0 < median < 1 and 1 <= len(samples) <= 5
+
+
+def test_extrapolation_matches_a_direct_profile():
+    """The fit through N = L, 2L, 3L predicts the simulated cycles at 4L (here L = 512: blocks fixed)."""
+    blocks = (512, 512, 512, 512, 512, 512)
+    pool = estimate.WorkerPool(1, profile=True)
+    try:
+        def cycles(n, causal):
+            case = cases.Case("pallas_flash", "fwd", 1, 1, 1, n, n, 128, "bf16", causal, blocks=blocks)
+            result = pool.run({"case": case.as_json()})
+            assert result["status"] == "ok", result
+            return result["est_cycles"]
+
+        for causal in (False, True):
+            points = [(m, cycles(512 * m, causal)) for m in (1, 2, 3)]
+            assert estimate.quadratic_fit(points, 4) == pytest.approx(cycles(2048, causal), rel=0.01)
+    finally:
+        pool.close()
+
+
+def test_report_end_to_end(tmp_path):
+    out = tmp_path / "report.json"
+    plot = tmp_path / "report.png"
+    command = [sys.executable, "-m", "pallas_flash.bench", "--seq", "1024", "--pass", "fwd,decode", "--causal", "on",
+               "--impl", "pallas_flash,xla_reference", "--context", "4096", "--mesh", "1x1,2x2", "--oom-wall", "off",
+               "--jobs", "2", "--json", str(out), "--plot", str(plot)]
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=PYTHON_DIR)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "v5e compiler estimate" in result.stdout and "[1/" in result.stderr  # the header, a progress line
+    data = json.loads(out.read_text())
+    target = data["target"]
+    for key in ("chip", "clock_hz", "peak_flops", "hbm_bytes_per_s", "hbm_capacity", "price_per_chip_hour",
+                "price_source"):
+        assert key in target, key
+    rows = data["results"]
+    assert {(r["impl"], r["pass"], r["mesh"]) for r in rows} == {
+        ("pallas_flash", "fwd", None), ("xla_reference", "fwd", None), ("pallas_flash", "decode", "1x1"),
+        ("pallas_flash", "decode", "2x2"), ("xla_reference", "decode", "1x1")}
+    chip = hardware.TPU_V5E
+    for row in rows:
+        assert row["status"] == "ok" and row["source"] == "estimate", row
+        assert 0 < row["mfu"] < 1 and 0 < row["hbm_utilization"] <= 1.0 + 1e-9, row
+        # The rule: no faster than the estimate, no faster than the bandwidth floor.
+        assert row["time_s"] >= row["est_cycles"] / chip.clock_hz * (1 - 1e-9)
+        assert row["time_s"] >= row["hbm_bytes"] / (chip.hbm_bytes_per_s * row["chips"]) * (1 - 1e-9)
+    ours = next(r for r in rows if r["impl"] == "pallas_flash" and r["pass"] == "fwd")
+    assert ours["vmem_bytes"] > 0 and ours["spill_slots"] is not None and ours["copies"] == 0
+    assert plot.stat().st_size > 10_000

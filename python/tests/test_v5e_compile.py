@@ -1,0 +1,204 @@
+"""Every kernel compiled for a TPU v5e by the real compiler (libtpu, deviceless), at sizes interpret
+mode cannot reach. A compile failure fails the test. On the compiled program, for shapes that need no
+padding: nothing but parameters and the Pallas custom calls touches the inputs and outputs (no copy,
+pad, transpose, slice or relayout), every output's HBM size is within 10% of its logical size (no
+(N, 1) columns stored in (8, 128) tiles), and the planner's VMEM prediction bounds what the compiler
+gives each kernel. Checks that could pass vacuously are each shown failing on a planted defect."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_flash import flash_attention, flash_decode, plan_block_sizes, sharded_flash_decode, v5e
+from pallas_flash.planner import BlockSizes, backward_vmem_bytes, forward_vmem_bytes
+from pallas_flash.reference import naive_attention
+
+def row_major(tree):
+    """The row-major layouts ([B, H, N, D] with D minor) the kernels document, for every array of
+    `tree`. XLA's default entry layout for a bf16 [..., N, 64] array puts N minor, so a jit boundary
+    with default layouts adds a transposing copy around any [B, H, N, D] kernel, ours or JAX's."""
+    return jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(range(len(a.shape)))), v5e.chip()), tree)
+
+
+def compile_attention(fn, *args):
+    outputs = jax.eval_shape(fn, *args)
+    return v5e.compile_for_v5e(fn, *args, in_shardings=row_major(args), out_shardings=row_major(outputs))
+
+
+def assert_kernels_only(program, allow_fusions=False):
+    moved = program.data_movement()
+    assert not moved, [f"{i.opcode} {i.name} {i.shape[:80]}" for i in moved]
+    # copy-start/copy-done left by data_movement() are XLA's prefetches into VMEM, same layout.
+    others = {i.opcode for i in program.entry} - {"parameter", "custom-call", "get-tuple-element", "tuple", "bitcast",
+                                                   "constant", "copy-start", "copy-done"}
+    if allow_fusions:
+        others -= {"fusion"}  # the backward's D_i = rowsum(dO * O): a reduction, not a copy
+    assert not others, others
+
+
+def assert_outputs_dense(program, head_dim=128):
+    """Every output within 10% of its logical size in HBM. A row-major [..., N, D] array with D < 128
+    fills D of the 128 lanes of its (8, 128) tiles (what the kernels' [B, H, N, D] contract costs at
+    D = 64: XLA's own default layout stores such arrays N-minor instead); anything else, the LSE
+    above all, must be dense."""
+    for array in program.outputs:
+        lanes = -(-head_dim // 128) * 128 / head_dim if array.dims[-1] == head_dim else 1.0
+        assert array.tiled_bytes <= 1.1 * lanes * array.logical_bytes, (
+            f"{array} takes {array.tiled_bytes} bytes in HBM for {array.logical_bytes} of data (tile {array.tile})")
+
+
+def assert_planner_bounds_vmem(program, predicted):
+    """The planner's prediction bounds the VMEM the compiler gives each kernel (plus any whole operand
+    XLA chose to keep in VMEM, which the kernel's allocation may count: not the planner's to predict)."""
+    for kernel in program.kernels:
+        assert 0 < kernel.scoped_vmem_bytes <= predicted + kernel.vmem_operand_bytes, (
+            kernel.name, kernel.scoped_vmem_bytes, predicted, kernel.vmem_operand_bytes)
+
+
+FORWARD = [  # (B, Hq, Hkv, N, D, causal, dtype)
+    (1, 16, 16, 32768, 128, True, jnp.bfloat16),
+    (1, 16, 16, 32768, 128, False, jnp.bfloat16),
+    (1, 16, 16, 8192, 64, True, jnp.bfloat16),
+    (1, 16, 16, 8192, 256, False, jnp.bfloat16),
+    (2, 32, 8, 8192, 128, True, jnp.bfloat16),  # GQA 4
+    (1, 8, 1, 4096, 96, False, jnp.bfloat16),  # MQA, D = 96 read in place
+    (1, 4, 4, 4096, 128, True, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim, causal, dtype", FORWARD,
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_forward_compiles_to_the_kernel_alone(batch, heads_q, heads_kv, seq, dim, causal, dtype):
+    q = v5e.abstract((batch, heads_q, seq, dim), dtype)
+    kv = v5e.abstract((batch, heads_kv, seq, dim), dtype)
+    program = compile_attention(lambda q, k, v: flash_attention(q, k, v, causal=causal, return_lse=True,
+                                                                interpret=False), q, kv, kv)
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_fwd"]
+    assert_kernels_only(program)
+    assert_outputs_dense(program, dim)  # O and the LSE [B, H, N]
+    blocks = plan_block_sizes(seq, seq, dim, dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    assert_planner_bounds_vmem(program, forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, itemsize))
+
+
+BACKWARD = [
+    (1, 16, 16, 8192, 128, True),
+    (1, 16, 16, 32768, 128, False),
+    (1, 8, 2, 4096, 64, True),
+    (1, 4, 4, 4096, 256, False),
+]
+
+
+@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim, causal", BACKWARD)
+def test_training_step_compiles_to_the_three_kernels(batch, heads_q, heads_kv, seq, dim, causal):
+    q = v5e.abstract((batch, heads_q, seq, dim), jnp.bfloat16)
+    kv = v5e.abstract((batch, heads_kv, seq, dim), jnp.bfloat16)
+
+    def train_step(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False), q, k, v)
+        return (o, *vjp(do))
+
+    program = compile_attention(train_step, q, kv, kv, q)
+    names = sorted(k.name.split(".")[0].split("pallas_flash_")[-1].rstrip("_") for k in program.kernels)
+    assert names == ["bwd_dkv", "bwd_dq", "fwd"], names
+    assert_kernels_only(program, allow_fusions=True)
+    assert_outputs_dense(program, dim)
+    blocks = plan_block_sizes(seq, seq, dim)
+    assert_planner_bounds_vmem(program, max(forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, 2),
+                                            backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, dim, 2)))
+
+
+def cache_parameters_feed_only_the_kernel(program, cache_params):
+    """The cache is read in place: every use of a cache parameter is a Pallas custom call."""
+    for inst in program.entry:
+        if any(name in inst.operands for name in cache_params):
+            assert inst.custom_call_target == "tpu_custom_call", f"{inst.opcode} {inst.name} reads the cache"
+    big = [i for i in program.data_movement() if any(a.logical_bytes >= 1 << 20 for a in i.arrays)]
+    assert not big, [f"{i.opcode} {i.name} {i.shape[:80]}" for i in big]
+
+
+@pytest.mark.parametrize("context, tokens, batch", [(32768, 1, 1), (131072, 1, 2), (32768, 4, 2)])
+def test_decode_compiles_reading_the_cache_in_place(context, tokens, batch):
+    q = v5e.abstract((batch, 32, tokens, 128), jnp.bfloat16)
+    cache = v5e.abstract((batch, 8, context, 128), jnp.bfloat16)
+    lengths = v5e.abstract((batch,), jnp.int32)
+    program = v5e.compile_for_v5e(lambda q, k, v, n: flash_decode(q, k, v, n, return_lse=True, interpret=False),
+                                  q, cache, cache, lengths)
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+    caches = [p.name for p in program.parameters if p.arrays[0].dims == cache.shape]
+    cache_parameters_feed_only_the_kernel(program, caches)
+    o = program.outputs[0]
+    assert o.tiled_bytes <= 1.1 * o.logical_bytes
+
+
+def test_sharded_decode_compiles_for_the_2x2_mesh():
+    mesh = v5e.mesh_2x2()
+    replicated = NamedSharding(mesh, P())
+    q = v5e.abstract((1, 32, 1, 128), jnp.bfloat16, replicated)
+    cache = v5e.abstract((1, 8, 131072, 128), jnp.bfloat16, NamedSharding(mesh, P(None, None, ("x", "y"), None)))
+    lengths = v5e.abstract((1,), jnp.int32, replicated)
+    program = v5e.compile_for_v5e(lambda q, k, v, n: sharded_flash_decode(q, k, v, n, mesh, interpret=False),
+                                  q, cache, cache, lengths)
+    assert "all-gather" in {i.opcode for i in program.entry}  # the partials cross the mesh
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+    params = [p.name for p in program.parameters]
+    cache_shards = [p.name for p in program.parameters if p.arrays[0].dims == (1, 8, 32768, 128)]
+    assert len(cache_shards) == 2, params  # each device holds a quarter of the positions
+    cache_parameters_feed_only_the_kernel(program, cache_shards)
+
+
+def test_the_naive_baseline_runs_out_of_hbm_where_the_kernel_does_not():
+    q = v5e.abstract((1, 16, 16384, 128), jnp.bfloat16)
+    with pytest.raises(v5e.CompileError) as failure:
+        v5e.compile_for_v5e(lambda q, k, v: naive_attention(q, k, v, causal=True), q, q, q)
+    assert failure.value.oom, failure.value.summary
+    program = v5e.compile_for_v5e(lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False), q, q, q)
+    assert program.hbm_bytes_in_use < 1 << 30
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks above, each shown failing on a planted defect
+
+
+def test_checks_catch_an_lse_stored_as_a_column():
+    q = v5e.abstract((1, 16, 4096, 128), jnp.bfloat16)
+    program = compile_attention(
+        lambda q, k, v: flash_attention(q, k, v, return_lse=True, interpret=False)[1][..., None], q, q, q)
+    with pytest.raises(AssertionError, match="takes"):
+        assert_outputs_dense(program)  # f32[1,16,4096,1] in (8, 128) tiles: 128x
+
+
+def test_checks_catch_a_copy_around_the_kernel():
+    q = v5e.abstract((1, 16, 4096, 128), jnp.bfloat16)
+    program = compile_attention(lambda q, k, v: flash_attention(q[:, :, ::-1], k, v, interpret=False), q, q, q)
+    with pytest.raises(AssertionError):
+        assert_kernels_only(program)
+
+
+def test_checks_catch_the_default_layout_transpose_at_d64():
+    # Without row-major entry layouts XLA stores a bf16 [.., N, 64] array with N minor: a relayout.
+    q = v5e.abstract((1, 16, 4096, 64), jnp.bfloat16)
+    program = v5e.compile_for_v5e(lambda q, k, v: flash_attention(q, k, v, interpret=False), q, q, q)
+    with pytest.raises(AssertionError):
+        assert_kernels_only(program)
+
+
+def test_compiler_rejects_blocks_that_do_not_fit_vmem():
+    q = v5e.abstract((1, 1, 4096, 128), jnp.float32)
+    too_big = BlockSizes(4096, 4096, 128, 128, 128, 128)  # a 4096 x 4096 fp32 score tile alone is 64 MiB
+    with pytest.raises(v5e.CompileError) as failure:
+        v5e.compile_for_v5e(lambda q, k, v: flash_attention(q, k, v, block_sizes=too_big, interpret=False), q, q, q)
+    assert failure.value.vmem and not failure.value.oom, failure.value.summary
+
+
+def test_unaligned_lengths_are_padded_once():
+    # What the copy check says about a length that is not a multiple of the blocks: q, k, v are padded
+    # along N (and the result sliced); head_dim = 96 is read in place.
+    q = v5e.abstract((1, 8, 1000, 96), jnp.bfloat16)
+    program = compile_attention(lambda q, k, v: flash_attention(q, k, v, interpret=False), q, q, q)
+    opcodes = {i.opcode for i in program.data_movement()} | {i.name.split(".")[0] for i in program.data_movement()}
+    assert any("pad" in op for op in opcodes), opcodes
+    assert len(program.kernels) == 1
