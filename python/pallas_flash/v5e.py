@@ -248,11 +248,14 @@ class CompiledProgram:
 
     def xla_cost_model_cycles(self) -> int | None:
         """XLA:TPU's own per-op cost model, present on its fusions without the profile flag (memory
-        time at a realistic bandwidth included); Pallas kernels have none. None if no op has one."""
+        time at a realistic bandwidth included); Pallas kernels have none. None if no op has one, or
+        if one says it has none (the model writes INT64_MAX, e.g. for fusions over 2^31 elements)."""
         total, found = 0, False
         for inst in self.entry:
             cycles = inst.backend_config.get("window_config", {}).get("estimated_cycles")
             if cycles is not None:
+                if int(cycles) >= 2**62:
+                    return None
                 total, found = total + int(cycles), True
         return total if found else None
 

@@ -143,7 +143,9 @@ def estimate_rows(case_list, chip, jobs, max_profile_seq):
         # Compiled per device: on a mesh, the traffic of all chips is the per-device figure times chips.
         hbm_bytes = full.hbm_bytes * chips if full.hbm_bytes is not None else None
         time_s, bound = report.estimated_time(cycles, hbm_bytes, chip, chips)
-        if case.impl in estimate.READS_LENGTHS_FROM_SMEM and status == "ok" and hbm_bytes:
+        unestimated = case.impl in estimate.READS_LENGTHS_FROM_SMEM or (
+            case.impl in estimate.XLA_COST_MODEL and cycles is None)
+        if unestimated and status == "ok" and hbm_bytes:
             time_s, bound = hbm_bytes / (chip.hbm_bytes_per_s * chips), "memory (lower bound)"
         message = full.message or (profile.get("message") if profile.get("status") != "ok" else "")
         if full.copies:

@@ -39,7 +39,8 @@ SWEEP_MAX_SEQ = 4096
 PROFILE_ABORTS = {"jax_splash": "the compiler's static profile aborts inside libtpu for splash attention "
                                 "('Unsupported DMA direction'): static bundle count only, no time"}
 XLA_COST_MODEL = {"xla_reference": "plain XLA: cycles from XLA:TPU's own per-fusion cost model at the full shape "
-                                   "(profiling its materialised scores takes minutes and ~15 GB)"}
+                                   "(profiling its materialised scores takes minutes and ~15 GB); where that "
+                                   "model has no figure, time = the HBM floor, a lower bound"}
 # Kernels whose work depends on lengths read by scalar prefetch, which the simulator reads as 0 (its
 # estimate would be an empty kernel's; for some it aborts): not profiled, timed at the HBM floor.
 READS_LENGTHS_FROM_SMEM = {"jax_paged_attention": "not profiled (the simulator would read its lengths, scalar "

@@ -88,35 +88,43 @@ def write_json(path: str, target: dict, rows: list[dict], extra: dict) -> None:
 
 
 def plot(path: str, rows: list[dict], chip: Chip) -> None:
-    """TFLOP/s against N per implementation and pass, and HBM in use against N with the chip's line."""
+    """TFLOP/s against N per implementation and pass (colour: implementation; line: pass and mask),
+    and HBM in use against N with the chip's capacity (x: out of memory)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attention = [r for r in rows if r["pass"] != "decode"]
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
-    series = sorted({(r["impl"], r["pass"], r["causal"]) for r in attention})
-    for impl, pass_, causal in series:
+    impls = sorted({r["impl"] for r in attention})
+    colour = {impl: f"C{i}" for i, impl in enumerate(impls)}
+    style = {("fwd", False): "-", ("fwd", True): "--", ("bwd", False): "-.", ("bwd", True): "-.",
+             ("fwd+bwd", False): ":", ("fwd+bwd", True): (0, (3, 1, 1, 1, 1, 1))}
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(15, 6))
+    for impl, pass_, causal in sorted({(r["impl"], r["pass"], r["causal"]) for r in attention}):
         points = sorted((r["seq_q"], r) for r in attention
                         if (r["impl"], r["pass"], r["causal"]) == (impl, pass_, causal))
         label = f"{impl} {pass_} {'causal' if causal else 'full'}"
+        line = {"color": colour[impl], "linestyle": style[(pass_, causal)], "marker": "o", "label": label}
         ok = [(n, r["tflops"]) for n, r in points if r["tflops"]]
         if ok:
-            speed.plot(*zip(*ok), marker="o", label=label)
+            speed.plot(*zip(*ok), **line)
+        if pass_ != "fwd":
+            continue
         used = [(n, r["hbm_in_use"] / 2**30) for n, r in points if r.get("hbm_in_use")]
-        if used and pass_ == "fwd":
-            memory.plot(*zip(*used), marker="o", label=label)
+        if used:
+            memory.plot(*zip(*used), **line)
         failed = [n for n, r in points if r["status"] == "oom"]
-        if failed and pass_ == "fwd":
-            memory.scatter(failed, [chip.hbm_capacity / 2**30] * len(failed), marker="x", color="red")
+        if failed:
+            memory.scatter(failed, [chip.hbm_capacity / 2**30] * len(failed), marker="x", s=80, color=colour[impl],
+                           zorder=3)
     speed.axhline(chip.peak_flops / 1e12, color="grey", linestyle="--", label=f"{chip.name} peak")
     speed.set(xscale="log", xlabel="sequence length N", ylabel="TFLOP/s", title="Attention throughput")
     memory.axhline(chip.hbm_capacity / 2**30, color="red", linestyle="--", label=f"{chip.name} HBM")
     memory.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="HBM in use (GiB)",
-               title="Memory (forward); x = out of memory")
+               title="Memory, forward (x: out of HBM)")
     for ax in (speed, memory):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12), ncol=2)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
