@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_flash.backend import kernel_mode
 from pallas_flash.merge import merge_attention_states
-from pallas_flash.online_softmax import NEG_INF, finish_state, init_state, update_state
+from pallas_flash.online_softmax import LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
 from pallas_flash.planner import vmem_budget_bytes
 from pallas_flash.reference import masked_attention
 
@@ -63,7 +63,7 @@ def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, ro
     @pl.when(block * block_k < jnp.minimum(end, max_len))
     def _step():
         s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = s * scale
+        s = s * (scale * LOG2_E)  # log2 units: the online softmax works in exp2
         # Row r is query token t = r % T at position end - T + t: it sees keys up to that position.
         token = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), jnp.int32(query_tokens))
         col = block * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
@@ -72,7 +72,8 @@ def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, ro
 
     @pl.when(j == blocks_per_split - 1)
     def _finish():
-        o_ref[...], lse_ref[...] = finish_state(row_max_ref, row_sum_ref, acc_ref)
+        o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
+        o_ref[...], lse_ref[...] = o, lse[:, :1]
 
 
 def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
@@ -120,9 +121,9 @@ def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
                 pl.BlockSpec((None, None, None, rows, 1), out_map),
             ],
             scratch_shapes=[
-                pltpu.VMEM((rows, 1), jnp.float32),
-                pltpu.VMEM((rows, 1), jnp.float32),
-                pltpu.VMEM((rows, dim), jnp.float32),
+                pltpu.VMEM(stat_shape(rows), jnp.float32),  # row_max
+                pltpu.VMEM(stat_shape(rows), jnp.float32),  # row_sum
+                pltpu.VMEM((rows, dim), jnp.float32),  # acc
             ],
         ),
         out_shape=[

@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_flash.backend import kernel_mode
-from pallas_flash.online_softmax import NEG_INF, column_to_row, finish_state, init_state, row_to_column, update_state
+from pallas_flash.online_softmax import (LOG2_E, NEG_INF, finish_state, init_state, lanes, replicated_to_row,
+                                         row_to_replicated, stat_shape, update_state)
 from pallas_flash.planner import BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
 from pallas_flash.reference import reference_attention
 
@@ -48,14 +49,49 @@ class _Problem:
 # Shared tile math
 
 
-def _visible(problem: _Problem, q_start, k_start, block_q: int, block_k: int):
-    """(block_q, block_k) mask: real query row, real key, and (causal) key on or below the diagonal."""
-    rows = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    cols = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    mask = (cols < problem.seq_k) & (rows < problem.seq_q)
+def _visible(problem: _Problem, q_start, k_start, block_q: int, block_k: int, transposed: bool = False):
+    """(block_q, block_k) mask, or (block_k, block_q) transposed: real key, and (causal) key on or
+    below the diagonal. Padded query rows are not masked: their results are sliced away, and in the
+    backward their dO (hence dS) is 0."""
+    shape, query_axis = ((block_k, block_q), 1) if transposed else ((block_q, block_k), 0)
+    rows = q_start + lax.broadcasted_iota(jnp.int32, shape, query_axis)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - query_axis)
+    mask = cols < problem.seq_k
     if problem.causal:
         mask &= cols <= rows + problem.causal_offset
     return mask
+
+
+def _tile_visibility(problem: _Problem, row_start, rows: int, key_start, keys: int):
+    """(any_visible, needs_mask) for the tile of queries [row_start, +rows) and keys [key_start, +keys):
+    whether any of its scores is visible, and whether any is masked (padded keys of an unaligned Nk,
+    or the causal diagonal crossing it). Traced booleans, or Python ones where the answer is static.
+    Tiles that need no mask skip its iota, compares and select (~5 VPU operations per score)."""
+    any_visible, needs_mask = True, False
+    if problem.seq_k % keys:
+        needs_mask = key_start + keys > problem.seq_k
+    if problem.causal:
+        any_visible = key_start <= row_start + rows - 1 + problem.causal_offset
+        crosses = key_start + keys - 1 > row_start + problem.causal_offset
+        needs_mask = crosses if needs_mask is False else needs_mask | crosses
+    return any_visible, needs_mask
+
+
+def _when(condition, body, *args):
+    """body(*args) under pl.when(condition), or directly when the condition is a static True."""
+    if condition is True:
+        body(*args)
+    elif condition is not False:
+        pl.when(condition)(lambda: body(*args))
+
+
+def _when_masked(needs, body):
+    """Runs body(masked): with the mask where the tile needs it, without where it does not."""
+    if needs is False:
+        body(False)
+        return
+    pl.when(needs)(lambda: body(True))
+    pl.when(jnp.logical_not(needs))(lambda: body(False))
 
 
 def _div(x, divisor: int):
@@ -97,9 +133,9 @@ def _cost(flops: int, exps: int, bytes_accessed: int):
 
 
 def _scores(problem: _Problem, q, k):
-    """S * scale in fp32 on the MXU: q (block_q, D) x k (block_k, D)^T."""
+    """S * scale in log2 units, S * scale * log2(e), in fp32 on the MXU: q (block_q, D) x k (block_k, D)^T."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return s * problem.sm_scale
+    return s * (problem.sm_scale * LOG2_E)
 
 
 def _compiler_params(dimension_semantics):
@@ -117,24 +153,83 @@ def _interpret_arg(problem: _Problem):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *, problem, block_q,
-                block_k, num_kv_blocks):
+                block_k, block_q_compute, num_kv_blocks):
+    """One (query block, head, key block) step. The query block is swept in sub-blocks of
+    block_q_compute rows, unrolled in one straight-line region: a sub-block's scores (256 x 512 fp32:
+    half the vector registers) are reduced and exponentiated while the MXU computes the next
+    sub-block's, where one (block_q, block_k) tile would be materialised in VMEM (twice the stores)
+    and every pl.when around a sub-block would drain the MXU pipeline."""
     q_block, head, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    row_start, key_start = q_block * block_q, kv_block * block_k
+    sub_blocks = block_q // block_q_compute
 
-    @pl.when(kv_block == 0)
-    def _init():
-        init_state(row_max_ref, row_sum_ref, acc_ref)
+    def update(c, first, masked):
+        rows = pl.ds(c * block_q_compute, block_q_compute)
+        s = _scores(problem, q_ref[rows, :], k_ref[...])
+        if masked:
+            visible = _visible(problem, row_start + c * block_q_compute, key_start, block_q_compute, block_k)
+            s = jnp.where(visible, s, NEG_INF)
+        update_state(s, v_ref[...], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first)
 
-    @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
-    def _step():
-        s = _scores(problem, q_ref[...], k_ref[...])
-        s = jnp.where(_visible(problem, q_block * block_q, kv_block * block_k, block_q, block_k), s, NEG_INF)
-        update_state(s, v_ref[...], row_max_ref, row_sum_ref, acc_ref)
+    def sweep(first, sub_block_kind):
+        """The sub-blocks in one region; sub_block_kind(c) in ("skip", "masked", "full"), static.
+        The first key block starts every row's state, even rows that see none of it."""
+        for c in range(sub_blocks):
+            kind = sub_block_kind(c)
+            if kind != "skip" or first:
+                update(c, first, kind != "full")
+
+    def step(first: bool):
+        if not problem.causal and problem.seq_k % block_k == 0:
+            sweep(first, lambda c: "full")
+        elif problem.seq_k % block_k:
+            # Padded keys in the last key block (and the diagonal, if causal): decided per sub-block
+            # at run time. Only unaligned lengths come here.
+            for c in range(sub_blocks):
+                any_visible, needs_mask = _tile_visibility(problem, row_start + c * block_q_compute,
+                                                           block_q_compute, key_start, block_k)
+                _when(True if first else any_visible, _when_masked, needs_mask, functools.partial(update, c, first))
+        else:
+            # Causal, aligned: on the tiles the diagonal crosses, delta = key_start - row_start - offset
+            # takes one of (block_q + block_k) / gcd values, each a static pattern of skipped, masked
+            # and full sub-blocks; every other visited tile is full.
+            delta = key_start - row_start - problem.causal_offset
+            diagonal = _diagonal_tiles(problem, block_q, block_k, block_q_compute)
+            for d, kind in diagonal:
+                pl.when(delta == d)(functools.partial(sweep, first, kind))
+            pl.when(delta < diagonal[0][0])(functools.partial(sweep, first, lambda c: "full"))
+            if first:  # a query block that sees no key at all (Nq > Nk): an empty state
+                pl.when(delta > block_q - 1)(lambda: init_state(row_max_ref, row_sum_ref, acc_ref))
+
+    # Key block 0 is every query block's first: it starts the state (no initialising pass over VMEM).
+    pl.when(kv_block == 0)(lambda: step(first=True))
+    last = _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks)
+    pl.when((kv_block > 0) & (kv_block <= last))(lambda: step(first=False))
 
     @pl.when(kv_block == num_kv_blocks - 1)
     def _finish():
         o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
         o_ref[...] = o.astype(o_ref.dtype)
-        lse_ref[pl.ds(head, 1), :] = column_to_row(lse)
+        lse_ref[pl.ds(head, 1), :] = replicated_to_row(lse)
+
+
+def _diagonal_tiles(problem: _Problem, block_q: int, block_k: int, rows: int):
+    """[(delta, sub_block_kind)] for every tile the causal diagonal crosses, in increasing delta =
+    key_start - row_start - causal_offset: delta is a multiple of gcd(block_q, block_k) shifted by
+    the (static) offset, from -(block_k - 1) (the last tile with a masked score) to block_q - 1 (the
+    last with a visible one). sub_block_kind(c) classifies sub-block c (rows c*rows .. +rows)."""
+    unit = math.gcd(block_q, block_k)
+    first = -(block_k - 1) + (block_k - 1 - problem.causal_offset) % unit
+
+    def kind_of(d):
+        def sub_block_kind(c):
+            sub = d - c * rows  # the sub-block's own delta
+            if sub > rows - 1:
+                return "skip"
+            return "full" if sub <= -(block_k - 1) else "masked"
+        return sub_block_kind
+
+    return [(d, kind_of(d)) for d in range(first, block_q, unit)]
 
 
 def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
@@ -159,7 +254,7 @@ def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
         return b, 0, i
 
     kernel = functools.partial(_fwd_kernel, problem=problem, block_q=block_q, block_k=block_k,
-                               num_kv_blocks=num_kv_blocks)
+                               block_q_compute=min(blocks.block_q_compute, block_q), num_kv_blocks=num_kv_blocks)
     visited = sum(_visited_kv_blocks(problem, num_q_blocks, block_q, block_k, num_kv_blocks))
     pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
     kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
@@ -181,8 +276,8 @@ def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
             jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
         ],
         scratch_shapes=[
-            pltpu.VMEM((block_q, 1), jnp.float32),  # row_max
-            pltpu.VMEM((block_q, 1), jnp.float32),  # row_sum
+            pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_max
+            pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_sum
             pltpu.VMEM((block_q, dim), jnp.float32),  # acc
         ],
         # The LSE block is revisited by every head of a query block: the head axis is sequential.
@@ -198,63 +293,79 @@ def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
 # Backward
 
 
-def _probs(problem, q, k, lse, q_start, k_start, block_q, block_k):
-    """P = exp(S * scale - LSE), zero where masked (and for rows with LSE = -inf)."""
-    s = _scores(problem, q, k)
-    mask = _visible(problem, q_start, k_start, block_q, block_k)
-    return jnp.where(mask, jnp.exp(s - jnp.where(lse == NEG_INF, 0.0, lse)), 0.0)
-
-
-def _head_row(stat_ref, head):
-    """Row `head` of a [heads, block_q] statistics block, as the (block_q, 1) column the tile math uses."""
-    return row_to_column(stat_ref[pl.ds(head, 1), :])
-
-
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, problem,
                 block_q, block_k, num_q_blocks):
-    head_kv, kv_block, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    q_block = lax.rem(step, jnp.int32(num_q_blocks))
-    head_q = head_kv * problem.group + lax.div(step, jnp.int32(num_q_blocks))
+    """dK, dV for one key block, the query blocks of its GQA group streamed past. Computed transposed,
+    keys on sublanes and queries on lanes: S^T = K Q^T, so dV += P^T dO and dK += dS^T Q are plain
+    products (no transposed tile), and the LSE and D_i rows of the [heads, block_q] statistics blocks
+    meet the tile by a broadcast over sublanes."""
+    head_kv, kv_block, g, q_block = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    head_q = head_kv * problem.group + g
+    row_start, key_start = q_block * block_q, kv_block * block_k
+    first_step = (g == 0) & (q_block == 0)
+    last_step = (g == problem.group - 1) & (q_block == num_q_blocks - 1)
 
-    @pl.when(step == 0)
+    @pl.when(first_step)
     def _init():
         dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
 
-    @pl.when(q_block >= _first_q_block(problem, kv_block, block_q, block_k, num_q_blocks))
-    def _step():
+    def update(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        p = _probs(problem, q, k, _head_row(lse_ref, head_q), q_block * block_q, kv_block * block_k, block_q, block_k)
-        dv_acc_ref[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - _head_row(delta_ref, head_q))
-        dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32) * problem.sm_scale
+        lse = lse_ref[pl.ds(head_q, 1), :]  # (1, block_q)
+        s_t = _scores(problem, k, q)  # (block_k, block_q), log2 units
+        if masked:  # on the scores: exp2(-inf) = 0 (a select on P would become a masked matmul)
+            s_t = jnp.where(_visible(problem, row_start, key_start, block_q, block_k, transposed=True), s_t, NEG_INF)
+        p_t = jnp.exp2(s_t - jnp.where(lse == NEG_INF, 0.0, lse * LOG2_E))
+        dv_acc_ref[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds_t = p_t * (dp_t - delta_ref[pl.ds(head_q, 1), :])
+        dk_acc_ref[...] += jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
-    @pl.when(step == pl.num_programs(3) - 1)
+    any_visible, needs_mask = _tile_visibility(problem, row_start, block_q, key_start, block_k)
+    _when(any_visible, _when_masked, needs_mask, update)
+
+    @pl.when(last_step)
     def _finish():
-        dk_ref[...] = dk_acc_ref[...].astype(dk_ref.dtype)
+        dk_ref[...] = (dk_acc_ref[...] * problem.sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, *, problem, block_q, block_k,
-               num_kv_blocks):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, lse_rep_ref, delta_rep_ref, *,
+               problem, block_q, block_k, block_q_compute, num_kv_blocks):
+    """dQ for one query block, key blocks streamed past. Its LSE (in log2 units) and D_i rows are
+    turned into the replicated column form once, at the first key block."""
     head, q_block, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    row_start, key_start = q_block * block_q, kv_block * block_k
 
     @pl.when(kv_block == 0)
     def _init():
         dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+        lse = lse_ref[pl.ds(head, 1), :]
+        lse_rep_ref[...] = row_to_replicated(jnp.where(lse == NEG_INF, 0.0, lse * LOG2_E))
+        delta_rep_ref[...] = row_to_replicated(delta_ref[pl.ds(head, 1), :])
+
+    def update(masked):
+        k, v = k_ref[...], v_ref[...]
+        for c in range(block_q // block_q_compute):  # sub-blocks in one region, as in the forward
+            rows = pl.ds(c * block_q_compute, block_q_compute)
+            s = _scores(problem, q_ref[rows, :], k)
+            if masked:
+                visible = _visible(problem, row_start + c * block_q_compute, key_start, block_q_compute, block_k)
+                s = jnp.where(visible, s, NEG_INF)
+            p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], block_k))
+            dp = lax.dot_general(do_ref[rows, :], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            ds = p * (dp - lanes(delta_rep_ref[rows, :], block_k))
+            dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
-    def _step():
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        p = _probs(problem, q, k, _head_row(lse_ref, head), q_block * block_q, kv_block * block_k, block_q, block_k)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - _head_row(delta_ref, head))
-        dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * problem.sm_scale
+    def _visible_block():
+        _, needs_mask = _tile_visibility(problem, row_start, block_q, key_start, block_k)
+        _when_masked(needs_mask, update)
 
     @pl.when(kv_block == num_kv_blocks - 1)
     def _finish():
-        dq_ref[...] = dq_acc_ref[...].astype(dq_ref.dtype)
+        dq_ref[...] = (dq_acc_ref[...] * problem.sm_scale).astype(dq_ref.dtype)
 
 
 def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
@@ -274,19 +385,21 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
     q_side = batch * heads_q * visited * (2 * bq * dim * itemsize + 2 * heads_q * bq * 4)  # Q, dO, LSE, delta
     dkv_cost = _cost(8 * pairs * dim, pairs, q_side + 4 * k.size * itemsize)  # + K, V in, dK, dV out
 
-    def q_side_map(b, h_kv, j, step):
-        i = jnp.maximum(lax.rem(step, jnp.int32(nq)), _first_q_block(problem, j, bq, bk, nq))
-        return b, h_kv * group + lax.div(step, jnp.int32(nq)), i, 0
+    # Grid (B, Hkv, key blocks, heads of the group, query blocks): a head and a query block are grid
+    # indices, not a quotient and remainder of one (v5e's static profile simulates scalar division
+    # as 0, and Mosaic's integer division costs scalar cycles each step).
+    def q_side_map(b, h_kv, j, g, i):
+        return b, h_kv * group + g, jnp.maximum(i, _first_q_block(problem, j, bq, bk, nq)), 0
 
-    def kv_side_map(b, h_kv, j, step):
+    def kv_side_map(b, h_kv, j, g, i):
         return b, h_kv, j, 0
 
-    def stats_side_map(b, h_kv, j, step):  # every head's row: the kernel picks its own
-        return b, 0, jnp.maximum(lax.rem(step, jnp.int32(nq)), _first_q_block(problem, j, bq, bk, nq))
+    def stats_side_map(b, h_kv, j, g, i):  # every head's row: the kernel picks its own
+        return b, 0, jnp.maximum(i, _first_q_block(problem, j, bq, bk, nq))
 
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, problem=problem, block_q=bq, block_k=bk, num_q_blocks=nq),
-        grid=(batch, heads_kv, nk, group * nq),
+        grid=(batch, heads_kv, nk, group, nq),
         in_specs=[
             pl.BlockSpec((None, None, bq, dim), q_side_map),
             pl.BlockSpec((None, None, bk, dim), kv_side_map),
@@ -301,7 +414,7 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=_interpret_arg(problem),
         cost_estimate=dkv_cost,
         name="pallas_flash_bwd_dkv",
@@ -325,7 +438,8 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
         return b, 0, i
 
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, problem=problem, block_q=bq, block_k=bk, num_kv_blocks=nk),
+        functools.partial(_dq_kernel, problem=problem, block_q=bq, block_k=bk,
+                          block_q_compute=min(blocks.block_q_compute, bq), num_kv_blocks=nk),
         grid=(batch, heads_q, nq, nk),
         in_specs=[
             pl.BlockSpec((None, None, bq, dim), q_map),
@@ -337,7 +451,8 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
         ],
         out_specs=pl.BlockSpec((None, None, bq, dim), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, dim), jnp.float32), pltpu.VMEM(stat_shape(bq), jnp.float32),
+                        pltpu.VMEM(stat_shape(bq), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret_arg(problem),
         cost_estimate=dq_cost,

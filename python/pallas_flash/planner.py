@@ -25,7 +25,9 @@ def round_up(x: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Rows per block. block_q/block_k: forward; *_dkv: the dK/dV kernel; *_dq: the dQ kernel."""
+    """Rows per block. block_q/block_k: forward (block_q_compute: the rows of one pass of the online
+    softmax inside a query block, so that its scores stay in the vector registers); *_dkv: the
+    dK/dV kernel; *_dq: the dQ kernel."""
 
     block_q: int
     block_k: int
@@ -33,12 +35,16 @@ class BlockSizes:
     block_k_dkv: int
     block_q_dq: int
     block_k_dq: int
+    block_q_compute: int = 256
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or value <= 0 or value % LANES:
                 raise ValueError(f"BlockSizes.{field.name}: expected a positive multiple of {LANES}, got {value!r}")
+        if self.block_q % self.block_q_compute and self.block_q_compute < self.block_q:
+            raise ValueError(f"BlockSizes.block_q_compute: expected a divisor of block_q={self.block_q}, "
+                             f"got {self.block_q_compute}")
 
 
 @functools.cache
@@ -53,24 +59,36 @@ def vmem_budget_bytes() -> int:
     return v5e_vmem_bytes() // 2
 
 
-def forward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
-    """VMEM the forward kernel holds at once: double-buffered Q, K, V, O and LSE blocks, the fp32
-    accumulator and running max/sum, and the fp32 score and probability tiles."""
+# Compiler temporaries and internal scratch beyond the terms below, calibrated against what the v5e
+# compiler gives the kernels (tests/test_v5e_compile.py checks the bound on every compiled shape):
+# the formulas come out 1.0-1.6x what it reports.
+COMPILER_HEADROOM = 1.15
+HEADS_FOR_STATS = 16  # the LSE and D_i blocks hold every head's row of a query block
+
+
+def forward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int, block_q_compute: int = 256,
+                       heads: int = HEADS_FOR_STATS) -> int:
+    """VMEM the forward kernel holds at once: double-buffered Q, O, K, V blocks and the [heads,
+    block_q] LSE block, the fp32 accumulator and replicated running max/sum, and per sub-block the
+    fp32 scores and probabilities and the operands in fp32."""
     d = round_up(head_dim, LANES)
-    pipelined = 2 * (block_q * d + 2 * block_k * d + block_q * d) * itemsize + 2 * block_q * 4
+    compute = min(block_q_compute, block_q)
+    pipelined = 2 * (2 * block_q * d + 2 * block_k * d) * itemsize + 2 * heads * block_q * 4
     scratch = block_q * d * 4 + 2 * block_q * LANES * 4
-    temporaries = 3 * block_q * block_k * 4
-    return pipelined + scratch + temporaries
+    temporaries = (4 * compute * block_k + 2 * block_k * d + 2 * compute * d) * 4
+    return int(COMPILER_HEADROOM * (pipelined + scratch + temporaries))
 
 
-def backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
-    """The larger of the dK/dV kernel (Q, dO, LSE, delta streamed; K, V resident; dK, dV fp32
-    accumulators) and the dQ kernel (mirror image)."""
+def backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int,
+                        heads: int = HEADS_FOR_STATS) -> int:
+    """The dK/dV kernel's (the larger of the two backward kernels): Q and dO streamed, K and V
+    resident, dK and dV out, all double-buffered, the LSE and D_i blocks, the fp32 dK and dV
+    accumulators, and the (block_k, block_q) fp32 score, probability and dS tiles."""
     d = round_up(head_dim, LANES)
-    pipelined = 2 * (2 * block_q * d + 2 * block_k * d + 2 * block_k * d) * itemsize + 4 * block_q * 4
+    pipelined = 2 * (2 * block_q * d + 4 * block_k * d) * itemsize + 2 * 2 * heads * block_q * 4
     scratch = 2 * block_k * d * 4
-    temporaries = 5 * block_q * block_k * 4
-    return pipelined + scratch + temporaries
+    temporaries = (2 * block_q * block_k + 2 * block_k * d) * 4
+    return int(COMPILER_HEADROOM * (pipelined + scratch + temporaries))
 
 
 def _largest_dividing(candidates, extent: int) -> int:
@@ -78,9 +96,13 @@ def _largest_dividing(candidates, extent: int) -> int:
 
 
 def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
-    """The largest query block (2048 down to 128 rows) that fits the budget and divides the
-    128-aligned query length (so alignment never pads more than 127 rows), with K/V blocks of 512
-    rows (or the largest of 256, 128 dividing the aligned key length)."""
+    """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, H=16, D=128, bf16,
+    N=4096..8192):
+    - forward: the largest query block (2048 down to 128 rows) that fits the budget and divides the
+      128-aligned query length (so alignment never pads more than 127 rows), swept in sub-blocks of
+      256 rows, against K/V blocks of 512 rows: 2048 x 512 / 256 came out fastest (1024 x 1024 -2%,
+      whole-block tiles without sub-blocks -11%);
+    - backward: square blocks of up to 1024 (dK/dV at 94% of its MXU bound; 512 blocks cost +8%)."""
     itemsize = jnp.dtype(dtype).itemsize
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
@@ -88,10 +110,10 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) 
     block_k = _largest_dividing((512, 256, 128), nk)
     fitting = [c for c in (2048, 1024, 512, 256, 128) if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
     block_q = _largest_dividing(fitting or [LANES], nq)
-    # Backward: square blocks of up to 512 (its working set per step is larger than the forward's).
-    block_bwd_q = _largest_dividing((512, 256, 128), nq)
-    block_bwd_k = _largest_dividing((512, 256, 128), nk)
-    return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k)
+    fitting = [c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget]
+    block_bwd_q = _largest_dividing(fitting or [LANES], nq)
+    block_bwd_k = _largest_dividing(fitting or [LANES], nk)
+    return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256)
 
 
 def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16) -> str:

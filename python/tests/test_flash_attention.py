@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_flash import BlockSizes, flash_attention, padding_bytes, reference_attention
-from shapes import FORWARD_SHAPES, GRAD_SHAPES
+from shapes import FORWARD_SHAPES, GRAD_SHAPES, Shape
 
 
 def random_inputs(shape, dtype=jnp.float32, scale=1.0):
@@ -74,6 +74,32 @@ def test_explicit_block_sizes_cover_multiple_blocks():
     blocks = BlockSizes(128, 128, 128, 128, 128, 128)  # 3 x 2 query/key blocks: the online softmax and the skip
     o = flash_attention(q, k, v, causal=True, block_sizes=blocks)
     assert rel_l2(o, reference_attention(q, k, v, causal=True)) < 1e-5
+
+
+# Sub-blocks of the query block, and the three ways a tile is masked: the static diagonal patterns
+# (causal, aligned; Nq = Nk and an offset that is not a multiple of the blocks), and padded keys.
+SUB_BLOCK_CASES = [
+    (Shape(1, 2, 1, 1024, 1024, 64), True, BlockSizes(512, 256, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 640, 1024, 32), True, BlockSizes(128, 256, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 384, 896, 32), True, BlockSizes(384, 128, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 1024, 640, 32), True, BlockSizes(256, 128, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 700, 1000, 32), True, BlockSizes(256, 256, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 700, 1000, 32), False, BlockSizes(256, 256, 128, 128, 128, 128, block_q_compute=128)),
+]
+
+
+@pytest.mark.parametrize("shape, causal, blocks", SUB_BLOCK_CASES, ids=lambda x: str(x)[:40])
+def test_sub_blocks_and_masked_tiles(shape, causal, blocks):
+    q, k, v, _ = random_inputs(shape)
+    o, lse = flash_attention(q, k, v, causal=causal, block_sizes=blocks, return_lse=True)
+    ref_o, ref_lse = reference_attention(q, k, v, causal=causal, return_lse=True)
+    assert rel_l2(o, ref_o) < 1e-5
+    assert_lse_close(lse, ref_lse)
+
+
+def test_block_q_compute_must_divide_block_q():
+    with pytest.raises(ValueError, match="block_q_compute: expected a divisor of block_q=384"):
+        BlockSizes(384, 128, 128, 128, 128, 128, block_q_compute=256)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

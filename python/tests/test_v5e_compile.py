@@ -188,7 +188,8 @@ def test_checks_catch_the_default_layout_transpose_at_d64():
 
 def test_compiler_rejects_blocks_that_do_not_fit_vmem():
     q = v5e.abstract((1, 1, 4096, 128), jnp.float32)
-    too_big = BlockSizes(4096, 4096, 128, 128, 128, 128)  # a 4096 x 4096 fp32 score tile alone is 64 MiB
+    # One sub-block of 4096 x 4096 fp32 scores alone is 64 MiB.
+    too_big = BlockSizes(4096, 4096, 128, 128, 128, 128, block_q_compute=4096)
     with pytest.raises(v5e.CompileError) as failure:
         v5e.compile_for_v5e(lambda q, k, v: flash_attention(q, k, v, block_sizes=too_big, interpret=False), q, q, q)
     assert failure.value.vmem and not failure.value.oom, failure.value.summary
