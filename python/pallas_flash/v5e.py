@@ -323,6 +323,23 @@ _MOVING_OPCODES = frozenset({"copy", "copy-start", "copy-done", "pad", "transpos
 _MOVING_WORDS = ("copy", "pad", "transpose", "slice", "concatenate", "gather", "scatter")
 
 
+def row_major_formats(tree, sharding=None):
+    """Row-major layouts ([B, H, N, D] with D minor) for every array of `tree`, on one v5e chip. The
+    kernels take row-major arrays; XLA's default layout at a jit boundary puts N minor for a bf16
+    [..., N, 64] array (lane-dense for it), so without these a program that takes such an array as a
+    parameter starts with a transposing copy, for our kernels and JAX's alike. Inside a larger
+    program the producer of the array chooses, as the kernel asks."""
+    from jax.experimental.layout import Format, Layout
+
+    return jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(range(len(a.shape)))), sharding or chip()), tree)
+
+
+def compile_row_major(fn, *args) -> CompiledProgram:
+    """compile_for_v5e with row-major layouts for the parameters and results (one chip)."""
+    outputs = jax.eval_shape(fn, *args)
+    return compile_for_v5e(fn, *args, in_shardings=row_major_formats(args), out_shardings=row_major_formats(outputs))
+
+
 def compile_for_v5e(fn, *args, **kwargs) -> CompiledProgram:
     """jax.jit(fn) lowered for the abstract `args` (placed on v5e devices) and compiled by XLA:TPU and
     Mosaic. Raises CompileError with the compiler's reason when it fails."""

@@ -8,7 +8,6 @@ gives each kernel. Checks that could pass vacuously are each shown failing on a 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -16,16 +15,8 @@ from pallas_flash import flash_attention, flash_decode, plan_block_sizes, sharde
 from pallas_flash.planner import BlockSizes, backward_vmem_bytes, forward_vmem_bytes
 from pallas_flash.reference import naive_attention
 
-def row_major(tree):
-    """The row-major layouts ([B, H, N, D] with D minor) the kernels document, for every array of
-    `tree`. XLA's default entry layout for a bf16 [..., N, 64] array puts N minor, so a jit boundary
-    with default layouts adds a transposing copy around any [B, H, N, D] kernel, ours or JAX's."""
-    return jax.tree.map(lambda a: Format(Layout(major_to_minor=tuple(range(len(a.shape)))), v5e.chip()), tree)
-
-
 def compile_attention(fn, *args):
-    outputs = jax.eval_shape(fn, *args)
-    return v5e.compile_for_v5e(fn, *args, in_shardings=row_major(args), out_shardings=row_major(outputs))
+    return v5e.compile_row_major(fn, *args)
 
 
 def assert_kernels_only(program, allow_fusions=False):

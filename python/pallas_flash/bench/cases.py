@@ -67,16 +67,19 @@ class Case:
         return rows * cols
 
     def for_profile(self) -> Case:
-        """The same kernel for one KV head's group of one sequence: the compiler's estimate scales
-        linearly in batch and KV heads (independent grid rows), and simulating every grid step of
-        the full shape would take minutes. Decode lengths become trace-time constants (the
-        simulator reads scalar-prefetch values as 0)."""
-        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group,
-                                   trace_time_lengths=self.pass_ == "decode")
+        """What the static profile simulates. Attention: the same kernel for one KV head's group of
+        one sequence: the estimate scales linearly in batch and KV heads (independent grid rows), and
+        simulating every grid step of the full shape would take minutes. Decode (cheap to simulate):
+        the whole shape, with its lengths as trace-time constants (the simulator reads
+        scalar-prefetch values as 0); a decode step's fixed costs (the merge, head transitions) do
+        not scale with heads, so a scaled profile would overstate them."""
+        if self.pass_ == "decode":
+            return dataclasses.replace(self, trace_time_lengths=True)
+        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group)
 
     @property
     def profile_scale(self) -> int:
-        return self.batch * self.kv_heads
+        return 1 if self.pass_ == "decode" else self.batch * self.kv_heads
 
     def flops(self) -> float:
         """Useful FLOPs, FlashAttention's convention: 4 B Hq Nq Nk D for a forward (QK^T and PV),
@@ -297,6 +300,18 @@ def _decode_fn(case: Case, place: Placement):
         return pf.flash_decode(q, k, v, static_length or lengths, interpret=False)
 
     return decode, (q, cache, cache, place.index_array(np.full(batch, context)))
+
+
+def compile_for_v5e(case: Case):
+    """The case compiled for the v5e: on one chip with row-major parameters and results (the layout
+    the [B, H, N, D] kernels read, ours and JAX's alike, as a producer inside a real program would
+    write it); on a mesh with the shardings' default layouts."""
+    from pallas_flash import v5e
+
+    fn, args = build(case, Placement(abstract=True))
+    if case.pass_ == "decode" and case.mesh != "1x1":
+        return v5e.compile_for_v5e(fn, *args)
+    return v5e.compile_row_major(fn, *args)
 
 
 def build(case: Case, place: Placement):

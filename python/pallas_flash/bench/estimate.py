@@ -138,8 +138,7 @@ COPY_REPORT_BYTES = 1 << 20
 def compile_full(case: cases.Case) -> FullCompile:
     """The full shape on one chip (or the mesh), in this process."""
     try:
-        fn, args = cases.build(case, cases.Placement(abstract=True))
-        program = v5e.compile_for_v5e(fn, *args)
+        program = cases.compile_for_v5e(case)
     except v5e.CompileError as exc:
         needed = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(exc))
         return FullCompile("oom" if exc.oom else "error", exc.summary,

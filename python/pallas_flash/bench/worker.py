@@ -58,8 +58,7 @@ def run_job(job: dict, dump_dir: str | None) -> dict:
     case = cases.Case.from_json(job["case"])
     start = time.perf_counter()
     try:
-        fn, args = cases.build(case, cases.Placement(abstract=True))
-        program = v5e.compile_for_v5e(fn, *args)
+        program = cases.compile_for_v5e(case)
     except v5e.CompileError as exc:
         return {"status": "oom" if exc.oom else "error", "message": exc.summary,
                 "compile_s": time.perf_counter() - start}
