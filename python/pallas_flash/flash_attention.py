@@ -161,9 +161,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, a
     and every pl.when around a sub-block would drain the MXU pipeline."""
     q_block, head, kv_block = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row_start, key_start = q_block * block_q, kv_block * block_k
-    sub_blocks = block_q // block_q_compute
 
-    def update(c, first, masked):
+    def update(c, masked, first):
         rows = pl.ds(c * block_q_compute, block_q_compute)
         s = _scores(problem, q_ref[rows, :], k_ref[...])
         if masked:
@@ -171,35 +170,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, a
             s = jnp.where(visible, s, NEG_INF)
         update_state(s, v_ref[...], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first)
 
-    def sweep(first, sub_block_kind):
-        """The sub-blocks in one region; sub_block_kind(c) in ("skip", "masked", "full"), static.
-        The first key block starts every row's state, even rows that see none of it."""
-        for c in range(sub_blocks):
-            kind = sub_block_kind(c)
-            if kind != "skip" or first:
-                update(c, first, kind != "full")
-
     def step(first: bool):
-        if not problem.causal and problem.seq_k % block_k == 0:
-            sweep(first, lambda c: "full")
-        elif problem.seq_k % block_k:
-            # Padded keys in the last key block (and the diagonal, if causal): decided per sub-block
-            # at run time. Only unaligned lengths come here.
-            for c in range(sub_blocks):
-                any_visible, needs_mask = _tile_visibility(problem, row_start + c * block_q_compute,
-                                                           block_q_compute, key_start, block_k)
-                _when(True if first else any_visible, _when_masked, needs_mask, functools.partial(update, c, first))
-        else:
-            # Causal, aligned: on the tiles the diagonal crosses, delta = key_start - row_start - offset
-            # takes one of (block_q + block_k) / gcd values, each a static pattern of skipped, masked
-            # and full sub-blocks; every other visited tile is full.
+        # The first key block starts every row's state, even rows that see none of it (-inf, 0).
+        _visit_sub_blocks(problem, row_start, key_start, block_q, block_k, block_q_compute,
+                          functools.partial(update, first=first), keep_skipped=first)
+        if first and problem.causal and problem.seq_k % block_k == 0:
+            # A query block that sees no key at all (Nq > Nk): an empty state.
             delta = key_start - row_start - problem.causal_offset
-            diagonal = _diagonal_tiles(problem, block_q, block_k, block_q_compute)
-            for d, kind in diagonal:
-                pl.when(delta == d)(functools.partial(sweep, first, kind))
-            pl.when(delta < diagonal[0][0])(functools.partial(sweep, first, lambda c: "full"))
-            if first:  # a query block that sees no key at all (Nq > Nk): an empty state
-                pl.when(delta > block_q - 1)(lambda: init_state(row_max_ref, row_sum_ref, acc_ref))
+            pl.when(delta > block_q - 1)(lambda: init_state(row_max_ref, row_sum_ref, acc_ref))
 
     # Key block 0 is every query block's first: it starts the state (no initialising pass over VMEM).
     pl.when(kv_block == 0)(lambda: step(first=True))
@@ -211,6 +189,36 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, a
         o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
         o_ref[...] = o.astype(o_ref.dtype)
         lse_ref[pl.ds(head, 1), :] = replicated_to_row(lse)
+
+
+def _visit_sub_blocks(problem: _Problem, row_start, key_start, block_q: int, block_k: int, rows: int, update, *,
+                      keep_skipped: bool = False):
+    """Calls update(c, masked) for the sub-blocks c of `rows` query rows of a visited (block_q, block_k)
+    tile, unrolled in straight-line regions (a pl.when around a sub-block would drain the MXU
+    pipeline): all full without a causal mask or padded keys; else, causal and aligned, one region
+    per kind of tile the diagonal crosses (delta = key_start - row_start - offset takes one of
+    (block_q + block_k) / gcd values, each a static pattern of skipped, masked and full sub-blocks)
+    and one for the full tiles below it; with padded keys (unaligned Nk only), per sub-block at run
+    time. keep_skipped: sub-blocks that see nothing are updated anyway (masked)."""
+    sub_blocks = block_q // rows
+
+    def sweep(kind):
+        for c in range(sub_blocks):
+            if kind(c) != "skip" or keep_skipped:
+                update(c, kind(c) != "full")
+
+    if not problem.causal and problem.seq_k % block_k == 0:
+        sweep(lambda c: "full")
+    elif problem.seq_k % block_k:
+        for c in range(sub_blocks):
+            any_visible, needs_mask = _tile_visibility(problem, row_start + c * rows, rows, key_start, block_k)
+            _when(True if keep_skipped else any_visible, _when_masked, needs_mask, functools.partial(update, c))
+    else:
+        delta = key_start - row_start - problem.causal_offset
+        diagonal = _diagonal_tiles(problem, block_q, block_k, rows)
+        for d, kind in diagonal:
+            pl.when(delta == d)(functools.partial(sweep, kind))
+        pl.when(delta < diagonal[0][0])(functools.partial(sweep, lambda c: "full"))
 
 
 def _diagonal_tiles(problem: _Problem, block_q: int, block_k: int, rows: int):
@@ -345,23 +353,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_r
         lse_rep_ref[...] = row_to_replicated(jnp.where(lse == NEG_INF, 0.0, lse * LOG2_E))
         delta_rep_ref[...] = row_to_replicated(delta_ref[pl.ds(head, 1), :])
 
-    def update(masked):
+    def update(c, masked):  # sub-blocks as in the forward
         k, v = k_ref[...], v_ref[...]
-        for c in range(block_q // block_q_compute):  # sub-blocks in one region, as in the forward
-            rows = pl.ds(c * block_q_compute, block_q_compute)
-            s = _scores(problem, q_ref[rows, :], k)
-            if masked:
-                visible = _visible(problem, row_start + c * block_q_compute, key_start, block_q_compute, block_k)
-                s = jnp.where(visible, s, NEG_INF)
-            p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], block_k))
-            dp = lax.dot_general(do_ref[rows, :], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            ds = p * (dp - lanes(delta_rep_ref[rows, :], block_k))
-            dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        rows = pl.ds(c * block_q_compute, block_q_compute)
+        s = _scores(problem, q_ref[rows, :], k)
+        if masked:
+            visible = _visible(problem, row_start + c * block_q_compute, key_start, block_q_compute, block_k)
+            s = jnp.where(visible, s, NEG_INF)
+        p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], block_k))
+        dp = lax.dot_general(do_ref[rows, :], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - lanes(delta_rep_ref[rows, :], block_k))
+        dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(kv_block <= _last_kv_block(problem, q_block, block_q, block_k, num_kv_blocks))
     def _visible_block():
-        _, needs_mask = _tile_visibility(problem, row_start, block_q, key_start, block_k)
-        _when_masked(needs_mask, update)
+        _visit_sub_blocks(problem, row_start, key_start, block_q, block_k, block_q_compute, update)
 
     @pl.when(kv_block == num_kv_blocks - 1)
     def _finish():

@@ -4,10 +4,10 @@ Per case, two compiles:
 1. The full shape, in this process (no profiling): does it fit one 16 GiB chip (status "oom" when
    the compiler runs out of HBM), how much HBM it holds, the HBM traffic XLA's cost analysis counts,
    and whether anything copies or relayouts the inputs and outputs.
-2. One KV head's group of one sequence (`Case.for_profile`), in a worker process started with
-   libtpu's static profile and LLO dump flags: the estimated cycles (scaled back by batch x KV heads:
-   grid rows are independent), each kernel's scoped VMEM, and its final bundles (spill stores,
-   MXU-busy share). Workers run in parallel (`jobs`).
+2. `Case.for_profile` (attention: one KV head's group of one sequence; decode: the whole shape), in
+   a worker process started with libtpu's static profile and LLO dump flags: the estimated cycles
+   (scaled back by batch x KV heads for attention: grid rows are independent) and each kernel's
+   final bundles (spill stores, MXU-busy share). Workers run in parallel (`jobs`).
 
 JAX's flash_attention is profiled at each candidate block size and the fastest is kept; sequences
 longer than `SWEEP_MAX_SEQ` reuse the winner at that length (simulating every candidate at 32k would
@@ -36,6 +36,7 @@ from pallas_flash.bench import cases
 from pallas_flash.bench.worker import RESULT_PREFIX
 
 SWEEP_MAX_SEQ = 4096
+FIT_MIN_SEQ = 2048
 PROFILE_ABORTS = {"jax_splash": "the compiler's static profile aborts inside libtpu for splash attention "
                                 "('Unsupported DMA direction'): static bundle count only, no time"}
 XLA_COST_MODEL = {"xla_reference": "plain XLA: cycles from XLA:TPU's own per-fusion cost model at the full shape "
@@ -178,7 +179,7 @@ class Estimator:
     sizes fixed, a self-attention kernel's cycles are exactly a quadratic in N over multiples of its
     blocks' least common multiple L (every kind of grid step, interior, diagonal, skipped, first and
     last, occurs a number of times quadratic in N / L), so they are fitted through profiles at
-    N = L, 2L, 3L and evaluated at N."""
+    N = mL, (m+1)L, (m+2)L, the first of them at least FIT_MIN_SEQ, and evaluated at N."""
 
     def __init__(self, jobs: int, max_profile_seq: int = 4096, log=sys.stderr):
         self.jobs = max(1, jobs)
@@ -220,7 +221,13 @@ class Estimator:
         unit = fit_unit(case) if long else 0
         if not long or case.seq_q != case.seq_k or case.seq_q % unit or case.impl in PROFILE_ABORTS:
             return self._once(case).result
-        points = [dataclasses.replace(case, seq_q=m * unit, seq_k=m * unit) for m in (1, 2, 3)]
+        # The shortest point has several blocks along each axis (N >= FIT_MIN_SEQ): a grid of one
+        # block per axis runs step kinds (first and last at once) the longer ones do not.
+        first = max(1, -(-FIT_MIN_SEQ // unit))
+        multiples = (first, first + 1, first + 2)
+        if multiples[-1] * unit >= case.seq_q:
+            return self._once(case).result
+        points = [dataclasses.replace(case, seq_q=m * unit, seq_k=m * unit) for m in multiples]
         futures = [self._once(p) for p in points]
 
         def fitted():
@@ -228,7 +235,7 @@ class Estimator:
             failed = next((r for r in results if r.get("status") != "ok" or r.get("est_cycles") is None), None)
             if failed:
                 return failed
-            cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip((1, 2, 3), results)], case.seq_q / unit)
+            cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip(multiples, results)], case.seq_q / unit)
             fit = [(p.seq_q, r["est_cycles"]) for p, r in zip(points, results)]
             return results[-1] | {"est_cycles": round(cycles), "fit": fit}
 
@@ -283,6 +290,8 @@ class Estimator:
                 best = _best([(b, resolve()) for b, resolve in chosen[case]])
                 profile = best[2] if best else chosen[case][0][1]()
                 blocks = best[1] if best else None
+                if blocks and blocks != cases.fixed_blocks(case).blocks:  # the full shape at the chosen blocks
+                    fulls[case] = compile_full(dataclasses.replace(case, blocks=blocks))
                 swept_at = min(case.seq_q, SWEEP_MAX_SEQ)
                 backward_note = f", then {len(chosen[case])} backward sizes" if case.pass_ != "fwd" else ""
                 note.append(f"blocks (q, k_major, k, bwd) = {blocks}: the fastest of {len(sweeps[case][1])} forward"

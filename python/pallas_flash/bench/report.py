@@ -14,8 +14,8 @@ TIME_RULE = ("time = max(estimated cycles / clock, HBM bytes / HBM bandwidth): t
              "not 819 GB/s, so a memory-bound kernel is held to the bandwidth floor")
 ESTIMATE_LIMITS = ("not modelled: collectives (the 2x2 decode's all-gather), scalar-prefetch values "
                    "(read as 0: our decode is profiled with its length known at trace time), DMA contention "
-                   "beyond the bandwidth floor. Cycles are profiled for one KV head's group of one sequence "
-                   "and scaled by batch x KV heads")
+                   "beyond the bandwidth floor. Attention cycles are profiled for one KV head's group of one "
+                   "sequence and scaled by batch x KV heads; decode is profiled whole")
 
 
 def make_row(case: Case, chip: Chip, *, status: str, source: str, est_cycles: float | None, time_s: float | None,
