@@ -23,9 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_flash.backend import kernel_mode
-from pallas_flash.online_softmax import (LOG2_E, NEG_INF, finish_state, init_state, lanes, replicated_to_row,
+from pallas_flash.online_softmax import (LANES, LOG2_E, NEG_INF, finish_state, init_state, lanes, replicated_to_row,
                                          row_to_replicated, stat_shape, update_state)
-from pallas_flash.planner import BlockSizes, plan_block_sizes, round_up, vmem_budget_bytes
+from pallas_flash.planner import BlockSizes, fuses_dq, plan_block_sizes, round_up, vmem_budget_bytes
 from pallas_flash.reference import reference_attention
 
 
@@ -301,42 +301,105 @@ def _forward(problem: _Problem, blocks: BlockSizes, q, k, v):
 # Backward
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, problem,
-                block_q, block_k, num_q_blocks):
-    """dK, dV for one key block, the query blocks of its GQA group streamed past. Computed transposed,
-    keys on sublanes and queries on lanes: S^T = K Q^T, so dV += P^T dO and dK += dS^T Q are plain
-    products (no transposed tile), and the LSE and D_i rows of the [heads, block_q] statistics blocks
-    meet the tile by a broadcast over sublanes."""
-    head_kv, kv_block, g, q_block = pl.program_id(1), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *rest, problem, block_q, block_k,
+                block_k_compute, num_q_blocks, num_kv_blocks, fused_dq):
+    """dK, dV for one key block, the query blocks of its GQA group streamed past, and with fused_dq
+    dQ as well. Computed transposed, keys on sublanes and queries on lanes: S^T = K Q^T, so
+    dV += P^T dO and dK += dS^T Q are plain products (no transposed tile), the LSE and D_i rows of the
+    [heads, block_q] statistics blocks meet the tile by a broadcast over sublanes, and
+    dQ^T += K^T dS^T is plain too, with K^T transposed once per key block.
+
+    fused_dq: dQ^T of every query block of the group accumulates in VMEM across the key blocks
+    (grid order: key blocks outside, query blocks inside), so S and dP are computed once for all
+    three gradients (5 products per tile where a separate dQ kernel recomputes 2 of them: 7); each
+    query block's dQ goes to HBM once, after its last key block."""
+    if fused_dq:
+        dq_hbm_ref, dk_acc_ref, dv_acc_ref, k_t_ref, dq_t_acc_ref, dq_out_ref = rest
+    else:
+        dk_acc_ref, dv_acc_ref = rest
+    batch, head_kv, kv_block, g, q_block = (pl.program_id(i) for i in range(5))
     head_q = head_kv * problem.group + g
     row_start, key_start = q_block * block_q, kv_block * block_k
-    first_step = (g == 0) & (q_block == 0)
-    last_step = (g == problem.group - 1) & (q_block == num_q_blocks - 1)
 
-    @pl.when(first_step)
+    @pl.when((g == 0) & (q_block == 0))
     def _init():
         dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
         dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+        if fused_dq:
+            k_t_ref[...] = k_ref[...].astype(jnp.float32).T.astype(k_t_ref.dtype)
 
-    def update(masked):
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        lse = lse_ref[pl.ds(head_q, 1), :]  # (1, block_q)
-        s_t = _scores(problem, k, q)  # (block_k, block_q), log2 units
+    if fused_dq:
+        @pl.when(kv_block == 0)
+        def _init_dq():
+            dq_t_acc_ref[g, q_block] = jnp.zeros(dq_t_acc_ref.shape[2:], jnp.float32)
+
+    def update(key_from: int, keys: int, col_from: int, masked: bool):
+        """Key rows [key_from, +keys) of the block against query columns [col_from, block_q), static."""
+        rows = slice(None) if keys == block_k else pl.ds(key_from, keys)
+        cols = slice(None) if col_from == 0 else pl.ds(col_from, block_q - col_from)
+        q, do, k, v = q_ref[cols, :], do_ref[cols, :], k_ref[rows, :], v_ref[rows, :]
+        lse = lse_ref[pl.ds(head_q, 1), cols]  # (1, columns)
+        s_t = _scores(problem, k, q)  # (keys, columns), log2 units
         if masked:  # on the scores: exp2(-inf) = 0 (a select on P would become a masked matmul)
-            s_t = jnp.where(_visible(problem, row_start, key_start, block_q, block_k, transposed=True), s_t, NEG_INF)
+            visible = _visible(problem, row_start + col_from, key_start + key_from, block_q - col_from, keys,
+                               transposed=True)
+            s_t = jnp.where(visible, s_t, NEG_INF)
         p_t = jnp.exp2(s_t - jnp.where(lse == NEG_INF, 0.0, lse * LOG2_E))
-        dv_acc_ref[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dv_acc_ref[rows, :] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds_t = p_t * (dp_t - delta_ref[pl.ds(head_q, 1), :])
-        dk_acc_ref[...] += jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        ds_t = (p_t * (dp_t - delta_ref[pl.ds(head_q, 1), cols])).astype(q.dtype)
+        dk_acc_ref[rows, :] += jnp.dot(ds_t, q, preferred_element_type=jnp.float32)
+        if fused_dq:
+            dq_t_acc_ref[g, q_block, :, cols] += jnp.dot(k_t_ref[:, rows], ds_t, preferred_element_type=jnp.float32)
 
-    any_visible, needs_mask = _tile_visibility(problem, row_start, block_q, key_start, block_k)
-    _when(any_visible, _when_masked, needs_mask, update)
+    if problem.causal and problem.seq_k % block_k == 0:
+        # On the tiles the diagonal crosses (one static pattern per delta = key_start - row_start -
+        # offset), key sub-blocks of block_k_compute rows each compute only the query columns from
+        # their first visible one (a 1024 x 1024 diagonal tile: 62% of its products); full tiles whole.
+        delta = key_start - row_start - problem.causal_offset
+        diagonal = _diagonal_key_sub_blocks(problem, block_q, block_k, block_k_compute)
+        for d, sub_blocks in diagonal:
+            def sweep(sub_blocks=sub_blocks):
+                for sub in sub_blocks:
+                    update(*sub)
+            pl.when(delta == d)(sweep)
+        pl.when(delta < diagonal[0][0])(lambda: update(0, block_k, 0, False))
+    else:
+        any_visible, needs_mask = _tile_visibility(problem, row_start, block_q, key_start, block_k)
+        _when(any_visible, _when_masked, needs_mask, lambda masked: update(0, block_k, 0, masked))
 
-    @pl.when(last_step)
+    if fused_dq:
+        @pl.when(kv_block == num_kv_blocks - 1)
+        def _write_dq():
+            # A synchronous copy: 256 KiB at most per query block, ~2% of the kernel on the v5e
+            # estimate (the compiler's static profile cannot follow a DMA awaited in a later step).
+            dq_out_ref[...] = (dq_t_acc_ref[g, q_block].T * problem.sm_scale).astype(dq_out_ref.dtype)
+            pltpu.sync_copy(dq_out_ref, dq_hbm_ref.at[batch, head_q, pl.ds(row_start, block_q)])
+
+    @pl.when((g == problem.group - 1) & (q_block == num_q_blocks - 1))
     def _finish():
         dk_ref[...] = (dk_acc_ref[...] * problem.sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def _diagonal_key_sub_blocks(problem: _Problem, block_q: int, block_k: int, keys: int):
+    """[(delta, [(key_from, keys, col_from, masked)])] for every (block_q, block_k) tile the causal
+    diagonal crosses, in increasing delta = key_start - row_start - offset (as _diagonal_tiles): per
+    key sub-block of `keys` rows, the query columns it must compute, from the first one its first key
+    is visible to (rounded down to the 128 lanes), and whether any score there is masked. Query
+    column c sees key row r of the tile iff c >= r + delta."""
+    unit = math.gcd(block_q, block_k)
+    first = -(block_k - 1) + (block_k - 1 - problem.causal_offset) % unit
+    patterns = []
+    for d in range(first, block_q, unit):
+        sub_blocks = []
+        for key_from in range(0, block_k, keys):
+            if key_from + d > block_q - 1:
+                continue  # no column sees any key of this sub-block
+            col_from = max(0, key_from + d) // LANES * LANES
+            sub_blocks.append((key_from, keys, col_from, col_from < key_from + keys - 1 + d))
+        patterns.append((d, sub_blocks))
+    return patterns
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, lse_rep_ref, delta_rep_ref, *,
@@ -375,21 +438,30 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc_r
 
 
 def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
-    batch, heads_q, seq_q, dim = q.shape
-    heads_kv, seq_k = k.shape[1], k.shape[2]
-    group = problem.group
     # D_i = rowsum(dO_i * O_i), once per row (a cheap elementwise pass XLA fuses), [B, Hq, Nq] like the LSE.
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    if fuses_dq(blocks, q.shape[2], problem.group, q.shape[3], q.dtype.itemsize):
+        return _dkv(problem, blocks, q, k, v, do, lse, delta, fuse_dq=True)
+    dk, dv = _dkv(problem, blocks, q, k, v, do, lse, delta, fuse_dq=False)
+    return _dq(problem, blocks, q, k, v, do, lse, delta), dk, dv
 
-    itemsize = q.dtype.itemsize
 
-    # dK, dV: one key block resident, the query blocks of every head of its group streamed past.
+def _dkv(problem: _Problem, blocks: BlockSizes, q, k, v, do, lse, delta, *, fuse_dq: bool):
+    """(dK, dV), or with fuse_dq (dQ, dK, dV): one key block resident, the query blocks of every head
+    of its group streamed past."""
+    batch, heads_q, seq_q, dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    group, itemsize = problem.group, q.dtype.itemsize
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     nq, nk = seq_q // bq, seq_k // bk
     visited = sum(_visited_kv_blocks(problem, nq, bq, bk, nk))  # (query block, key block) pairs per head
     pairs = batch * heads_q * visited * bq * bk
     q_side = batch * heads_q * visited * (2 * bq * dim * itemsize + 2 * heads_q * bq * 4)  # Q, dO, LSE, delta
-    dkv_cost = _cost(8 * pairs * dim, pairs, q_side + 4 * k.size * itemsize)  # + K, V in, dK, dV out
+    kv_side = 4 * k.size * itemsize  # K, V in, dK, dV out
+    if fuse_dq:
+        cost = _cost(10 * pairs * dim, pairs, q_side + kv_side + q.size * itemsize)  # + dQ out, once
+    else:
+        cost = _cost(8 * pairs * dim, pairs, q_side + kv_side)
 
     # Grid (B, Hkv, key blocks, heads of the group, query blocks): a head and a query block are grid
     # indices, not a quotient and remainder of one (v5e's static profile simulates scalar division
@@ -403,8 +475,21 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
     def stats_side_map(b, h_kv, j, g, i):  # every head's row: the kernel picks its own
         return b, 0, jnp.maximum(i, _first_q_block(problem, j, bq, bk, nq))
 
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, problem=problem, block_q=bq, block_k=bk, num_q_blocks=nq),
+    out_specs = [pl.BlockSpec((None, None, bk, dim), kv_side_map), pl.BlockSpec((None, None, bk, dim), kv_side_map)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    scratch = [pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)]  # dK, dV accumulators
+    # The key-block axis is parallel unless dQ accumulates across it.
+    semantics = ("parallel", "parallel", "arbitrary" if fuse_dq else "parallel", "arbitrary", "arbitrary")
+    if fuse_dq:
+        out_specs.append(pl.BlockSpec(memory_space=pltpu.MemorySpace.HBM))  # written by the kernel's own DMA
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
+        scratch += [pltpu.VMEM((dim, bk), k.dtype),  # K^T
+                    pltpu.VMEM((group, nq, dim, bq), jnp.float32),  # dQ^T of the group's query blocks
+                    pltpu.VMEM((bq, dim), q.dtype)]  # one query block's dQ on its way out
+    grads = pl.pallas_call(
+        functools.partial(_dkv_kernel, problem=problem, block_q=bq, block_k=bk,
+                          block_k_compute=min(blocks.block_q_compute, bk), num_q_blocks=nq, num_kv_blocks=nk,
+                          fused_dq=fuse_dq),
         grid=(batch, heads_kv, nk, group, nq),
         in_specs=[
             pl.BlockSpec((None, None, bq, dim), q_side_map),
@@ -414,19 +499,26 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
             pl.BlockSpec((None, heads_q, bq), stats_side_map),
             pl.BlockSpec((None, heads_q, bq), stats_side_map),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, bk, dim), kv_side_map),
-            pl.BlockSpec((None, None, bk, dim), kv_side_map),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch,
+        compiler_params=_compiler_params(semantics),
         interpret=_interpret_arg(problem),
-        cost_estimate=dkv_cost,
-        name="pallas_flash_bwd_dkv",
+        cost_estimate=cost,
+        name="pallas_flash_bwd" if fuse_dq else "pallas_flash_bwd_dkv",
     )(q, k, v, do, lse, delta)
+    if fuse_dq:
+        dk, dv, dq = grads
+        return dq, dk, dv
+    return tuple(grads)
 
-    # dQ: one query block resident, key blocks streamed past.
+
+def _dq(problem: _Problem, blocks: BlockSizes, q, k, v, do, lse, delta):
+    """dQ alone (when the fused kernel's dQ accumulators do not fit VMEM): one query block resident,
+    key blocks streamed past."""
+    batch, heads_q, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    group, itemsize = problem.group, q.dtype.itemsize
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     nq, nk = seq_q // bq, seq_k // bk
     visited = sum(_visited_kv_blocks(problem, nq, bq, bk, nk))
@@ -443,7 +535,7 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
     def stats_map(b, h, i, j):
         return b, 0, i
 
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, problem=problem, block_q=bq, block_k=bk,
                           block_q_compute=min(blocks.block_q_compute, bq), num_kv_blocks=nk),
         grid=(batch, heads_q, nq, nk),
@@ -464,7 +556,6 @@ def _backward(problem: _Problem, blocks: BlockSizes, q, k, v, o, lse, do):
         cost_estimate=dq_cost,
         name="pallas_flash_bwd_dq",
     )(q, k, v, do, lse, delta)
-    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------

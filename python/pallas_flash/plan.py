@@ -17,12 +17,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
     for seq in args.seq:
-        print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype)))
+        print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype), args.kv_heads))
 
 
 if __name__ == "__main__":

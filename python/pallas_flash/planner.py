@@ -26,8 +26,10 @@ def round_up(x: int, multiple: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Rows per block. block_q/block_k: forward (block_q_compute: the rows of one pass of the online
-    softmax inside a query block, so that its scores stay in the vector registers); *_dkv: the
-    dK/dV kernel; *_dq: the dQ kernel."""
+    softmax inside a query block, so that its scores stay in the vector registers; the backward's
+    key sub-blocks on diagonal tiles too); *_dkv: the backward kernel (dK, dV and, fused, dQ); *_dq:
+    the separate dQ kernel. fuse_dq: True computes dQ in the dK/dV kernel, False in a kernel of its
+    own, None (default) fuses when the dQ accumulators fit VMEM (fused_backward_vmem_bytes)."""
 
     block_q: int
     block_k: int
@@ -36,9 +38,14 @@ class BlockSizes:
     block_q_dq: int
     block_k_dq: int
     block_q_compute: int = 256
+    fuse_dq: bool | None = None
 
     def __post_init__(self):
+        if self.fuse_dq is not None and not isinstance(self.fuse_dq, bool):
+            raise ValueError(f"BlockSizes.fuse_dq: expected True, False or None, got {self.fuse_dq!r}")
         for field in dataclasses.fields(self):
+            if field.name == "fuse_dq":
+                continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or value <= 0 or value % LANES:
                 raise ValueError(f"BlockSizes.{field.name}: expected a positive multiple of {LANES}, got {value!r}")
@@ -91,6 +98,26 @@ def backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int
     return int(COMPILER_HEADROOM * (pipelined + scratch + temporaries))
 
 
+def fused_backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int, seq_q: int, group: int,
+                              heads: int = HEADS_FOR_STATS) -> int:
+    """The backward kernel with dQ fused in: backward_vmem_bytes, plus K^T, the fp32 dQ^T of every
+    query block of a GQA group (resident across the key blocks: group x Nq x D x 4 bytes, 16 MiB for
+    one head of 32768 x 128), one block's dQ on its way out and the (D, block_q) fp32 product."""
+    d = round_up(head_dim, LANES)
+    accumulators = group * round_up(seq_q, block_q) * round_up(head_dim, 8) * 4
+    extra = head_dim * block_k * itemsize + block_q * d * itemsize + head_dim * block_q * 4
+    return backward_vmem_bytes(block_q, block_k, head_dim, itemsize, heads) + int(COMPILER_HEADROOM * (accumulators + extra))
+
+
+def fuses_dq(blocks: BlockSizes, seq_q: int, group: int, head_dim: int, itemsize: int) -> bool:
+    """Whether the backward computes dQ in the dK/dV kernel: blocks.fuse_dq, or when unset, whether
+    that kernel's dQ accumulators fit the budget (up to Nq ~ 90k at D = 128 for one head per KV head)."""
+    if blocks.fuse_dq is not None:
+        return blocks.fuse_dq
+    return fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_q,
+                                     group) <= vmem_budget_bytes()
+
+
 def _largest_dividing(candidates, extent: int) -> int:
     return next(c for c in candidates if c <= extent and extent % c == 0)
 
@@ -102,7 +129,8 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) 
       128-aligned query length (so alignment never pads more than 127 rows), swept in sub-blocks of
       256 rows, against K/V blocks of 512 rows: 2048 x 512 / 256 came out fastest (1024 x 1024 -2%,
       whole-block tiles without sub-blocks -11%);
-    - backward: square blocks of up to 1024 (dK/dV at 94% of its MXU bound; 512 blocks cost +8%)."""
+    - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
+      query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal)."""
     itemsize = jnp.dtype(dtype).itemsize
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
@@ -116,17 +144,24 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) 
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256)
 
 
-def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16) -> str:
-    """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention and its VMEM use."""
+def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16, kv_heads: int | None = None) -> str:
+    """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA) and
+    its VMEM use."""
     blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype)
     itemsize = jnp.dtype(dtype).itemsize
+    group = heads // (kv_heads or heads)
     fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize)
-    bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
+    fused = fuses_dq(blocks, seq_len, group, head_dim, itemsize)
+    if fused:
+        bwd = fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_len, group)
+    else:
+        bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
     mib = 1 << 20
     return (
         f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}: "
         f"fwd block_q={blocks.block_q} block_k={blocks.block_k} VMEM {fwd / mib:.1f} MiB; "
-        f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} VMEM {bwd / mib:.1f} MiB; "
+        f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
+        f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "
         f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "
         f"grid fwd {batch}x{heads}x{-(-seq_len // blocks.block_q)}x{-(-seq_len // blocks.block_k)}"
     )

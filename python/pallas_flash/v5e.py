@@ -218,9 +218,11 @@ class Kernel:
     name: str
     scoped_vmem_bytes: int
     estimated_cycles: int | None  # only in a profiled process
-    # Bytes of the kernel's operands and results that XLA placed whole in VMEM (memory-space
-    # assignment does so for arrays that fit, e.g. a forward's O that the backward's first fusion
-    # reads): the kernel's scoped VMEM may count them, beyond its own blocks and scratch.
+    # Bytes of VMEM that XLA holds while the kernel runs: its operands and results placed whole in
+    # VMEM (memory-space assignment does so for arrays that fit, e.g. a forward's O that the
+    # backward's first fusion reads) and its prefetches into VMEM in flight across the kernel (e.g.
+    # the backward's dO, copied in while the forward runs). The kernel's scoped VMEM may count them,
+    # beyond its own blocks and scratch.
     vmem_operand_bytes: int = 0
 
 
@@ -235,15 +237,20 @@ class CompiledProgram:
     def kernels(self) -> list[Kernel]:
         kernels = []
         by_name = {i.name: i for i in self.entry}
+        in_flight = {}  # copy-start name -> VMEM bytes of its destination, until its copy-done
         for inst in self.entry:
+            if inst.opcode == "copy-start":
+                in_flight[inst.name] = sum(a.tiled_bytes for a in inst.arrays[:1] if a.memory_space == 1)
+            elif inst.opcode == "copy-done":
+                in_flight.pop(inst.operands[0] if inst.operands else "", None)
             if inst.custom_call_target != "tpu_custom_call":
                 continue
             config = inst.backend_config
             vmem = sum(int(c.get("size", 0)) for c in config.get("used_scoped_memory_configs", []))
             cycles = config.get("bundle_analysis_data", {}).get("estimated_cycles")
             arrays = inst.arrays + [a for o in inst.operands if o in by_name for a in by_name[o].arrays]
-            kernels.append(Kernel(inst.name, vmem, int(cycles) if cycles is not None else None,
-                                  sum(a.tiled_bytes for a in arrays if a.memory_space == 1 and a.dims)))
+            held = sum(a.tiled_bytes for a in arrays if a.memory_space == 1 and a.dims) + sum(in_flight.values())
+            kernels.append(Kernel(inst.name, vmem, int(cycles) if cycles is not None else None, held))
         return kernels
 
     def xla_cost_model_cycles(self) -> int | None:

@@ -1,6 +1,7 @@
 """flash_attention's Pallas TPU kernels, run in TPU interpret mode on the CPU, against the
 reference in float32: forward (O and LSE) and gradients."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from pallas_flash import BlockSizes, flash_attention, padding_bytes, reference_attention
+from pallas_flash.flash_attention import _diagonal_key_sub_blocks, _Problem
+from pallas_flash.planner import fuses_dq
 from shapes import FORWARD_SHAPES, GRAD_SHAPES, Shape
 
 
@@ -97,19 +100,56 @@ def test_sub_blocks_and_masked_tiles(shape, causal, blocks):
     assert_lse_close(lse, ref_lse)
 
 
-@pytest.mark.parametrize("shape", [Shape(1, 2, 1, 1024, 1024, 64), Shape(1, 2, 2, 640, 1024, 32)], ids=str)
-def test_backward_sub_blocks_and_diagonal_patterns(shape):
-    # dQ swept in 128-row sub-blocks of 512-row blocks (static diagonal patterns), dK/dV in 256 x 128 tiles.
+def loss(fn, do):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
+
+
+def assert_gradients_match(shape, causal, blocks):
     q, k, v, do = random_inputs(shape)
-    blocks = BlockSizes(256, 128, 128, 256, 512, 256, block_q_compute=128)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
-
-    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks)), (0, 1, 2))(q, k, v)
-    want = jax.grad(loss(lambda q, k, v: reference_attention(q, k, v, causal=True)), (0, 1, 2))(q, k, v)
+    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks), do),
+                     (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: reference_attention(q, k, v, causal=causal), do), (0, 1, 2))(q, k, v)
     for name, got, ref in zip("qkv", grads, want):
+        assert got.shape == ref.shape
         assert rel_l2(got, ref) < 1e-4, f"d{name}"
+
+
+# The backward's diagonal tiles in key sub-blocks of 128 rows (static patterns per tile offset, square
+# and not, Nq = Nk and an offset that is not a multiple of the blocks), dQ fused or in its own kernel
+# (there swept in 128-row query sub-blocks with the forward's patterns).
+BACKWARD_DIAGONAL_CASES = [
+    (Shape(1, 2, 1, 1024, 1024, 64), BlockSizes(256, 128, 256, 512, 512, 256, block_q_compute=128)),
+    (Shape(1, 2, 2, 640, 1024, 32), BlockSizes(128, 256, 128, 512, 128, 256, block_q_compute=128)),
+    (Shape(1, 2, 2, 768, 512, 32), BlockSizes(256, 128, 384, 256, 256, 128, block_q_compute=128)),
+]
+
+
+@pytest.mark.parametrize("fuse_dq", [True, False], ids=["fused_dq", "dq_kernel"])
+@pytest.mark.parametrize("shape, blocks", BACKWARD_DIAGONAL_CASES, ids=lambda x: str(x)[:40])
+def test_backward_sub_blocks_and_diagonal_patterns(shape, blocks, fuse_dq):
+    assert_gradients_match(shape, True, dataclasses.replace(blocks, fuse_dq=fuse_dq))
+
+
+@pytest.mark.parametrize("block_q, block_k, keys, offset",
+                         [(1024, 1024, 256, 0), (256, 512, 128, 0), (384, 256, 128, 384), (512, 256, 128, -256),
+                          (128, 256, 128, 77)])
+def test_diagonal_key_sub_blocks_cover_exactly_the_visible_scores(block_q, block_k, keys, offset):
+    # Every visible (key, query) pair of every diagonal tile is computed once; a sub-block is marked
+    # masked iff it computes a pair that is not visible; tiles below the first pattern are all visible.
+    problem = _Problem(seq_q=4096, seq_k=4096 + offset, sm_scale=1.0, causal=True, group=1, interpret=True)
+    patterns = _diagonal_key_sub_blocks(problem, block_q, block_k, keys)
+    rows, cols = np.arange(block_k)[:, None], np.arange(block_q)[None, :]
+    deltas = [d for d, _ in patterns]
+    assert deltas == sorted(deltas) and np.all(cols >= rows + (deltas[0] - math.gcd(block_q, block_k)))
+    for d, sub_blocks in patterns:
+        visible = cols >= rows + d
+        assert visible.any() and not visible.all()
+        computed = np.zeros_like(visible, dtype=int)
+        for key_from, n, col_from, masked in sub_blocks:
+            assert col_from % 128 == 0
+            computed[key_from:key_from + n, col_from:] += 1
+            assert masked == (not visible[key_from:key_from + n, col_from:].all())
+        assert computed.max() == 1 and np.all(computed[visible] == 1)
 
 
 def test_block_q_compute_must_divide_block_q():
@@ -117,20 +157,20 @@ def test_block_q_compute_must_divide_block_q():
         BlockSizes(384, 128, 128, 128, 128, 128, block_q_compute=256)
 
 
+@pytest.mark.parametrize("fuse_dq", [None, False], ids=["planned", "dq_kernel"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
-def test_gradients_match_reference(shape, causal):
-    q, k, v, do = random_inputs(shape)
+def test_gradients_match_reference(shape, causal, fuse_dq):
+    assert_gradients_match(shape, causal, BlockSizes(128, 128, 128, 128, 128, 128, fuse_dq=fuse_dq))
+
+
+def test_the_planner_fuses_dq_while_its_accumulators_fit():
     blocks = BlockSizes(128, 128, 128, 128, 128, 128)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v) * do)
-
-    grads = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=blocks)), (0, 1, 2))(q, k, v)
-    want = jax.grad(loss(lambda q, k, v: reference_attention(q, k, v, causal=causal)), (0, 1, 2))(q, k, v)
-    for name, got, ref in zip("qkv", grads, want):
-        assert got.shape == ref.shape
-        assert rel_l2(got, ref) < 1e-4, f"d{name}"
+    assert fuses_dq(blocks, 32768, 1, 128, 2)  # 16 MiB of dQ^T for one head
+    assert not fuses_dq(blocks, 32768, 8, 128, 2)  # 128 MiB for a GQA group of 8
+    assert not fuses_dq(dataclasses.replace(blocks, fuse_dq=False), 1024, 1, 128, 2)
+    with pytest.raises(ValueError, match="BlockSizes.fuse_dq: expected True, False or None, got 1"):
+        BlockSizes(128, 128, 128, 128, 128, 128, fuse_dq=1)
 
 
 def test_padding_bytes():

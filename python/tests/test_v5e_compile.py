@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_flash import flash_attention, flash_decode, plan_block_sizes, sharded_flash_decode, v5e
-from pallas_flash.planner import BlockSizes, backward_vmem_bytes, forward_vmem_bytes
+from pallas_flash.planner import (BlockSizes, backward_vmem_bytes, forward_vmem_bytes, fused_backward_vmem_bytes,
+                                  fuses_dq)
 from pallas_flash.reference import naive_attention
 
 def compile_attention(fn, *args):
@@ -75,16 +76,18 @@ def test_forward_compiles_to_the_kernel_alone(batch, heads_q, heads_kv, seq, dim
     assert_planner_bounds_vmem(program, forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, itemsize))
 
 
-BACKWARD = [
-    (1, 16, 16, 8192, 128, True),
-    (1, 16, 16, 32768, 128, False),
-    (1, 8, 2, 4096, 64, True),
-    (1, 4, 4, 4096, 256, False),
+BACKWARD = [  # (B, Hq, Hkv, N, D, causal, kernels): dQ fused while its accumulators fit VMEM
+    (1, 16, 16, 8192, 128, True, ["bwd", "fwd"]),
+    (1, 16, 16, 32768, 128, False, ["bwd", "fwd"]),  # 16 MiB of dQ^T per head
+    (1, 8, 2, 4096, 64, True, ["bwd", "fwd"]),
+    (1, 4, 4, 4096, 256, False, ["bwd", "fwd"]),
+    (1, 8, 1, 32768, 128, True, ["bwd_dkv", "bwd_dq", "fwd"]),  # MQA: 128 MiB for the group, a dQ kernel
 ]
 
 
-@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim, causal", BACKWARD)
-def test_training_step_compiles_to_the_three_kernels(batch, heads_q, heads_kv, seq, dim, causal):
+@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim, causal, kernels", BACKWARD,
+                         ids=lambda x: "-".join(x) if isinstance(x, list) else str(x))
+def test_training_step_compiles_to_the_planned_kernels(batch, heads_q, heads_kv, seq, dim, causal, kernels):
     q = v5e.abstract((batch, heads_q, seq, dim), jnp.bfloat16)
     kv = v5e.abstract((batch, heads_kv, seq, dim), jnp.bfloat16)
 
@@ -94,12 +97,15 @@ def test_training_step_compiles_to_the_three_kernels(batch, heads_q, heads_kv, s
 
     program = compile_attention(train_step, q, kv, kv, q)
     names = sorted(k.name.split(".")[0].split("pallas_flash_")[-1].rstrip("_") for k in program.kernels)
-    assert names == ["bwd_dkv", "bwd_dq", "fwd"], names
+    assert names == kernels, names
     assert_kernels_only(program, allow_fusions=True)
     assert_outputs_dense(program, dim)
     blocks = plan_block_sizes(seq, seq, dim)
-    assert_planner_bounds_vmem(program, max(forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, 2),
-                                            backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, dim, 2)))
+    group = heads_q // heads_kv
+    assert fuses_dq(blocks, seq, group, dim, 2) == ("bwd" in names)
+    backward = (fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, dim, 2, seq, group)
+                if "bwd" in names else backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, dim, 2))
+    assert_planner_bounds_vmem(program, max(forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, 2), backward))
 
 
 def cache_parameters_feed_only_the_kernel(program, cache_params):

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_flash as pf
+from pallas_flash.planner import fuses_dq
 from pallas_flash.reference import naive_attention
 
 ATTENTION_IMPLS = ("pallas_flash", "jax_flash_attention", "jax_splash", "xla_reference")
@@ -52,7 +53,7 @@ class Case:
     dtype: str
     causal: bool
     mesh: str = "1x1"
-    # Block sizes, fixed (None: the implementation's own choice). pallas_flash: BlockSizes' six fields;
+    # Block sizes, fixed (None: the implementation's own choice). pallas_flash: BlockSizes' fields;
     # jax_flash_attention: (block_q, block_k_major, block_k, backward block).
     blocks: tuple[int, ...] | None = None
     trace_time_lengths: bool = False  # decode: every sequence fills the cache, known at trace time
@@ -119,8 +120,11 @@ def fixed_blocks(case: Case) -> Case:
     if case.blocks or case.pass_ == "decode":
         return case
     if case.impl == "pallas_flash":
-        return dataclasses.replace(case, blocks=dataclasses.astuple(
-            pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, DTYPES[case.dtype])))
+        dtype = DTYPES[case.dtype]
+        blocks = pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, dtype)
+        # The backward's choice at this length, kept at the shorter lengths it is fitted through.
+        fuse = fuses_dq(blocks, case.seq_q, case.group, case.dim, jnp.dtype(dtype).itemsize)
+        return dataclasses.replace(case, blocks=dataclasses.astuple(dataclasses.replace(blocks, fuse_dq=fuse)))
     if case.impl == "jax_flash_attention":
         return dataclasses.replace(case, blocks=(1024, 1024, 512, 1024))
     return case

@@ -168,7 +168,8 @@ def quadratic_fit(points: list[tuple[int, float]], x: float) -> float:
 def fit_unit(case: cases.Case) -> int:
     """The step of sequence lengths at which a case's kernels keep the same block sizes and the
     same kinds of grid step: the least common multiple of its blocks."""
-    return math.lcm(*(case.blocks or (128,)))
+    sizes = [b for b in case.blocks or () if isinstance(b, int) and not isinstance(b, bool)]  # not fuse_dq
+    return math.lcm(*sizes) if sizes else 128
 
 
 class Estimator:
