@@ -627,7 +627,7 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
     - causal: bottom-right aligned mask (query i sees keys j <= i + Nk - Nq); rows that see no key
       give 0 and LSE = -inf.
     - sm_scale: default 1/sqrt(D). GQA/MQA: k, v may have Hkv heads, Hkv dividing Hq.
-    - block_sizes: default plan_block_sizes(...) for the v5e.
+    - block_sizes: default plan_block_sizes(Nq, Nk, D, dtype, causal) for the v5e.
     - Alignment: any head_dim is read in place. When N is a multiple of the blocks the kernels read
       the inputs as they are; otherwise q, k, v are padded along N once with zeros (padding_bytes()
       says how many bytes that writes) and the result sliced. Padded keys and queries are masked
@@ -644,7 +644,7 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
     if mode == "reference":
         return reference_attention(q, k, v, causal=causal, sm_scale=scale, return_lse=return_lse)
 
-    blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype)
+    blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype, causal)
     (_, nq), (_, nk) = alignment_padding(q.shape, k.shape, blocks)
     problem = _Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, causal=causal, group=heads_q // heads_kv,
                        interpret=mode == "interpret")

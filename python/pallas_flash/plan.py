@@ -21,9 +21,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--causal", action="store_true")
     args = parser.parse_args(argv)
     for seq in args.seq:
-        print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype), args.kv_heads))
+        print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype), args.kv_heads, args.causal))
 
 
 if __name__ == "__main__":

@@ -76,13 +76,14 @@ HEADS_FOR_STATS = 16  # the LSE and D_i blocks hold every head's row of a query 
 def forward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int, block_q_compute: int = 256,
                        heads: int = HEADS_FOR_STATS) -> int:
     """VMEM the forward kernel holds at once: double-buffered Q, O, K, V blocks and the [heads,
-    block_q] LSE block, the fp32 accumulator and replicated running max/sum, and per sub-block the
-    fp32 scores and probabilities and the operands in fp32."""
+    block_q] LSE block, the fp32 accumulator and replicated running max/sum, per sub-block the fp32
+    scores and probabilities and the operands in fp32, and at the last key block the whole block's
+    O in fp32 and its replicated LSE (before and after the transpose to a row)."""
     d = round_up(head_dim, LANES)
     compute = min(block_q_compute, block_q)
     pipelined = 2 * (2 * block_q * d + 2 * block_k * d) * itemsize + 2 * heads * block_q * 4
     scratch = block_q * d * 4 + 2 * block_q * LANES * 4
-    temporaries = (4 * compute * block_k + 2 * block_k * d + 2 * compute * d) * 4
+    temporaries = (4 * compute * block_k + 2 * block_k * d + 2 * compute * d + block_q * (d + 2 * LANES)) * 4
     return int(COMPILER_HEADROOM * (pipelined + scratch + temporaries))
 
 
@@ -122,13 +123,15 @@ def _largest_dividing(candidates, extent: int) -> int:
     return next(c for c in candidates if c <= extent and extent % c == 0)
 
 
-def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) -> BlockSizes:
+def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False) -> BlockSizes:
     """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, H=16, D=128, bf16,
     N=4096..8192):
-    - forward: the largest query block (2048 down to 128 rows) that fits the budget and divides the
+    - forward: the largest query block (4096 down to 128 rows) that fits the budget and divides the
       128-aligned query length (so alignment never pads more than 127 rows), swept in sub-blocks of
-      256 rows, against K/V blocks of 512 rows: 2048 x 512 / 256 came out fastest (1024 x 1024 -2%,
-      whole-block tiles without sub-blocks -11%);
+      256 rows, against K/V blocks of 512 rows: 4096 x 512 / 256 came out fastest (2048 x 512 +1-3%,
+      1024 x 1024 +3%, whole-block tiles without sub-blocks +11%; 512-row sub-blocks +6%); causal, at
+      most 2048: a 4096-row block unrolls 9 diagonal patterns of 16 sub-blocks, 3x the compile time
+      (~25 s on 2 cores) for 3%;
     - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
       query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal)."""
     itemsize = jnp.dtype(dtype).itemsize
@@ -136,7 +139,8 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) 
     nq = round_up(seq_q, LANES)
     nk = round_up(seq_k, LANES)
     block_k = _largest_dividing((512, 256, 128), nk)
-    fitting = [c for c in (2048, 1024, 512, 256, 128) if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
+    candidates = (2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128)
+    fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
     block_q = _largest_dividing(fitting or [LANES], nq)
     fitting = [c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget]
     block_bwd_q = _largest_dividing(fitting or [LANES], nq)
@@ -144,10 +148,11 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16) 
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256)
 
 
-def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16, kv_heads: int | None = None) -> str:
+def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16, kv_heads: int | None = None,
+                  causal: bool = False) -> str:
     """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA) and
     its VMEM use."""
-    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype)
+    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, causal)
     itemsize = jnp.dtype(dtype).itemsize
     group = heads // (kv_heads or heads)
     fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize)
@@ -158,7 +163,7 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
     mib = 1 << 20
     return (
-        f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}: "
+        f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}{' causal' if causal else ''}: "
         f"fwd block_q={blocks.block_q} block_k={blocks.block_k} VMEM {fwd / mib:.1f} MiB; "
         f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
         f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "

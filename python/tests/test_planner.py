@@ -9,10 +9,11 @@ def test_v5e_vmem_from_chip_table():
     assert v5e_vmem_bytes() == 128 * 2**20
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq", [2048, 8192, 32768])
-def test_plan_fits_v5e_budget_with_large_query_blocks(seq):
-    blocks = plan_block_sizes(seq, seq, 128, jnp.bfloat16)
-    assert blocks.block_q >= 512 and blocks.block_k == 512
+def test_plan_fits_v5e_budget_with_large_query_blocks(seq, causal):
+    blocks = plan_block_sizes(seq, seq, 128, jnp.bfloat16, causal)
+    assert blocks.block_q == min(seq, 2048 if causal else 4096) and blocks.block_k == 512
     assert seq % blocks.block_q == 0 and seq % blocks.block_k == 0
     assert forward_vmem_bytes(blocks.block_q, blocks.block_k, 128, 2) <= vmem_budget_bytes()
     assert backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, 128, 2) <= vmem_budget_bytes()

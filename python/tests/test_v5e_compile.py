@@ -71,7 +71,7 @@ def test_forward_compiles_to_the_kernel_alone(batch, heads_q, heads_kv, seq, dim
     assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_fwd"]
     assert_kernels_only(program)
     assert_outputs_dense(program, dim)  # O and the LSE [B, H, N]
-    blocks = plan_block_sizes(seq, seq, dim, dtype)
+    blocks = plan_block_sizes(seq, seq, dim, dtype, causal)
     itemsize = jnp.dtype(dtype).itemsize
     assert_planner_bounds_vmem(program, forward_vmem_bytes(blocks.block_q, blocks.block_k, dim, itemsize))
 
@@ -100,7 +100,7 @@ def test_training_step_compiles_to_the_planned_kernels(batch, heads_q, heads_kv,
     assert names == kernels, names
     assert_kernels_only(program, allow_fusions=True)
     assert_outputs_dense(program, dim)
-    blocks = plan_block_sizes(seq, seq, dim)
+    blocks = plan_block_sizes(seq, seq, dim, causal=causal)
     group = heads_q // heads_kv
     assert fuses_dq(blocks, seq, group, dim, 2) == ("bwd" in names)
     backward = (fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, dim, 2, seq, group)
