@@ -151,3 +151,18 @@ def test_report_end_to_end(tmp_path):
     ours = next(r for r in rows if r["impl"] == "pallas_flash" and r["pass"] == "fwd")
     assert ours["vmem_bytes"] > 0 and ours["spill_slots"] is not None and ours["copies"] == 0
     assert plot.stat().st_size > 10_000
+
+
+def test_a_long_training_step_is_fitted_as_its_forward_plus_its_backward():
+    # The backward part takes the backward's blocks for the forward's too: its step is 1024, not 4096.
+    blocks = (4096, 512, 1024, 1024, 1024, 1024, 256, True)
+    case = cases.Case("pallas_flash", "fwd+bwd", 1, 16, 16, 32768, 32768, 128, "bf16", False, blocks=blocks)
+    assert estimate.fit_unit(case) == 4096
+    backward = estimate.backward_part(case)
+    assert backward.pass_ == "bwd" and backward.blocks[:2] == (1024, 1024) and estimate.fit_unit(backward) == 1024
+    forward = {"status": "ok", "est_cycles": 100, "bundles": 10, "spill_slots": 1, "mxu_busy": 0.5, "fit": [(1, 2)]}
+    backward = {"status": "ok", "est_cycles": 300, "bundles": 30, "spill_slots": 2, "mxu_busy": 0.9, "fit": [(3, 4)]}
+    total = estimate.sum_of_parts([forward, backward])
+    assert (total["est_cycles"], total["bundles"], total["spill_slots"]) == (400, 40, 3)
+    assert total["mxu_busy"] == pytest.approx(0.8) and total["parts_fit"] == [[(1, 2)], [(3, 4)]]
+    assert estimate.sum_of_parts([forward, {"status": "error", "message": "x"}])["status"] == "error"
