@@ -5,7 +5,7 @@ for checking); elsewhere the reference path runs. A later backend may route CPU 
 kernels (through the XLA FFI) behind the same functions.
 """
 
-from pallas_flash.decode import flash_decode, sharded_flash_decode
+from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode
 from pallas_flash.flash_attention import alignment_padding, flash_attention, padding_bytes
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.planner import BlockSizes, describe_plan, plan_block_sizes
@@ -14,6 +14,7 @@ from pallas_flash.reference import reference_attention
 __all__ = [
     "BlockSizes",
     "alignment_padding",
+    "append_kv",
     "describe_plan",
     "flash_attention",
     "flash_decode",

@@ -1,15 +1,24 @@
-"""FlashDecoding for the TPU: a few new query tokens against a long KV cache, split over the cache
-length (split-KV) and merged exactly by LSE; and the same sharded over a 2x2 mesh of devices.
+"""FlashDecoding for the TPU: a few new query tokens against a long KV cache, contiguous or paged,
+split over the cache length (split-KV) and merged exactly by LSE; the same sharded over a 2x2 mesh;
+and the append that writes new tokens' K/V into the cache.
 
-Kernel grid (B, Hkv, splits, blocks_per_split), the last axis sequential. All query heads of a GQA
-group and all new tokens form one (group * T, D) query tile, so each KV head is read once for its
-whole group. Per-sequence lengths arrive by scalar prefetch (SMEM): key blocks past a sequence's
-length are skipped with pl.when, and their index maps are clamped so no DMA is issued for them.
-Each split writes a partial (O, LSE); merge_attention_states combines them.
+Kernel grid (B, splits): one grid step decodes one split of one sequence, every KV head of it. All
+query heads of a GQA group and all new tokens form one (group * T, D) query tile, so each KV head is
+read once for its whole group. K and V stay in HBM and are fetched by the kernel's own DMAs, block by
+block into two VMEM slots: block t + 1 (the next block of this head, or the first of the next head)
+is in flight while block t is computed. A block of a paged cache is several pages, one DMA each,
+read in place through the page table (scalar prefetch, SMEM); blocks past a sequence's length are
+neither fetched nor computed. Each split writes a partial (O, LSE); merge_attention_states combines
+them.
+
+The double buffering stays within a grid step: the compiler's static profile cannot follow a DMA
+that is awaited in a later grid step, and a grid step holds a whole split of a sequence, so the one
+block that is not prefetched is the first of each step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -29,20 +38,63 @@ from pallas_flash.planner import vmem_budget_bytes
 from pallas_flash.reference import masked_attention
 
 MAX_QUERY_TOKENS = 16
+PAGE_SIZES = (16, 32, 64, 128, 256, 512)
+# Rows per block: a decode step is a stream of K/V with ~1,500 cycles of fixed work per block
+# (v5e compiler estimate), so 4096-row blocks (2 MiB of K and V at D = 128) reach the HBM floor
+# where 1024 rows stayed at 62% of it.
+BLOCK_ROWS = 4096
+# At most this many pages (DMAs of K, and of V) per block: each DMA costs ~15 scalar cycles to issue
+# and await, so 16-row pages are bound by the DMA issue, not by HBM, whatever the block.
+MAX_PAGES_PER_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """How a cache is read: contiguous [B, Hkv, Nmax, D] (page_size = block_k, one DMA per block) or
+    page pools [num_pages, Hkv, page_size, D] with a page table [B, pages_per_seq]."""
+
+    paged: bool
+    heads_kv: int
+    page_size: int
+    pages_per_seq: int  # contiguous: blocks per sequence
+    pages_per_block: int
+
+    @property
+    def capacity(self) -> int:  # positions per sequence
+        return self.pages_per_seq * self.page_size
+
+    @property
+    def block_k(self) -> int:
+        return self.pages_per_block * self.page_size
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.pages_per_seq // self.pages_per_block)
 
 
 def decode_block_k(max_len: int) -> int:
-    """Key rows per block: the largest of 4096..128 dividing the cache length (no copy of the cache);
-    a cache shorter than that is one block. Decode is a stream of K/V through VMEM with almost no
-    arithmetic; each grid step costs ~1,500 cycles of fixed work besides its DMA (v5e compiler
-    estimate), so blocks of 4096 rows (2 MiB of K and V per step at D = 128) reach the HBM floor
-    where 1024 rows stayed at 62% of it."""
-    for block in (4096, 2048, 1024, 512, 256, 128):
+    """Key rows per block of a contiguous cache: the largest of 4096..128 dividing the cache length
+    (a DMA reads whole blocks); a cache shorter than that is one block."""
+    for block in (BLOCK_ROWS, 2048, 1024, 512, 256, 128):
         if max_len % block == 0:
             return block
     if max_len <= 2048:
         return max_len
     raise ValueError(f"flash_decode: expected a cache length that is a multiple of 128 (or at most 2048), got {max_len}")
+
+
+def cache_layout(cache_shape, table_shape=None) -> CacheLayout:
+    """The layout of a cache of this shape: contiguous, or paged with a page table of table_shape."""
+    if table_shape is None:
+        block = decode_block_k(cache_shape[2])
+        return CacheLayout(False, cache_shape[1], block, cache_shape[2] // block, 1)
+    page_size, pages_per_seq = cache_shape[2], table_shape[1]
+    per_block = min(pages_per_seq, max(1, BLOCK_ROWS // page_size), MAX_PAGES_PER_BLOCK)
+    return CacheLayout(True, cache_shape[1], page_size, pages_per_seq, per_block)
+
+
+def _layout(k_cache, page_table) -> CacheLayout:
+    return cache_layout(k_cache.shape, None if page_table is None else page_table.shape)
 
 
 def default_num_splits(num_blocks: int) -> int:
@@ -51,102 +103,176 @@ def default_num_splits(num_blocks: int) -> int:
     return max(1, min(8, num_blocks // 8))
 
 
-def _decode_kernel(end_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *, scale,
-                   query_tokens, block_k, blocks_per_split, max_len, static_end):
-    b, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block = split * blocks_per_split + j
-    # The position after the last query token, in this cache's coordinates.
-    end = end_ref[b] if static_end is None else static_end
-    rows = q_ref.shape[0]
+def _decode_kernel(*refs, layout: CacheLayout, scale: float, query_tokens: int, blocks_per_split: int,
+                   static_end: int | None, page_offset: bool):
+    if static_end is None:
+        ends_ref, *refs = refs
+    if page_offset:  # a device's first page in a sharded pool: its table holds global page ids
+        offset_ref, *refs = refs
+    table_ref, q_ref, k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems, row_max_ref, row_sum_ref, acc_ref = refs
+    b, split = pl.program_id(0), pl.program_id(1)
+    # The position after the last query token, in this cache's coordinates (past its end on the
+    # shards before a sequence's last one, below 0 on those after).
+    end = ends_ref[b] if static_end is None else static_end
+    visible = jnp.clip(end, 0, layout.capacity)  # positions the queries may see
+    block_k, rows = layout.block_k, q_ref.shape[1]
+    num_blocks = lax.div(visible + (block_k - 1), jnp.int32(block_k))
+    first = split * blocks_per_split
+    count = jnp.clip(num_blocks - first, 0, blocks_per_split)  # this step's blocks, per head
 
-    @pl.when(j == 0)
-    def _init():
+    def copies(h, block, slot):
+        """[(needed, DMA)] of block `block` of head h into `slot`: one per cache block, or one per page
+        (pages past the sequence's length are not fetched: their table entries need not be pages)."""
+        pairs = ((k_hbm, k_buf), (v_hbm, v_buf))
+        if not layout.paged:
+            return [(True, pltpu.make_async_copy(src.at[b, h, pl.ds(block * block_k, block_k)], dst.at[slot],
+                                                 sems.at[kind, slot])) for kind, (src, dst) in enumerate(pairs)]
+        result = []
+        for p in range(layout.pages_per_block):
+            index = block * layout.pages_per_block + p
+            page = table_ref[b, jnp.minimum(index, layout.pages_per_seq - 1)]
+            if page_offset:
+                page = page - offset_ref[0]
+            rows_in_block = pl.ds(p * layout.page_size, layout.page_size)
+            for kind, (src, dst) in enumerate(pairs):
+                copy = pltpu.make_async_copy(src.at[page, h], dst.at[slot, rows_in_block], sems.at[kind, slot])
+                result.append((index * layout.page_size < visible, copy))
+        return result
+
+    def each_copy(h, block, slot, action):
+        """copy.start() or copy.wait() on every DMA of a block; the per-page check only on the
+        sequence's last block (the others are whole)."""
+        def run(checked):
+            for needed, copy in copies(h, block, slot):
+                if checked and needed is not True:
+                    pl.when(needed)(getattr(copy, action))
+                else:
+                    getattr(copy, action)()
+        if not layout.paged:
+            run(False)
+            return
+        last = block == num_blocks - 1
+        pl.when(last)(lambda: run(True))
+        pl.when(jnp.logical_not(last))(lambda: run(False))
+
+    pl.when(count > 0)(lambda: each_copy(0, first, 0, "start"))
+
+    def head(h, carry):
         init_state(row_max_ref, row_sum_ref, acc_ref)
 
-    @pl.when(block * block_k < jnp.minimum(end, max_len))
-    def _step():
-        s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = s * (scale * LOG2_E)  # log2 units: the online softmax works in exp2
-        # Row r is query token t = r % T at position end - T + t: it sees keys up to that position.
-        token = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), jnp.int32(query_tokens))
-        col = block * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        s = jnp.where(col <= end - query_tokens + token, s, NEG_INF)
-        update_state(s, v_ref[...], row_max_ref, row_sum_ref, acc_ref)
+        def block_step(j, carry):
+            step = h * count + j
+            slot = lax.rem(step, 2)
+            next_h = jnp.where(j + 1 < count, h, h + 1)
+            next_j = jnp.where(j + 1 < count, j + 1, 0)
+            pl.when(next_h < layout.heads_kv)(lambda: each_copy(next_h, first + next_j, 1 - slot, "start"))
+            block = first + j
+            each_copy(h, block, slot, "wait")
+            s = lax.dot_general(q_ref[h], k_buf[slot], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            s = s * (scale * LOG2_E)  # log2 units: the online softmax works in exp2
+            # Row r is query token t = r % T at position end - T + t: it sees keys up to that position.
+            token = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), jnp.int32(query_tokens))
+            col = block * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            s = jnp.where(col <= jnp.minimum(end - query_tokens + token, visible - 1), s, NEG_INF)
+            # Rows past the length hold whatever the slot held (a page not fetched, a stale block):
+            # a select, so that no NaN there reaches the accumulator through 0 * NaN.
+            key = block * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            v = jnp.where(key < visible, v_buf[slot], jnp.zeros((), v_buf.dtype))
+            update_state(s, v, row_max_ref, row_sum_ref, acc_ref)
+            return carry
 
-    @pl.when(j == blocks_per_split - 1)
-    def _finish():
+        lax.fori_loop(0, count, block_step, 0)
         o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref)
-        o_ref[...], lse_ref[...] = o, lse[:, :1]
+        o_ref[h] = o
+        lse_ref[h] = lse[:, :1]
+        return carry
+
+    lax.fori_loop(0, layout.heads_kv, head, 0)
 
 
-def _decode_partials(q, k_cache, v_cache, end, *, scale, num_splits, interpret):
-    """Partials over splits: O [B, Hkv, splits, group*T, D] f32 and LSE [B, Hkv, splits, group*T, 1].
+def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits, interpret, page_offset=None):
+    """Partials over splits: O [B, splits, Hkv, group*T, D] f32 and LSE [B, splits, Hkv, group*T, 1].
     end: per sequence, the position after its last query token in this cache's coordinates: an
-    int32 [B] array read by scalar prefetch, or a Python int for every sequence, known at trace time."""
+    int32 [B] array read by scalar prefetch, or a Python int for every sequence, known at trace time.
+    page_offset: a traced scalar subtracted from every page id (a device's part of a sharded pool),
+    passed to the kernel rather than applied to the table: the table must reach SMEM as the caller's
+    array (an XLA op's output may sit in VMEM, which the compiler's static profile cannot follow)."""
     static_end = int(end) if isinstance(end, (int, np.integer)) else None
-    if static_end is not None:
-        end = jnp.full((q.shape[0],), static_end, jnp.int32)
     batch, heads_q, query_tokens, dim = q.shape
-    heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
-    group = heads_q // heads_kv
+    layout = _layout(k_cache, page_table)
+    group = heads_q // layout.heads_kv
     rows = group * query_tokens
-    q_rows = q.reshape(batch, heads_kv, rows, dim)  # heads of a group are adjacent: a free reshape
-    block_k = decode_block_k(max_len)
-    num_blocks = max_len // block_k
-    splits = min(num_splits, num_blocks)
-    blocks_per_split = -(-num_blocks // splits)
+    q_rows = q.reshape(batch, layout.heads_kv, rows, dim)  # heads of a group are adjacent: a free reshape
+    splits = min(num_splits, layout.num_blocks)
+    blocks_per_split = -(-layout.num_blocks // splits)
+    # The page table, 2-D in SMEM (a flattened copy would be an XLA op the static profile cannot
+    # follow into SMEM); a contiguous cache has none.
+    table = jnp.zeros((1, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
+    scalars = (() if static_end is not None else (jnp.asarray(end, jnp.int32),)) + (
+        () if page_offset is None else (jnp.reshape(page_offset, (1,)).astype(jnp.int32),)) + (table,)
 
-    def q_map(b, h, s, j, end_ref):
-        return b, h, 0, 0
+    def q_map(b, s, *_):
+        return b, 0, 0, 0
 
-    def kv_map(b, h, s, j, end_ref):
-        end_b = end_ref[b] if static_end is None else static_end
-        last = lax.div(jnp.maximum(jnp.minimum(end_b, max_len) - 1, 0), jnp.int32(block_k))
-        return b, h, jnp.minimum(s * blocks_per_split + j, last), 0
+    def out_map(b, s, *_):
+        return b, s, 0, 0, 0
 
-    def out_map(b, h, s, j, end_ref):
-        return b, h, s, 0, 0
-
-    kernel = functools.partial(_decode_kernel, scale=scale, query_tokens=query_tokens, block_k=block_k,
-                               blocks_per_split=blocks_per_split, max_len=max_len, static_end=static_end)
+    kernel = functools.partial(_decode_kernel, layout=layout, scale=scale, query_tokens=query_tokens,
+                               blocks_per_split=blocks_per_split, static_end=static_end,
+                               page_offset=page_offset is not None)
+    positions = batch * layout.capacity  # at most every cache row once (fewer for shorter sequences)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(batch, heads_kv, splits, blocks_per_split),
+            num_scalar_prefetch=len(scalars),
+            grid=(batch, splits),
             in_specs=[
-                pl.BlockSpec((None, None, rows, dim), q_map),
-                pl.BlockSpec((None, None, block_k, dim), kv_map),
-                pl.BlockSpec((None, None, block_k, dim), kv_map),
+                pl.BlockSpec((None, layout.heads_kv, rows, dim), q_map),
+                pl.BlockSpec(memory_space=pl.ANY),  # K and V stay in HBM: the kernel's DMAs read them
+                pl.BlockSpec(memory_space=pl.ANY),
             ],
             out_specs=[
-                pl.BlockSpec((None, None, None, rows, dim), out_map),
-                pl.BlockSpec((None, None, None, rows, 1), out_map),
+                pl.BlockSpec((None, None, layout.heads_kv, rows, dim), out_map),
+                pl.BlockSpec((None, None, layout.heads_kv, rows, 1), out_map),
             ],
             scratch_shapes=[
+                pltpu.VMEM((2, layout.block_k, dim), k_cache.dtype),  # two slots of K and of V
+                pltpu.VMEM((2, layout.block_k, dim), v_cache.dtype),
+                pltpu.SemaphoreType.DMA((2, 2)),  # (K or V, slot)
                 pltpu.VMEM(stat_shape(rows), jnp.float32),  # row_max
                 pltpu.VMEM(stat_shape(rows), jnp.float32),  # row_sum
                 pltpu.VMEM((rows, dim), jnp.float32),  # acc
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((batch, heads_kv, splits, rows, dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, heads_kv, splits, rows, 1), jnp.float32),
+            jax.ShapeDtypeStruct((batch, splits, layout.heads_kv, rows, dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, splits, layout.heads_kv, rows, 1), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                              vmem_limit_bytes=vmem_budget_bytes()),
         interpret=pltpu.InterpretParams() if interpret else False,
-        # At most every cache row once (fewer when sequences are shorter than the cache).
-        cost_estimate=pl.CostEstimate(flops=4 * batch * heads_kv * rows * max_len * dim,
-                                      transcendentals=batch * heads_kv * rows * max_len,
-                                      bytes_accessed=2 * k_cache.size * k_cache.dtype.itemsize + 2 * q.size * 4),
+        cost_estimate=pl.CostEstimate(flops=4 * layout.heads_kv * rows * positions * dim,
+                                      transcendentals=layout.heads_kv * rows * positions,
+                                      bytes_accessed=2 * layout.heads_kv * positions * dim * k_cache.dtype.itemsize
+                                      + 2 * q.size * 4),
         name="pallas_flash_decode",
-    )(end.astype(jnp.int32), q_rows, k_cache, v_cache)
+    )(*scalars, q_rows, k_cache, v_cache)
 
 
-def _reference_partial(q, k_cache, v_cache, end, *, scale):
+def _contiguous_view(cache, page_table):
+    """[B, Hkv, capacity, D]: the cache itself, or (paged, reference path only) its pages gathered
+    in table order (entries past a length may be anything: they are clamped, and masked later)."""
+    if page_table is None:
+        return cache
+    pages = cache[jnp.clip(page_table, 0, cache.shape[0] - 1)]  # [B, pages_per_seq, Hkv, page, D]
+    batch, per_seq, heads, page, dim = pages.shape
+    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, heads, per_seq * page, dim)
+
+
+def _reference_partial(q, k_cache, v_cache, end, page_table, *, scale):
     """The same contract as the kernel after its split merge, in plain jax.numpy (the path off
     TPU and CPU): O [B, Hkv, group*T, D] f32 and LSE [B, Hkv, group*T]."""
+    k_cache, v_cache = _contiguous_view(k_cache, page_table), _contiguous_view(v_cache, page_table)
     batch, heads_q, query_tokens, dim = q.shape
     heads_kv, max_len = k_cache.shape[1], k_cache.shape[2]
     rows = heads_q // heads_kv * query_tokens
@@ -156,36 +282,92 @@ def _reference_partial(q, k_cache, v_cache, end, *, scale):
     col = jnp.arange(max_len)[None, :]
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
     visible = col[None, None] <= (end[:, None, None, None] - query_tokens + token[None, None])
+    v_cache = jnp.where((col[0] < jnp.clip(end, 0, max_len)[:, None])[:, None, :, None], v_cache, 0)
     return masked_attention(jnp.where(visible, s, -jnp.inf), v_cache)
 
 
-def _decode(q, k_cache, v_cache, end, *, scale, num_splits, mode):
+def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, page_offset=None):
     """Attention of q over one cache (or shard), splits merged: O [B, Hkv, rows, D] f32, LSE [B, Hkv, rows]."""
     if mode == "reference":
-        return _reference_partial(q, k_cache, v_cache, end, scale=scale)
-    o_parts, lse_parts = _decode_partials(q, k_cache, v_cache, end, scale=scale, num_splits=num_splits,
-                                          interpret=mode == "interpret")
-    if o_parts.shape[2] == 1:  # one split: its partial is the result (no merge pass over it)
-        return o_parts[:, :, 0], lse_parts[:, :, 0, :, 0]
-    return merge_attention_states(o_parts, lse_parts[..., 0], axis=2)
+        local_table = page_table if page_offset is None else page_table - page_offset
+        return _reference_partial(q, k_cache, v_cache, end, local_table, scale=scale)
+    o_parts, lse_parts = _decode_partials(q, k_cache, v_cache, end, page_table, scale=scale, num_splits=num_splits,
+                                          interpret=mode == "interpret", page_offset=page_offset)
+    if o_parts.shape[1] == 1:  # one split: its partial is the result (no merge pass over it)
+        return o_parts[:, 0], lse_parts[:, 0, :, :, 0]
+    return merge_attention_states(o_parts, lse_parts[..., 0], axis=1)
 
 
-def _check(q, k_cache, v_cache, lengths):
-    if q.ndim != 4 or k_cache.ndim != 4:
-        raise ValueError(f"flash_decode: expected q [B, Hq, T, D] and caches [B, Hkv, Nmax, D], got ranks {q.ndim}, {k_cache.ndim}")
+# --------------------------------------------------------------------------------------------------
+# Validation: shapes always; lengths and page ids wherever their values are known (not under jit)
+
+
+def _concrete(x):
+    """x as a NumPy array if its values are known here, None under a trace."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _check_cache(name: str, what: str, tokens, k_cache, v_cache, page_table):
+    """tokens: the [B, H, T, D] array the call brings (q, or the new K/V), named `what`."""
+    if tokens.ndim != 4 or k_cache.ndim != 4:
+        layout = "page pools [num_pages, Hkv, page_size, D]" if page_table is not None else "caches [B, Hkv, Nmax, D]"
+        raise ValueError(f"{name}: expected {what} [B, H, T, D] and {layout}, got ranks {tokens.ndim}, {k_cache.ndim}")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"flash_decode: expected k_cache and v_cache of one shape, got {k_cache.shape} and {v_cache.shape}")
-    if not 1 <= q.shape[2] <= MAX_QUERY_TOKENS:
-        raise ValueError(f"flash_decode: expected 1..{MAX_QUERY_TOKENS} query tokens, got T = {q.shape[2]}")
-    if q.shape[0] != k_cache.shape[0] or q.shape[3] != k_cache.shape[3]:
-        raise ValueError(f"flash_decode: expected caches with q's B and D, got q {q.shape}, cache {k_cache.shape}")
-    if q.shape[1] % k_cache.shape[1]:
-        raise ValueError(f"flash_decode: expected Hkv dividing Hq, got Hq={q.shape[1]}, Hkv={k_cache.shape[1]}")
+        raise ValueError(f"{name}: expected k_cache and v_cache of one shape, got {k_cache.shape} and {v_cache.shape}")
+    if tokens.shape[3] != k_cache.shape[3]:
+        raise ValueError(f"{name}: expected caches with {what}'s D = {tokens.shape[3]}, got {k_cache.shape}")
+    if tokens.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"{name}: expected the cache's Hkv dividing {what}'s heads (mismatched heads), got "
+                         f"{tokens.shape[1]} and Hkv={k_cache.shape[1]}")
+    if page_table is None:
+        if tokens.shape[0] != k_cache.shape[0]:
+            raise ValueError(f"{name}: expected a cache with {what}'s B = {tokens.shape[0]}, got {k_cache.shape}")
+        return
+    if page_table.ndim != 2 or page_table.shape[0] != tokens.shape[0] or not jnp.issubdtype(page_table.dtype,
+                                                                                           jnp.integer):
+        raise ValueError(f"{name}: expected page_table [B={tokens.shape[0]}, pages_per_seq] of integers, got "
+                         f"{page_table.dtype}{list(page_table.shape)}")
+    if k_cache.shape[2] not in PAGE_SIZES:
+        raise ValueError(f"{name}: expected a page size (k_cache.shape[2]) that is a power of two in "
+                         f"{PAGE_SIZES[0]}..{PAGE_SIZES[-1]}, got {k_cache.shape[2]}")
+
+
+def _check_lengths(name: str, lengths, batch: int, capacity: int, *, new_tokens: int = 0):
+    """lengths: a Python int or [B] integers, each + new_tokens within 0..capacity where known."""
     if isinstance(lengths, (int, np.integer)):
-        if not 0 <= lengths <= k_cache.shape[2]:
-            raise ValueError(f"flash_decode: expected an int length in 0..Nmax={k_cache.shape[2]}, got {lengths}")
-    elif lengths.shape != (q.shape[0],):
-        raise ValueError(f"flash_decode: expected lengths of shape ({q.shape[0]},), got {lengths.shape}")
+        if not 0 <= lengths <= capacity - new_tokens:
+            raise ValueError(f"{name}: expected an int length in 0..{capacity - new_tokens} (the cache's capacity "
+                             f"{capacity}{f' less {new_tokens} new tokens' if new_tokens else ''}), got {lengths}")
+        return
+    if lengths.shape != (batch,):
+        raise ValueError(f"{name}: expected lengths of shape ({batch},), got {lengths.shape}")
+    values = _concrete(lengths)
+    if values is not None and values.size and (values.min() < 0 or values.max() + new_tokens > capacity):
+        bad = int(np.argmax((values < 0) | (values + new_tokens > capacity)))
+        raise ValueError(f"{name}: expected lengths in 0..{capacity - new_tokens} (a length past the table's capacity "
+                         f"of {capacity} positions{f' with {new_tokens} new tokens' if new_tokens else ''}), got "
+                         f"{int(values[bad])} for sequence {bad}")
+
+
+def _check_pages(name: str, page_table, lengths, page_size: int, pool_pages: range):
+    """Every page a sequence uses (positions below its length) is a page of the pool (or of this
+    device's part of it), where the table and lengths are known."""
+    table, values = _concrete(page_table), _concrete(lengths)
+    if table is None or values is None:
+        return
+    values = np.broadcast_to(values, (table.shape[0],))
+    for b, length in enumerate(values):
+        used = table[b, : -(-int(length) // page_size)]
+        bad = used[(used < pool_pages.start) | (used >= pool_pages.stop)]
+        if bad.size:
+            raise ValueError(f"{name}: expected page_table entries in {pool_pages.start}..{pool_pages.stop - 1} for "
+                             f"the pages sequence {b} uses (length {int(length)}), got page id {int(bad[0])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
 
 
 def _finish(o, lse, q, return_lse):
@@ -195,26 +377,83 @@ def _finish(o, lse, q, return_lse):
     return (o, lse) if return_lse else o
 
 
-def flash_decode(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None, num_splits: int | None = None,
-                 return_lse: bool = False, interpret: bool | None = None):
-    """Decode attention: q [B, Hq, T, D] (T new tokens, 1..16) against k_cache, v_cache [B, Hkv, Nmax, D].
+def _check_query(name: str, q):
+    if q.ndim == 4 and not 1 <= q.shape[2] <= MAX_QUERY_TOKENS:
+        raise ValueError(f"{name}: expected 1..{MAX_QUERY_TOKENS} query tokens, got T = {q.shape[2]}")
 
-    lengths [B] int32: valid cache positions per sequence, the new tokens' K/V included; new token t
-    sits at position lengths - T + t and sees keys j <= that position. A Python int is one length for
-    every sequence, known at trace time: the kernel reads no length from SMEM (the v5e compiler's
-    static profile reads scalar-prefetch values as 0, so it is how decode is profiled). The cache is split into
-    num_splits ranges (default: default_num_splits) decoded independently and merged exactly.
-    Lengths are not checked against Nmax on the device: positions past Nmax do not exist and are
-    never read. Returns O [B, Hq, T, D], or (O, LSE [B, Hq, T]) with return_lse.
+
+def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: float | None = None,
+                 num_splits: int | None = None, return_lse: bool = False, interpret: bool | None = None):
+    """Decode attention: q [B, Hq, T, D] (T new tokens, 1..16) against a KV cache.
+
+    - Contiguous (page_table None): k_cache, v_cache [B, Hkv, Nmax, D].
+    - Paged: k_cache, v_cache are page pools [num_pages, Hkv, page_size, D] (page size a power of two,
+      16 to 512) and page_table [B, pages_per_seq] int32 names the page holding positions
+      [i * page_size, (i + 1) * page_size) of sequence b. Entries past a sequence's length are never
+      read (they may be -1). Pages are read in place by the kernel's DMAs, never gathered.
+    lengths [B] int32: valid cache positions per sequence, the new tokens' K/V included (0 allowed:
+    that sequence's output is 0 and its LSE -inf); new token t sits at position lengths - T + t and
+    sees keys j <= that position (a sequence with fewer new tokens than T left-pads its queries and
+    ignores those rows). A Python int is one length for every sequence, known at trace time: the
+    kernel reads no length from SMEM (the v5e compiler's static profile reads scalar-prefetch values
+    as 0, so it is how decode is profiled). The cache is split into num_splits ranges (default:
+    default_num_splits) decoded independently and merged exactly.
+    Bad shapes, page sizes and heads raise ValueError; lengths past the capacity and page ids outside
+    the pool too, wherever their values are known (not under jit). Returns O [B, Hq, T, D], or
+    (O, LSE [B, Hq, T]) with return_lse.
     """
-    _check(q, k_cache, v_cache, lengths)
+    name = "flash_decode"
+    _check_cache(name, "q", q, k_cache, v_cache, page_table)
+    _check_query(name, q)
+    layout = _layout(k_cache, page_table)
+    _check_lengths(name, lengths, q.shape[0], layout.capacity)
+    if page_table is not None:
+        _check_pages(name, page_table, lengths, layout.page_size, range(k_cache.shape[0]))
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
-    num_blocks = k_cache.shape[2] // decode_block_k(k_cache.shape[2])
-    splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
+    splits = default_num_splits(layout.num_blocks) if num_splits is None else int(num_splits)
     if splits < 1:
-        raise ValueError(f"flash_decode: expected num_splits >= 1, got {num_splits}")
-    o, lse = _decode(q, k_cache, v_cache, lengths, scale=scale, num_splits=splits, mode=kernel_mode(interpret))
+        raise ValueError(f"{name}: expected num_splits >= 1, got {num_splits}")
+    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits,
+                     mode=kernel_mode(interpret))
     return _finish(o, lse, q, return_lse)
+
+
+def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
+    """Writes the new tokens' keys and values k_new, v_new [B, Hkv, T, D] at positions
+    lengths .. lengths + T - 1 of each sequence (lengths [B]: the positions already in the cache) and
+    returns the updated (k_cache, v_cache); page_table as in flash_decode (None: contiguous caches).
+
+    Functional: only the B x Hkv x T new rows are written (one scatter each), so under
+    jax.jit(..., donate_argnums=(0, 1)) the caches are updated in place, not copied. A decode loop:
+
+        k_cache, v_cache = append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new)
+        lengths = lengths + T
+        o = flash_decode(q, k_cache, v_cache, lengths, page_table=page_table)
+    """
+    name = "append_kv"
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
+    _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
+    if k_new.shape[1] != k_cache.shape[1]:
+        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+    batch, heads, tokens, _ = k_new.shape
+    capacity = _layout(k_cache, page_table).capacity if page_table is not None else k_cache.shape[2]
+    if isinstance(lengths, (int, np.integer)):
+        lengths = jnp.full((batch,), lengths, jnp.int32)
+    _check_lengths(name, lengths, batch, capacity, new_tokens=tokens)
+    positions = lengths.astype(jnp.int32)[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]  # [B, T]
+    head_index = jnp.arange(heads)[None, :, None]
+    if page_table is None:
+        index = (jnp.arange(batch)[:, None, None], head_index, positions[:, None, :])
+    else:
+        page_size = k_cache.shape[2]
+        known = _concrete(lengths)
+        _check_pages(name, page_table, None if known is None else known + tokens, page_size, range(k_cache.shape[0]))
+        pages = jnp.take_along_axis(page_table.astype(jnp.int32), positions // page_size, axis=1)
+        index = (pages[:, None, :], head_index, (positions % page_size)[:, None, :])
+    k_cache = k_cache.at[index].set(k_new.astype(k_cache.dtype), unique_indices=True, mode="drop")
+    v_cache = v_cache.at[index].set(v_new.astype(v_cache.dtype), unique_indices=True, mode="drop")
+    return k_cache, v_cache
 
 
 def _place(x, mesh, spec):
@@ -225,35 +464,67 @@ def _place(x, mesh, spec):
     return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float | None = None,
+def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None, sm_scale: float | None = None,
                          num_splits: int | None = None, return_lse: bool = False, interpret: bool | None = None):
     """flash_decode with the cache sharded along the sequence over every device of `mesh` (a 2x2 mesh
     for a v5e-4; any shape works). Rule: with S devices in row-major mesh order, device i holds cache
-    positions [i * Nmax/S, (i+1) * Nmax/S) of every sequence (Nmax divisible by S). Each device decodes
-    only its shard, producing a partial (O, LSE); the partials are all-gathered over the mesh and merged
-    exactly. q and lengths are replicated; the result is replicated on every device."""
-    _check(q, k_cache, v_cache, lengths)
+    positions [i * C/S, (i+1) * C/S) of every sequence, C the capacity (divisible by S):
+    - contiguous: the [B, Hkv, Nmax, D] caches sharded along Nmax;
+    - paged: the page pools sharded along num_pages (divisible by S) and the page table along
+      pages_per_seq, and device i's part of the table names pages of device i's part of the pools
+      (global page ids: the pages of positions [i * C/S, (i+1) * C/S) live on device i).
+    Each device decodes only its shard, producing a partial (O, LSE); the partials are all-gathered
+    over the mesh and merged exactly. q and lengths are replicated; the result is replicated on every
+    device."""
+    name = "sharded_flash_decode"
+    _check_cache(name, "q", q, k_cache, v_cache, page_table)
+    _check_query(name, q)
     axes = tuple(mesh.axis_names)
     devices = mesh.devices.size
-    if k_cache.shape[2] % devices:
-        raise ValueError(f"sharded_flash_decode: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
-    shard_len = k_cache.shape[2] // devices
+    layout = _layout(k_cache, page_table)
+    if page_table is None:
+        if k_cache.shape[2] % devices:
+            raise ValueError(f"{name}: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
+    elif layout.pages_per_seq % devices or k_cache.shape[0] % devices:
+        raise ValueError(f"{name}: expected pages_per_seq and num_pages divisible by the {devices} devices, got "
+                         f"page_table {list(page_table.shape)} and {k_cache.shape[0]} pages")
+    _check_lengths(name, lengths, q.shape[0], layout.capacity)
+    shard_len = layout.capacity // devices
+    pool_part = k_cache.shape[0] // devices  # paged: each device's pages
+    if page_table is not None:
+        table_part = layout.pages_per_seq // devices
+        table, values = _concrete(page_table), _concrete(lengths)
+        if table is not None and values is not None:
+            values = np.broadcast_to(values, (q.shape[0],))
+            for i in range(devices):  # device i: positions [i * shard_len, ...), its own pages
+                local = np.clip(values - i * shard_len, 0, shard_len)
+                _check_pages(f"{name} (device {i})", table[:, i * table_part:(i + 1) * table_part], local,
+                             layout.page_size, range(i * pool_part, (i + 1) * pool_part))
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
-    num_blocks = shard_len // decode_block_k(shard_len)
-    splits = default_num_splits(num_blocks) if num_splits is None else int(num_splits)
+    if page_table is None:
+        local_layout = cache_layout((q.shape[0], layout.heads_kv, shard_len, q.shape[3]))
+    else:
+        local_layout = cache_layout(k_cache.shape, (q.shape[0], layout.pages_per_seq // devices))
+    splits = default_num_splits(local_layout.num_blocks) if num_splits is None else int(num_splits)
     mode = kernel_mode(interpret)
-    cache_spec = P(None, None, axes, None)
+    cache_spec = P(axes, None, None, None) if page_table is not None else P(None, None, axes, None)
+    table_spec = P(None, axes)
 
     # A full cache and one new token: every shard sees all of its positions, the same trace-time
     # length on every device. Any other int length becomes an array (each shard's end differs).
-    full_shards = isinstance(lengths, (int, np.integer)) and lengths == k_cache.shape[2] and q.shape[2] == 1
+    full_shards = isinstance(lengths, (int, np.integer)) and lengths == layout.capacity and q.shape[2] == 1
     if isinstance(lengths, (int, np.integer)) and not full_shards:
         lengths = jnp.full((q.shape[0],), lengths, jnp.int32)
+    if full_shards:
+        lengths = jnp.zeros((q.shape[0],), jnp.int32)  # unread: every shard's end is known
+    table = page_table if page_table is not None else jnp.zeros((q.shape[0], devices), jnp.int32)
 
-    def local(q, k_shard, v_shard, lengths):
+    def local(q, k_shard, v_shard, lengths, table_shard):
         shard = lax.axis_index(axes)
         end = shard_len if full_shards else lengths - shard * shard_len  # the queries' end in this shard
-        o, lse = _decode(q, k_shard, v_shard, end, scale=scale, num_splits=splits, mode=mode)
+        local_table, offset = (None, None) if page_table is None else (table_shard, shard * pool_part)
+        o, lse = _decode(q, k_shard, v_shard, end, local_table, scale=scale, num_splits=splits, mode=mode,
+                         page_offset=offset)
         o_all = lax.all_gather(o, axes)  # [devices, B, Hkv, rows, D]: a few KiB per device
         lse_all = lax.all_gather(lse, axes)
         return merge_attention_states(o_all, lse_all, axis=0)
@@ -261,13 +532,12 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, sm_scale: float 
     # Under jit, a cache already laid out as cache_spec is used in place; any other layout is
     # resharded (moved) once on the way in.
     @jax.jit
-    def sharded(q, k_cache, v_cache, lengths):
+    def sharded(q, k_cache, v_cache, lengths, table):
         k_cache, v_cache = (_place(c, mesh, cache_spec) for c in (k_cache, v_cache))
         q, lengths = (_place(x, mesh, P()) for x in (q, lengths))
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P()), out_specs=(P(), P()),
-                             check_vma=False)(q, k_cache, v_cache, lengths)
+        table = _place(table, mesh, table_spec)
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P(), table_spec),
+                             out_specs=(P(), P()), check_vma=False)(q, k_cache, v_cache, lengths, table)
 
-    if full_shards:
-        lengths = jnp.zeros((q.shape[0],), jnp.int32)  # unread: every shard's end is known
-    o, lse = sharded(q, k_cache, v_cache, lengths)
+    o, lse = sharded(q, k_cache, v_cache, lengths, table)
     return _finish(o, lse, q, return_lse)

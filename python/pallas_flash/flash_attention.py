@@ -4,8 +4,9 @@ Forward, grid (B, Nq/block_q, Hq, Nk/block_k), the last axis sequential: a query
 resident in VMEM while K/V blocks stream past it (Pallas double-buffers their DMAs); the running
 max, running sum and fp32 accumulator live in VMEM scratch; O is written once at the last key block,
 the LSE row of every head into one lane-dense [Hq, block_q] block that goes to HBM once per query
-block. Backward recomputes P = exp(S * scale - LSE) from the saved LSE, with two kernels:
-dK/dV (grid over key blocks, queries of every head in the GQA group streamed past) and dQ.
+block. Backward recomputes P = exp(S * scale - LSE) from the saved LSE in one kernel (grid over key
+blocks, queries of every head in the GQA group streamed past) that accumulates dK/dV per key block
+and dQ per query block in VMEM; where dQ's accumulators do not fit, dQ has a kernel of its own.
 Causal: key blocks entirely above the diagonal are skipped with pl.when, and their index maps are
 clamped to the last needed block so that no DMA is issued for them either.
 """
@@ -350,7 +351,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         ds_t = (p_t * (dp_t - delta_ref[pl.ds(head_q, 1), cols])).astype(q.dtype)
         dk_acc_ref[rows, :] += jnp.dot(ds_t, q, preferred_element_type=jnp.float32)
         if fused_dq:
-            dq_t_acc_ref[g, q_block, :, cols] += jnp.dot(k_t_ref[:, rows], ds_t, preferred_element_type=jnp.float32)
+            dq_t = jnp.dot(k_t_ref[:, rows], ds_t, preferred_element_type=jnp.float32)  # (D, columns)
+            dq_t_acc_ref[g, q_block, :, cols] += dq_t
 
     if problem.causal and problem.seq_k % block_k == 0:
         # On the tiles the diagonal crosses (one static pattern per delta = key_start - row_start -

@@ -107,7 +107,8 @@ def fused_backward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsiz
     d = round_up(head_dim, LANES)
     accumulators = group * round_up(seq_q, block_q) * round_up(head_dim, 8) * 4
     extra = head_dim * block_k * itemsize + block_q * d * itemsize + head_dim * block_q * 4
-    return backward_vmem_bytes(block_q, block_k, head_dim, itemsize, heads) + int(COMPILER_HEADROOM * (accumulators + extra))
+    fused = int(COMPILER_HEADROOM * (accumulators + extra))
+    return backward_vmem_bytes(block_q, block_k, head_dim, itemsize, heads) + fused
 
 
 def fuses_dq(blocks: BlockSizes, seq_q: int, group: int, head_dim: int, itemsize: int) -> bool:

@@ -77,6 +77,7 @@ def test_price_override_is_validated():
     (["--pass", "forward"], "--pass"),
     (["--kv-heads", "5"], "--kv-heads"),
     (["--query-tokens", "17"], "--query-tokens"),
+    (["--page-size", "0,100"], "--page-size"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -86,7 +87,7 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 def test_unsupported_pairs_are_skipped_not_run():
     args = cli.parse_args(["--impl", "jax_flash_attention,jax_paged_attention", "--pass", "fwd,decode",
-                           "--seq", "1024", "--causal", "on", "--mesh", "1x1"])
+                           "--seq", "1024", "--causal", "on", "--mesh", "1x1", "--page-size", "128"])
     run, skipped = cli.build_cases(args)
     assert {(c.impl, c.pass_) for c in run} == {("jax_flash_attention", "fwd"), ("jax_paged_attention", "decode")}
     assert {(c.impl, c.pass_) for c in skipped} == {("jax_flash_attention", "decode"), ("jax_paged_attention", "fwd")}
@@ -126,7 +127,8 @@ def test_report_end_to_end(tmp_path):
     out = tmp_path / "report.json"
     plot = tmp_path / "report.png"
     command = [sys.executable, "-m", "pallas_flash.bench", "--seq", "1024", "--pass", "fwd,decode", "--causal", "on",
-               "--impl", "pallas_flash,xla_reference", "--context", "4096", "--mesh", "1x1,2x2", "--oom-wall", "off",
+               "--impl", "pallas_flash,xla_reference", "--context", "4096", "--mesh", "1x1,2x2", "--page-size", "0,128",
+               "--oom-wall", "off",
                "--jobs", "2", "--json", str(out), "--plot", str(plot)]
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=PYTHON_DIR)
@@ -138,9 +140,11 @@ def test_report_end_to_end(tmp_path):
                 "price_source"):
         assert key in target, key
     rows = data["results"]
-    assert {(r["impl"], r["pass"], r["mesh"]) for r in rows} == {
-        ("pallas_flash", "fwd", None), ("xla_reference", "fwd", None), ("pallas_flash", "decode", "1x1"),
-        ("pallas_flash", "decode", "2x2"), ("xla_reference", "decode", "1x1")}
+    assert {(r["impl"], r["pass"], r["mesh"], r["page_size"]) for r in rows} == {
+        ("pallas_flash", "fwd", None, None), ("xla_reference", "fwd", None, None),
+        ("pallas_flash", "decode", "1x1", 0), ("pallas_flash", "decode", "2x2", 0),
+        ("pallas_flash", "decode", "1x1", 128), ("pallas_flash", "decode", "2x2", 128),
+        ("xla_reference", "decode", "1x1", 0)}
     chip = hardware.TPU_V5E
     for row in rows:
         assert row["status"] == "ok" and row["source"] == "estimate", row
@@ -166,3 +170,10 @@ def test_a_long_training_step_is_fitted_as_its_forward_plus_its_backward():
     assert (total["est_cycles"], total["bundles"], total["spill_slots"]) == (400, 40, 3)
     assert total["mxu_busy"] == pytest.approx(0.8) and total["parts_fit"] == [[(1, 2)], [(3, 4)]]
     assert estimate.sum_of_parts([forward, {"status": "error", "message": "x"}])["status"] == "error"
+
+
+def test_page_tables_name_each_page_once_within_each_devices_part():
+    table = cases.page_order(batch=3, pages_per_seq=8, devices=4)
+    assert sorted(table.reshape(-1)) == list(range(24))
+    for i in range(4):  # columns [2i, 2i+2) name pages [6i, 6i+6): device i's part of the pool
+        assert set(table[:, 2 * i:2 * i + 2].reshape(-1)) == set(range(6 * i, 6 * i + 6))

@@ -1,12 +1,12 @@
-"""The Pallas split-KV decode kernel (TPU interpret mode) and its 2x2-mesh sharding, against the
-reference over each sequence's visible cache."""
+"""The Pallas split-KV decode kernel (TPU interpret mode) over contiguous and paged caches, the append
+that feeds it, and its 2x2-mesh sharding, against the reference over each sequence's visible cache."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_flash import flash_decode, reference_attention, sharded_flash_decode
+from pallas_flash import append_kv, flash_decode, reference_attention, sharded_flash_decode
 
 
 def make_cache(batch, heads_q, heads_kv, tokens, dim, max_len, dtype=jnp.float32):
@@ -19,14 +19,40 @@ def make_cache(batch, heads_q, heads_kv, tokens, dim, max_len, dtype=jnp.float32
 
 
 def expected(q, k, v, lengths):
-    """Per sequence: causal attention of its T new tokens over its first `length` positions."""
+    """Per sequence: causal attention of its T new tokens over its first `length` positions (none:
+    O = 0, LSE = -inf)."""
     outs, lses = [], []
     for b, length in enumerate(np.asarray(lengths)):
+        if length == 0:
+            outs.append(jnp.zeros_like(q[b : b + 1]))
+            lses.append(jnp.full(q.shape[1:3], -jnp.inf)[None])
+            continue
         o, lse = reference_attention(q[b : b + 1], k[b : b + 1, :, :length], v[b : b + 1, :, :length], causal=True,
                                      return_lse=True)
         outs.append(o)
         lses.append(lse)
     return jnp.concatenate(outs), jnp.concatenate(lses)
+
+
+def paged(k, v, lengths, page_size, spare_pages=3, rng=None):
+    """The contiguous caches [B, Hkv, C, D] as page pools [num_pages, Hkv, page_size, D] in a shuffled
+    order with a page table [B, C / page_size]: entries past each length are -1, and every position
+    the kernel must not read (past a length, in spare pages) is NaN."""
+    rng = rng or np.random.default_rng()
+    batch, heads, capacity, dim = k.shape
+    per_seq = capacity // page_size
+    num_pages = batch * per_seq + spare_pages
+    order = rng.permutation(num_pages)[: batch * per_seq].reshape(batch, per_seq)
+    pools = []
+    for cache in (k, v):
+        visible = np.arange(capacity)[None, None, :, None] < np.asarray(lengths)[:, None, None, None]
+        poisoned = np.where(visible, np.asarray(cache, np.float32), np.nan)
+        pool = np.full((num_pages, heads, page_size, dim), np.nan, np.float32)
+        pages = poisoned.reshape(batch, heads, per_seq, page_size, dim).transpose(0, 2, 1, 3, 4)
+        pool[order.reshape(-1)] = pages.reshape(batch * per_seq, heads, page_size, dim)
+        pools.append(jnp.asarray(pool, k.dtype))
+    used = np.arange(per_seq)[None, :] < -(-np.asarray(lengths)[:, None] // page_size)
+    return pools[0], pools[1], jnp.asarray(np.where(used, order, -1), jnp.int32)
 
 
 def assert_matches(o, lse, q, k, v, lengths, tol=1e-5):
@@ -99,7 +125,7 @@ def test_a_python_int_length_is_every_sequences_length(tokens):
     "q_shape, cache_shape, lengths, message",
     [
         ((1, 2, 17, 32), (1, 2, 256, 32), [1], "1..16 query tokens"),
-        ((1, 3, 1, 32), (1, 2, 256, 32), [1], "Hkv dividing Hq"),
+        ((1, 3, 1, 32), (1, 2, 256, 32), [1], "Hkv dividing q's heads"),
         ((1, 2, 1, 32), (1, 2, 256, 32), [1, 2], "lengths of shape"),
         ((1, 2, 1, 32), (1, 2, 3000, 32), [1], "multiple of 128"),
     ],
@@ -111,7 +137,7 @@ def test_bad_decode_inputs_raise(q_shape, cache_shape, lengths, message):
 
 def test_an_int_length_past_the_cache_is_rejected():
     z = jnp.zeros((1, 2, 256, 32))
-    with pytest.raises(ValueError, match="int length in 0..Nmax=256"):
+    with pytest.raises(ValueError, match=r"int length in 0..256 \(the cache.s capacity 256\), got 257"):
         flash_decode(jnp.zeros((1, 2, 1, 32)), z, z, 257)
 
 
@@ -132,3 +158,177 @@ def test_off_tpu_and_cpu_the_reference_path_runs(monkeypatch):
     assert_matches(o, lse, q, k, v, lengths)
     o, lse = sharded_flash_decode(q, k, v, lengths, mesh, return_lse=True)
     assert_matches(o, lse, q, k, v, lengths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged caches, ragged lengths, append
+
+
+def edge_lengths(page_size, capacity):
+    """0, 1, page-1, page, page+1 and long (the full capacity)."""
+    return [0, 1, page_size - 1, page_size, page_size + 1, capacity]
+
+
+@pytest.mark.parametrize("page_size, tokens, heads", [(16, 1, (8, 8)), (16, 16, (8, 2)), (128, 3, (8, 2)),
+                                                      (128, 1, (8, 1)), (512, 3, (4, 4)), (512, 16, (8, 1))],
+                         ids=lambda x: str(x))
+def test_paged_decode_matches_reference(page_size, tokens, heads):
+    capacity = 4 * page_size if page_size < 512 else 1024
+    lengths = np.array(edge_lengths(page_size, capacity), np.int32)
+    q, k, v = make_cache(len(lengths), heads[0], heads[1], tokens, 32, capacity)
+    k_pool, v_pool, table = paged(k, v, lengths, page_size)
+    o, lse = flash_decode(q, k_pool, v_pool, jnp.asarray(lengths), page_table=table, num_splits=2, return_lse=True)
+    assert np.all(np.isfinite(np.asarray(o)))  # no NaN past a length or in a spare page reaches O
+    assert_matches(o, lse, q, k, v, lengths)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 8])
+def test_paged_decode_any_split(splits):
+    lengths = np.array([1000, 1024, 33], np.int32)
+    q, k, v = make_cache(3, 8, 2, 2, 32, 1024)
+    k_pool, v_pool, table = paged(k, v, lengths, 64)  # 16 pages per sequence: 16-page blocks, one block
+    o, lse = flash_decode(q, k_pool, v_pool, jnp.asarray(lengths), page_table=table, num_splits=splits,
+                          return_lse=True)
+    assert_matches(o, lse, q, k, v, lengths)
+
+
+def test_paged_decode_splits_across_blocks():
+    # 16-row pages, 64 per block: 128 pages per sequence are 2 blocks, split and double-buffered.
+    lengths = np.array([2048, 1040, 17], np.int32)
+    q, k, v = make_cache(3, 4, 2, 1, 16, 2048)
+    k_pool, v_pool, table = paged(k, v, lengths, 16)
+    for splits in (1, 2):
+        o, lse = flash_decode(q, k_pool, v_pool, jnp.asarray(lengths), page_table=table, num_splits=splits,
+                              return_lse=True)
+        assert_matches(o, lse, q, k, v, lengths)
+
+
+def test_contiguous_decode_ignores_nan_past_the_lengths():
+    lengths = np.array([129, 0, 1024], np.int32)
+    q, k, v = make_cache(3, 4, 2, 3, 32, 1024)
+    poison = np.arange(1024)[None, None, :, None] >= lengths[:, None, None, None]
+    k_bad, v_bad = (jnp.where(poison, jnp.nan, c) for c in (k, v))
+    o, lse = flash_decode(q, k_bad, v_bad, jnp.asarray(lengths), num_splits=2, return_lse=True)
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert_matches(o, lse, q, k, v, lengths)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_a_generation_loop_with_appends_equals_full_attention_each_step(page_size):
+    # 32 steps of one new token for 2 sequences starting at different lengths: append, then decode;
+    # each step equals causal attention over everything written so far.
+    rng = np.random.default_rng()
+    batch, heads_q, heads_kv, dim, capacity, steps = 2, 4, 2, 32, 256, 32
+    start = np.array([0, 37], np.int32)
+    keys = rng.standard_normal((batch, heads_kv, capacity, dim)).astype(np.float32)
+    values = rng.standard_normal((batch, heads_kv, capacity, dim)).astype(np.float32)
+    queries = rng.standard_normal((steps, batch, heads_q, 1, dim)).astype(np.float32)
+    k_cache, v_cache = (jnp.where(np.arange(capacity)[None, None, :, None] < start[:, None, None, None], c, 0.0)
+                        for c in (jnp.asarray(keys), jnp.asarray(values)))
+    table = None
+    if page_size:
+        k_cache, v_cache, table = paged(k_cache, v_cache, np.full(batch, capacity), page_size)
+    append = jax.jit(append_kv, donate_argnums=(0, 1))
+    decode = jax.jit(lambda q, k, v, n, table: flash_decode(q, k, v, n, page_table=table, return_lse=True))
+    lengths = jnp.asarray(start)
+    for step in range(steps):
+        positions = np.asarray(lengths)
+        new_k = jnp.asarray(keys[np.arange(batch), :, positions][:, :, None])
+        new_v = jnp.asarray(values[np.arange(batch), :, positions][:, :, None])
+        k_cache, v_cache = append(k_cache, v_cache, lengths, table, new_k, new_v)
+        lengths = lengths + 1
+        o, lse = decode(jnp.asarray(queries[step]), k_cache, v_cache, lengths, table)
+        assert_matches(o, lse, jnp.asarray(queries[step]), jnp.asarray(keys), jnp.asarray(values), np.asarray(lengths))
+
+
+def test_append_writes_only_the_new_rows():
+    q, k, v = make_cache(2, 2, 2, 1, 16, 256)
+    k_pool, v_pool, table = paged(k, v, np.array([256, 256]), 32)
+    before = np.asarray(k_pool)
+    new = jnp.ones((2, 2, 3, 16))
+    k_after, _ = append_kv(k_pool, v_pool, jnp.array([5, 30], jnp.int32), table, new, new)
+    changed = np.argwhere(np.any(np.asarray(k_after) != before, axis=-1) & ~np.isnan(before).all(-1))
+    written = {(int(table[b, p // 32]), h, p % 32) for b, length in enumerate((5, 30)) for h in range(2)
+               for p in range(length, length + 3)}
+    assert {tuple(map(int, c)) for c in changed} == written  # rows 30..32 of sequence 1 cross a page
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2), (1, 4)])
+def test_sharded_paged_decode_matches_single_device(mesh_shape):
+    # Device i holds positions [i * 128, (i+1) * 128): pages 8i..8i+7 of each sequence's 32 (16-row
+    # pages) live in its part of the pool. Shards stay under 64 KiB (see the contiguous test).
+    mesh = jax.make_mesh(mesh_shape, ("x", "y"))
+    batch, page_size, devices = 2, 16, 4
+    lengths = np.array([300, 100], np.int32)
+    q, k, v = make_cache(batch, 4, 2, 3, 16, 512)
+    per_device = 512 // page_size // devices  # pages of one sequence on one device
+    table = np.zeros((batch, 512 // page_size), np.int32)
+    for i in range(devices):
+        local = np.random.default_rng().permutation(batch * per_device) + i * batch * per_device
+        table[:, i * per_device:(i + 1) * per_device] = local.reshape(batch, per_device)
+    pools = []
+    for cache in (k, v):
+        pool = np.zeros((batch * 512 // page_size, 2, page_size, 16), np.float32)
+        pages = np.asarray(cache).reshape(batch, 2, 512 // page_size, page_size, 16).transpose(0, 2, 1, 3, 4)
+        pool[table.reshape(-1)] = pages.reshape(-1, 2, page_size, 16)
+        pools.append(jnp.asarray(pool))
+    o, lse = sharded_flash_decode(q, *pools, jnp.asarray(lengths), mesh, page_table=jnp.asarray(table), return_lse=True)
+    assert_matches(o, lse, q, k, v, lengths)
+    single_o, single_lse = flash_decode(q, *pools, jnp.asarray(lengths), page_table=jnp.asarray(table), return_lse=True)
+    np.testing.assert_allclose(o, single_o, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"sharded_flash_decode \(device 0\): expected page_table entries in 0..15"):
+        bad = table.copy()
+        bad[0, 0] = 20  # a page of device 1's part, for positions device 0 holds
+        sharded_flash_decode(q, *pools, jnp.asarray(lengths), mesh, page_table=jnp.asarray(bad))
+
+
+def test_paged_reference_path_off_tpu(monkeypatch):
+    lengths = np.array([70, 0], np.int32)
+    q, k, v = make_cache(2, 4, 2, 2, 32, 256)
+    k_pool, v_pool, table = paged(k, v, lengths, 64)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    o, lse = flash_decode(q, k_pool, v_pool, jnp.asarray(lengths), page_table=table, return_lse=True)
+    assert_matches(o, lse, q, k, v, lengths)
+
+
+def bad_paged_call(pool_shape=(8, 2, 16, 32), table=((0, 1), (2, 3)), lengths=(20, 3), q_heads=4):
+    q = jnp.zeros((2, q_heads, 1, 32))
+    pool = jnp.zeros(pool_shape)
+    return lambda: flash_decode(q, pool, pool, jnp.asarray(lengths, jnp.int32), page_table=jnp.asarray(table, jnp.int32))
+
+
+@pytest.mark.parametrize("call, message", [
+    (bad_paged_call(table=((0, 9), (2, 3))), r"entries in 0..7 for the pages sequence 0 uses \(length 20\), got page id 9"),
+    (bad_paged_call(table=((0, -1), (2, 3))), "got page id -1"),
+    (bad_paged_call(lengths=(33, 3)), "a length past the table's capacity of 32 positions"),
+    (bad_paged_call(pool_shape=(8, 2, 24, 32)), "power of two in 16..512, got 24"),
+    (bad_paged_call(pool_shape=(8, 2, 1024, 32)), "power of two in 16..512, got 1024"),
+    (bad_paged_call(q_heads=3), "mismatched heads"),
+    (bad_paged_call(table=((0, 1, 2),)), r"page_table \[B=2, pages_per_seq\]"),
+], ids=["page-past-pool", "negative-page", "past-capacity", "page-24", "page-1024", "heads", "table-shape"])
+def test_bad_paged_inputs_raise_before_launch(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_entries_past_a_length_are_never_checked_or_read():
+    # Sequence 1 uses one page: its second entry may be anything.
+    q, k, v = make_cache(2, 4, 2, 1, 32, 32)
+    k_pool, v_pool, table = paged(k, v, np.array([32, 5]), 16)
+    table = table.at[1, 1].set(12345)
+    o = flash_decode(q, k_pool, v_pool, jnp.array([32, 5], jnp.int32), page_table=table)
+    assert_matches(o, expected(q, k, v, [32, 5])[1], q, k, v, [32, 5])
+
+
+def test_bad_appends_raise_before_writing():
+    pool = jnp.zeros((4, 2, 16, 8))
+    table = jnp.array([[0, 1], [2, 3]], jnp.int32)
+    new = jnp.ones((2, 2, 3, 8))
+    with pytest.raises(ValueError, match="append_kv: expected lengths in 0..29"):
+        append_kv(pool, pool, jnp.array([30, 0], jnp.int32), table, new, new)
+    with pytest.raises(ValueError, match="got page id 7"):
+        append_kv(pool, pool, jnp.array([14, 0], jnp.int32), table.at[0, 1].set(7), new, new)
+    with pytest.raises(ValueError, match="k_new and v_new of one shape"):
+        append_kv(pool, pool, jnp.array([0, 0], jnp.int32), table, new, new[:, :, :2])
+    with pytest.raises(ValueError, match=r"k_new \[B, Hkv=2, T, D\]"):
+        append_kv(pool, pool, jnp.array([0, 0], jnp.int32), table, jnp.ones((2, 4, 1, 8)), jnp.ones((2, 4, 1, 8)))

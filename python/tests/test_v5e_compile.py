@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_flash import flash_attention, flash_decode, plan_block_sizes, sharded_flash_decode, v5e
+from pallas_flash import append_kv, flash_attention, flash_decode, plan_block_sizes, sharded_flash_decode, v5e
 from pallas_flash.planner import (BlockSizes, backward_vmem_bytes, forward_vmem_bytes, fused_backward_vmem_bytes,
                                   fuses_dq)
 from pallas_flash.reference import naive_attention
@@ -129,6 +129,67 @@ def test_decode_compiles_reading_the_cache_in_place(context, tokens, batch):
     cache_parameters_feed_only_the_kernel(program, caches)
     o = program.outputs[0]
     assert o.tiled_bytes <= 1.1 * o.logical_bytes
+
+
+@pytest.mark.parametrize("context, tokens, batch, page_size", [(32768, 1, 16, 128), (131072, 4, 2, 16), (65536, 1, 1, 512)])
+def test_paged_decode_compiles_reading_the_pools_in_place(context, tokens, batch, page_size):
+    q = v5e.abstract((batch, 32, tokens, 128), jnp.bfloat16)
+    pool = v5e.abstract((batch * context // page_size, 8, page_size, 128), jnp.bfloat16)
+    table = v5e.abstract((batch, context // page_size), jnp.int32)
+    lengths = v5e.abstract((batch,), jnp.int32)
+    program = v5e.compile_for_v5e(
+        lambda q, k, v, n, t: flash_decode(q, k, v, n, page_table=t, return_lse=True, interpret=False),
+        q, pool, pool, lengths, table)
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+    pools = [p.name for p in program.parameters if p.arrays[0].dims == pool.shape]
+    assert len(pools) == 2
+    cache_parameters_feed_only_the_kernel(program, pools)
+
+
+def compile_append(donate):
+    pool = v5e.abstract((2048, 8, 128, 128), jnp.bfloat16)  # 512 MiB each
+    new = v5e.abstract((8, 8, 1, 128), jnp.bfloat16)
+    table, lengths = v5e.abstract((8, 256), jnp.int32), v5e.abstract((8,), jnp.int32)
+    program = v5e.compile_for_v5e(append_kv, pool, pool, lengths, table, new, new,
+                                  donate_argnums=(0, 1) if donate else ())
+    return program, pool.size * 2
+
+
+def pool_copies(program, pool_bytes):
+    """Instructions that move a pool's worth of data, other than the scatters that write the new rows
+    into their operand's buffer (XLA's aliasing_operands: in place)."""
+    return [f"{i.opcode} {i.name}" for i in program.data_movement()
+            if any(a.logical_bytes >= pool_bytes for a in i.arrays)
+            and not ("scatter" in i.name and "aliasing_operands" in i.attributes)]
+
+
+def test_append_with_donated_pools_writes_in_place():
+    program, pool_bytes = compile_append(donate=True)
+    assert not pool_copies(program, pool_bytes)
+    assert program.memory.alias_size_in_bytes == 2 * pool_bytes  # both pools are the outputs' buffers
+    assert sum("scatter" in i.name for i in program.entry) == 2
+
+
+def test_checks_catch_an_append_that_copies_the_pools():
+    program, pool_bytes = compile_append(donate=False)  # functional without donation: XLA copies
+    assert len(pool_copies(program, pool_bytes)) == 2 and program.memory.alias_size_in_bytes == 0
+
+
+def test_sharded_paged_decode_compiles_for_the_2x2_mesh():
+    mesh = v5e.mesh_2x2()
+    replicated = NamedSharding(mesh, P())
+    q = v5e.abstract((4, 32, 1, 128), jnp.bfloat16, replicated)
+    pool = v5e.abstract((4 * 256, 8, 128, 128), jnp.bfloat16, NamedSharding(mesh, P(("x", "y"), None, None, None)))
+    table = v5e.abstract((4, 256), jnp.int32, NamedSharding(mesh, P(None, ("x", "y"))))
+    lengths = v5e.abstract((4,), jnp.int32, replicated)
+    program = v5e.compile_for_v5e(
+        lambda q, k, v, n, t: sharded_flash_decode(q, k, v, n, mesh, page_table=t, interpret=False),
+        q, pool, pool, lengths, table)
+    assert "all-gather" in {i.opcode for i in program.entry}
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+    shards = [p.name for p in program.parameters if p.arrays[0].dims == (256, 8, 128, 128)]
+    assert len(shards) == 2, [p.arrays[0].dims for p in program.parameters]  # a quarter of the pages each
+    cache_parameters_feed_only_the_kernel(program, shards)
 
 
 def test_sharded_decode_compiles_for_the_2x2_mesh():

@@ -24,6 +24,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
+from pallas_flash import decode as pf_decode  # noqa: E402
 from pallas_flash import hardware  # noqa: E402
 from pallas_flash.bench import cases, estimate, measure, report  # noqa: E402
 
@@ -37,6 +38,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or any(v != 0 and v not in pf_decode.PAGE_SIZES for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated 0 or powers of two in 16..512, got {text!r}")
     return values
 
 
@@ -78,6 +89,8 @@ def parse_args(argv=None):
     parser.add_argument("--query-tokens", type=int, default=1, help="decode: new tokens per sequence (1..16)")
     parser.add_argument("--decode-heads", type=int, default=32, help="decode: query heads (default 32)")
     parser.add_argument("--mesh", type=_choices(("1x1", "2x2")), default=["1x1", "2x2"], help="decode")
+    parser.add_argument("--page-size", type=_sizes, default=[0, 128],
+                        help="decode: 0 (a contiguous cache) or a page size, power of two 16..512 (default 0,128)")
     parser.add_argument("--price-per-chip-hour", type=float, default=None, help="USD; default: the hardware table")
     parser.add_argument("--json", default=None, metavar="FILE")
     parser.add_argument("--plot", default=None, metavar="FILE.png")
@@ -108,11 +121,11 @@ def build_cases(args):
         for pass_ in args.passes:
             if pass_ == "decode":
                 kv_heads = args.kv_heads or 8
-                grid = [(ctx, mesh, dtype, dim) for ctx in args.context for mesh in args.mesh
-                        for dtype in args.dtype for dim in args.dim]
-                for ctx, mesh, dtype, dim in grid:
+                grid = [(ctx, mesh, dtype, dim, page) for ctx in args.context for mesh in args.mesh
+                        for dtype in args.dtype for dim in args.dim for page in args.page_size]
+                for ctx, mesh, dtype, dim, page in grid:
                     case = cases.Case(impl, pass_, args.batch, args.decode_heads, kv_heads, args.query_tokens, ctx, dim,
-                                      dtype, True, mesh)
+                                      dtype, True, mesh, page)
                     (skipped if cases.supported(case) else result).append(case)
                 continue
             for dtype in args.dtype:

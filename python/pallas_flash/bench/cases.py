@@ -31,7 +31,7 @@ DECODE_IMPLS = ("pallas_flash", "jax_paged_attention", "xla_reference")
 GPU_IMPLS = ("jax_cudnn", "jax_xla")
 PASSES = ("fwd", "bwd", "fwd+bwd", "decode")
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
-PAGE_SIZE = 128  # jax_paged_attention's page size; 16 pages (2048 keys) per compute block
+JAX_PAGED_KEYS_PER_BLOCK = 2048  # jax_paged_attention's compute block: 16 pages of 128
 
 # JAX flash_attention's forward candidates (block_q, block_k_major, block_k) and backward block sizes.
 JAX_FORWARD_BLOCKS = tuple((bq, bkm, 512) for bq in (512, 1024, 2048) for bkm in (512, 1024, 2048))
@@ -53,6 +53,7 @@ class Case:
     dtype: str
     causal: bool
     mesh: str = "1x1"
+    page_size: int = 0  # decode: 0 a contiguous cache, else page pools and a page table
     # Block sizes, fixed (None: the implementation's own choice). pallas_flash: BlockSizes' fields;
     # jax_flash_attention: (block_q, block_k_major, block_k, backward block).
     blocks: tuple[int, ...] | None = None
@@ -101,6 +102,7 @@ class Case:
             "dtype": self.dtype, "causal": self.causal,
             "context": self.seq_k if self.pass_ == "decode" else None,
             "mesh": self.mesh if self.pass_ == "decode" else None,
+            "page_size": self.page_size if self.pass_ == "decode" else None,
         }
 
     def as_json(self) -> dict:
@@ -135,10 +137,12 @@ def supported(case: Case) -> str | None:
     if case.pass_ == "decode":
         if case.impl not in DECODE_IMPLS + GPU_IMPLS:
             return f"{case.impl} has no decode"
-        if case.impl == "jax_paged_attention" and (case.seq_q != 1 or case.mesh != "1x1"):
-            return "jax_paged_attention: one query token, one device"
-        if case.impl == "xla_reference" and case.mesh != "1x1":
-            return "xla_reference: one device"
+        if case.impl == "jax_paged_attention" and (case.seq_q != 1 or case.mesh != "1x1" or not case.page_size):
+            return "jax_paged_attention: one query token, one device, a paged cache"
+        if case.impl == "xla_reference" and (case.mesh != "1x1" or case.page_size):
+            return "xla_reference: one device, a contiguous cache"
+        if case.page_size and case.seq_k % (case.page_size * case.devices):
+            return f"context {case.seq_k}: expected a multiple of the page size x devices"
         return None
     if case.impl == "jax_paged_attention":
         return "jax_paged_attention is decode only"
@@ -267,43 +271,69 @@ def _decode_fn(case: Case, place: Placement):
     batch, tokens, context = case.batch, case.seq_q, case.seq_k
     # Profiling passes the (full) length as a Python int: a trace-time constant, not an SMEM read.
     static_length = context if case.trace_time_lengths else None
+    pages_per_seq = context // case.page_size if case.page_size else 0
     if case.impl == "jax_paged_attention":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-        pages_per_seq = context // PAGE_SIZE
         q = place.array((batch, case.heads, tokens, case.dim), dtype)
-        pool = place.array((case.kv_heads, batch * pages_per_seq, PAGE_SIZE, case.dim), dtype)
-        table = place.index_array(np.arange(batch * pages_per_seq).reshape(batch, pages_per_seq))
+        pool = place.array((case.kv_heads, batch * pages_per_seq, case.page_size, case.dim), dtype)
+        table = place.index_array(page_order(batch, pages_per_seq, 1))
+        per_block = max(1, min(JAX_PAGED_KEYS_PER_BLOCK // case.page_size, pages_per_seq))
 
         def paged(q, k_pages, v_pages, lengths, table):
             return paged_attention(q[:, :, 0], k_pages, v_pages, lengths, table,
-                                   pages_per_compute_block=min(16, pages_per_seq))[:, :, None]
+                                   pages_per_compute_block=per_block)[:, :, None]
 
         return paged, (q, pool, pool, place.index_array(np.full(batch, context)), table)
 
     if case.mesh != "1x1":
         mesh = place.mesh(case.mesh)
         replicated = place.sharding(mesh, P())
+        axes = ("x", "y")
         q = place.array((batch, case.heads, tokens, case.dim), dtype, replicated)
-        cache = place.array((batch, case.kv_heads, context, case.dim), dtype,
-                            place.sharding(mesh, P(None, None, ("x", "y"), None)))
+        if case.page_size:  # device i's pages hold positions [i C/S, (i+1) C/S): its part of the table
+            cache = place.array((batch * pages_per_seq, case.kv_heads, case.page_size, case.dim), dtype,
+                                place.sharding(mesh, P(axes, None, None, None)))
+            table = place.index_array(page_order(batch, pages_per_seq, case.devices), place.sharding(mesh, P(None, axes)))
+        else:
+            cache = place.array((batch, case.kv_heads, context, case.dim), dtype,
+                                place.sharding(mesh, P(None, None, axes, None)))
+            table = None
 
-        def sharded_decode(q, k, v, lengths):
-            return pf.sharded_flash_decode(q, k, v, static_length or lengths, mesh, interpret=False)
+        def sharded_decode(q, k, v, lengths, table):
+            return pf.sharded_flash_decode(q, k, v, static_length or lengths, mesh, page_table=table, interpret=False)
 
-        return sharded_decode, (q, cache, cache, place.index_array(np.full(batch, context), replicated))
+        return sharded_decode, (q, cache, cache, place.index_array(np.full(batch, context), replicated), table)
 
     q = place.array((batch, case.heads, tokens, case.dim), dtype)
-    cache = place.array((batch, case.kv_heads, context, case.dim), dtype)
+    if case.page_size:
+        cache = place.array((batch * pages_per_seq, case.kv_heads, case.page_size, case.dim), dtype)
+        table = place.index_array(page_order(batch, pages_per_seq, 1))
+    else:
+        cache = place.array((batch, case.kv_heads, context, case.dim), dtype)
+        table = None
     if case.impl == "xla_reference":
         return (lambda q, k, v: naive_attention(q, k, v, causal=True)), (q, cache, cache)
     if case.impl in GPU_IMPLS:
         return _attention_fn(dataclasses.replace(case, causal=True)), (q, cache, cache)
 
-    def decode(q, k, v, lengths):
-        return pf.flash_decode(q, k, v, static_length or lengths, interpret=False)
+    def decode(q, k, v, lengths, table):
+        return pf.flash_decode(q, k, v, static_length or lengths, page_table=table, interpret=False)
 
-    return decode, (q, cache, cache, place.index_array(np.full(batch, context)))
+    return decode, (q, cache, cache, place.index_array(np.full(batch, context)), table)
+
+
+def page_order(batch: int, pages_per_seq: int, devices: int, seed: int = 0) -> np.ndarray:
+    """A page table [B, pages_per_seq] naming every page of a pool of B x pages_per_seq once, in a
+    shuffled order (as a serving cache's allocator leaves them), within each device's part of the
+    pool for the part of the table that device holds."""
+    rng = np.random.default_rng(seed)
+    part = pages_per_seq // devices
+    table = np.empty((batch, pages_per_seq), np.int64)
+    for i in range(devices):
+        pages = rng.permutation(batch * part) + i * batch * part
+        table[:, i * part:(i + 1) * part] = pages.reshape(batch, part)
+    return table
 
 
 def compile_for_v5e(case: Case):

@@ -371,7 +371,7 @@ class Estimator:
 def describe(case: cases.Case) -> str:
     if case.pass_ == "decode":
         return (f"{case.impl} decode ctx={case.seq_k} T={case.seq_q} B={case.batch} Hq={case.heads} "
-                f"Hkv={case.kv_heads} mesh={case.mesh}")
+                f"Hkv={case.kv_heads} mesh={case.mesh}" + (f" page={case.page_size}" if case.page_size else ""))
     return (f"{case.impl} {case.pass_} N={case.seq_q} D={case.dim} {case.dtype} "
             f"{'causal' if case.causal else 'full'}" + (f" blocks={case.blocks}" if case.blocks else ""))
 

@@ -56,21 +56,22 @@ def _fmt(value, spec, none="-"):
 
 
 def print_table(rows: list[dict], out) -> None:
-    header = (f"{'impl':<20} {'pass':<7} {'shape':<30} {'status':<6} {'Mcycles':>8} {'time ms':>9} {'TFLOP/s':>8} "
+    header = (f"{'impl':<20} {'pass':<7} {'shape':<40} {'status':<6} {'Mcycles':>8} {'time ms':>9} {'TFLOP/s':>8} "
               f"{'MFU':>5} {'GB/s':>7} {'%HBM':>5} {'tok/s':>10} {'tok/s/$':>9} {'VMEM MiB':>8} {'spills':>6} "
               f"{'HBM GiB':>7}")
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in rows:
         if r["pass"] == "decode":
-            shape = f"ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}"
+            page = f" page={r['page_size']}" if r.get("page_size") else ""
+            shape = f"B={r['batch']} ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}{page}"
         else:
             heads = f"{r['heads']}" if r["heads"] == r["kv_heads"] else f"{r['heads']}/{r['kv_heads']}"
             shape = f"N={r['seq_q']} D={r['dim']} H={heads} {'causal' if r['causal'] else 'full'}"
             if r["seq_q"] != r["seq_k"]:
                 shape = f"Nq={r['seq_q']} Nk={r['seq_k']} D={r['dim']} H={heads} {'causal' if r['causal'] else 'full'}"
         cycles = r["est_cycles"] / 1e6 if r["est_cycles"] else None
-        print(f"{r['impl']:<20} {r['pass']:<7} {shape:<30} {r['status']:<6} {_fmt(cycles, '8.2f'):>8} "
+        print(f"{r['impl']:<20} {r['pass']:<7} {shape:<40} {r['status']:<6} {_fmt(cycles, '8.2f'):>8} "
               f"{_fmt(r['time_s'] and r['time_s'] * 1e3, '9.3f'):>9} {_fmt(r['tflops'], '8.1f'):>8} "
               f"{_fmt(r['mfu'] and 100 * r['mfu'], '4.0f'):>4}% {_fmt(r['hbm_gbps'], '7.0f'):>7} "
               f"{_fmt(r['hbm_utilization'] and 100 * r['hbm_utilization'], '4.0f'):>4}% "
