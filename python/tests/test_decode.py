@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_flash import append_kv, flash_decode, reference_attention, sharded_flash_decode
+from pallas_flash import append_kv, decode, flash_decode, reference_attention, sharded_flash_decode
 
 
 def make_cache(batch, heads_q, heads_kv, tokens, dim, max_len, dtype=jnp.float32):
@@ -61,9 +61,17 @@ def assert_matches(o, lse, q, k, v, lengths, tol=1e-5):
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """128-row blocks (8 pages of 16), so that a 1024-position cache is 8 blocks to split: with the
+    kernel's 4096-row blocks it would be one, and every split count the same."""
+    monkeypatch.setattr(decode, "BLOCK_ROWS", 128)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 @pytest.mark.parametrize("heads", [(2, 2), (8, 2), (8, 1)], ids=["mha", "gqa4", "mqa"])
-def test_decode_matches_reference_for_any_split(heads, splits):
+def test_decode_matches_reference_for_any_split(heads, splits, small_blocks):
+    assert decode.cache_layout((3, heads[1], 1024, 64)).num_blocks == 8
     q, k, v = make_cache(3, heads[0], heads[1], 1, 64, 1024)
     lengths = jnp.array([1, 129, 1024], jnp.int32)  # one token, one past a block, the full cache
     o, lse = flash_decode(q, k, v, lengths, num_splits=splits, return_lse=True)
@@ -183,10 +191,11 @@ def test_paged_decode_matches_reference(page_size, tokens, heads):
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 5, 8])
-def test_paged_decode_any_split(splits):
+def test_paged_decode_any_split(splits, small_blocks):
     lengths = np.array([1000, 1024, 33], np.int32)
     q, k, v = make_cache(3, 8, 2, 2, 32, 1024)
-    k_pool, v_pool, table = paged(k, v, lengths, 64)  # 16 pages per sequence: 16-page blocks, one block
+    k_pool, v_pool, table = paged(k, v, lengths, 16)  # 64 pages per sequence: 8 blocks of 8 pages
+    assert decode.cache_layout(k_pool.shape, table.shape).num_blocks == 8
     o, lse = flash_decode(q, k_pool, v_pool, jnp.asarray(lengths), page_table=table, num_splits=splits,
                           return_lse=True)
     assert_matches(o, lse, q, k, v, lengths)
@@ -229,7 +238,7 @@ def test_a_generation_loop_with_appends_equals_full_attention_each_step(page_siz
     if page_size:
         k_cache, v_cache, table = paged(k_cache, v_cache, np.full(batch, capacity), page_size)
     append = jax.jit(append_kv, donate_argnums=(0, 1))
-    decode = jax.jit(lambda q, k, v, n, table: flash_decode(q, k, v, n, page_table=table, return_lse=True))
+    decode_step = jax.jit(lambda q, k, v, n, table: flash_decode(q, k, v, n, page_table=table, return_lse=True))
     lengths = jnp.asarray(start)
     for step in range(steps):
         positions = np.asarray(lengths)
@@ -237,7 +246,7 @@ def test_a_generation_loop_with_appends_equals_full_attention_each_step(page_siz
         new_v = jnp.asarray(values[np.arange(batch), :, positions][:, :, None])
         k_cache, v_cache = append(k_cache, v_cache, lengths, table, new_k, new_v)
         lengths = lengths + 1
-        o, lse = decode(jnp.asarray(queries[step]), k_cache, v_cache, lengths, table)
+        o, lse = decode_step(jnp.asarray(queries[step]), k_cache, v_cache, lengths, table)
         assert_matches(o, lse, jnp.asarray(queries[step]), jnp.asarray(keys), jnp.asarray(values), np.asarray(lengths))
 
 
