@@ -27,3 +27,10 @@ def test_plan_never_pads_more_than_127_rows():
 def test_describe_plan_names_blocks_and_vmem():
     line = describe_plan(1, 16, 8192, 128)
     assert "block_q=" in line and "VMEM" in line and "v5e" in line
+
+
+def test_describe_plan_says_where_dq_is_computed():
+    assert "dQ fused" in describe_plan(1, 16, 8192, 128)
+    assert "dQ in its own kernel" in describe_plan(1, 32, 32768, 128, kv_heads=4)  # 4 x 8 heads' dQ^T: 64 MiB
+    assert "causal" in describe_plan(1, 16, 8192, 128, causal=True) and "block_q=2048" in describe_plan(
+        1, 16, 8192, 128, causal=True)
