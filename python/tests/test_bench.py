@@ -99,6 +99,17 @@ def test_profiling_scales_by_batch_and_kv_heads():
     assert (small.batch, small.heads, small.kv_heads) == (1, 4, 1) and case.profile_scale == 16
 
 
+def test_decode_is_profiled_whole_unless_its_caches_pass_2_gib():
+    """The simulator slows DMAs from offsets past 2 GiB into an array: such a batch is profiled in
+    equal parts, each within it on a chip (a 1 GiB cache whole; 4 GiB in two; 2x2 mesh: per chip)."""
+    def decode(batch, context, mesh="1x1"):
+        return cases.Case("pallas_flash", "decode", batch, 32, 8, 1, context, 128, "bf16", False, mesh, 128)
+    for case, batch, scale in ((decode(16, 32768), 16, 1), (decode(16, 131072), 8, 2), (decode(9, 131072), 3, 3),
+                               (decode(16, 131072, "2x2"), 16, 1), (decode(1, 2**21), 1, 1)):
+        assert (case.for_profile().batch, case.profile_scale) == (batch, scale), case
+        assert case.for_profile().trace_time_lengths
+
+
 def test_measure_times_a_call():
     median, samples = measure.time_call(lambda x: x * 2, (jnp.ones(1024),), warmup=1, repeats=5)
     assert 0 < median < 1 and 1 <= len(samples) <= 5

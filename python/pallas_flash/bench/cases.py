@@ -32,6 +32,13 @@ GPU_IMPLS = ("jax_cudnn", "jax_xla")
 PASSES = ("fwd", "bwd", "fwd+bwd", "decode")
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 JAX_PAGED_KEYS_PER_BLOCK = 2048  # jax_paged_attention's compute block: 16 pages of 128
+# The compiler's static profile runs a kernel's own DMAs from offsets past ~2 GiB into an array
+# tens of times slower than the same bundles below (a minimal manual-DMA kernel streaming one bf16
+# [B, 8, 65536, 128] array: 2.34M cycles at B = 17, 2.125 GiB; 36.7M at 18, 2.25 GiB; 200M at 24;
+# the bundles identical but for loop bounds. XLA fusions and BlockSpec pipelines reading the same
+# arrays scale linearly, so this is the simulator's, not the kernel's). A decode whose cache
+# arrays are larger on a chip is profiled for a part of its batch (`Case.for_profile`).
+SIMULATED_ARRAY_BYTES = 2**31
 
 # JAX flash_attention's forward candidates (block_q, block_k_major, block_k) and backward block sizes.
 JAX_FORWARD_BLOCKS = tuple((bq, bkm, 512) for bq in (512, 1024, 2048) for bkm in (512, 1024, 2048))
@@ -74,14 +81,26 @@ class Case:
         simulating every grid step of the full shape would take minutes. Decode (cheap to simulate):
         the whole shape, with its lengths as trace-time constants (the simulator reads
         scalar-prefetch values as 0); a decode step's fixed costs (the merge, head transitions) do
-        not scale with heads, so a scaled profile would overstate them."""
+        not scale with heads, so a scaled profile would overstate them. A batch whose caches pass
+        SIMULATED_ARRAY_BYTES is profiled in equal parts (`profile_scale` of them)."""
         if self.pass_ == "decode":
-            return dataclasses.replace(self, trace_time_lengths=True)
+            return dataclasses.replace(self, batch=self.batch // self._decode_batch_parts(), trace_time_lengths=True)
         return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group)
 
     @property
     def profile_scale(self) -> int:
-        return 1 if self.pass_ == "decode" else self.batch * self.kv_heads
+        return self._decode_batch_parts() if self.pass_ == "decode" else self.batch * self.kv_heads
+
+    def cache_bytes_per_device(self) -> int:
+        """Decode: the bytes of the K cache (or page pool) one chip holds; V's are the same."""
+        return self.batch * self.kv_heads * self.seq_k * self.dim * jnp.dtype(DTYPES[self.dtype]).itemsize // self.devices
+
+    def _decode_batch_parts(self) -> int:
+        """In how many equal parts of the batch a decode is profiled: the fewest (a divisor of the
+        batch) whose cache arrays stay within SIMULATED_ARRAY_BYTES on a chip. The batch's grid rows are
+        independent and alike (every sequence fills the cache), so cycles scale by the parts."""
+        return next((p for p in range(1, self.batch + 1) if self.batch % p == 0
+                     and self.cache_bytes_per_device() / p <= SIMULATED_ARRAY_BYTES), self.batch)
 
     def flops(self) -> float:
         """Useful FLOPs, FlashAttention's convention: 4 B Hq Nq Nk D for a forward (QK^T and PV),

@@ -357,6 +357,13 @@ class Estimator:
                 note.append("cycles: the forward and backward programs fitted apart (quadratic in N, fixed blocks) "
                             "through profiles at N=" + " and ".join(
                                 ", ".join(str(n) for n, _ in fit or []) for fit in profile["parts_fit"]) + ", summed")
+            if case.pass_ == "decode" and case.profile_scale > 1 and case.impl not in XLA_COST_MODEL:
+                note.append(f"cycles: profiled for B={case.for_profile().batch} and multiplied by {case.profile_scale} "
+                            "(the simulator slows a kernel's DMAs from offsets past 2 GiB into an array)")
+            if case.pass_ == "decode" and case.impl not in XLA_COST_MODEL and (
+                    case.for_profile().cache_bytes_per_device() > cases.SIMULATED_ARRAY_BYTES):
+                note.append("a cache array past 2 GiB per chip even for one sequence: the simulator's DMAs from "
+                            "beyond 2 GiB are slowed, so the time is an upper bound")
             note += [PROFILE_ABORTS.get(case.impl, ""), READS_LENGTHS_FROM_SMEM.get(case.impl, ""),
                      XLA_COST_MODEL.get(case.impl, "")]
             if case.impl in PROFILE_ABORTS and profile.get("bundles"):
