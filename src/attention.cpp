@@ -1,4 +1,5 @@
 // Public entry points: validate once, then hand the filled parameters to the backend.
+#include "core/checker.hpp"
 #include "core/params.hpp"
 #include "core/workspace.hpp"
 #include "cpu/backend.hpp"
@@ -45,6 +46,12 @@ void flash_attention_forward_backward(const AttentionParams& forward, TensorView
     backward.lse = TensorView::contiguous(lse_buffer.data(), DType::kFloat32, {fwd.batch, fwd.heads_q, fwd.seq_q});
   }
   const detail::BwdParams bwd = detail::make_bwd_params(backward, kName);
+  // The forward writes o and lse before the backward reads dout: dout must not lie under them.
+  const detail::Checker check(kName);
+  if (detail::overlaps(dout, forward.o)) check.fail("dout", "memory disjoint from output 'o'", "an overlap");
+  if (!forward.lse.empty() && detail::overlaps(dout, forward.lse)) {
+    check.fail("dout", "memory disjoint from output 'lse'", "an overlap");
+  }
   cpu::flash_forward(fwd);
   cpu::flash_backward(bwd);
 }

@@ -27,7 +27,7 @@ struct AttentionParams {
   // Tiling: 0 chooses automatically.
   int block_q = 0;
   int block_k = 0;
-  int num_threads = 0;  // 0: all threads (omp_get_max_threads)
+  int num_threads = 0;  // 0: all threads (omp_get_max_threads); more than the machine runs: clamped (resolve_num_threads)
 };
 
 // Throws pflash::Error (ErrorCode::kInvalidArgument) naming the offending argument.
@@ -49,7 +49,7 @@ struct AttentionBackwardParams {
 
   bool causal = false;                 // must match the forward
   std::optional<float> softmax_scale;  // must match the forward; default 1/sqrt(D)
-  int num_threads = 0;                 // 0: all threads
+  int num_threads = 0;                 // 0: all threads; clamped as in AttentionParams
 };
 
 void flash_attention_backward(const AttentionBackwardParams& params);

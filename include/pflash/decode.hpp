@@ -36,7 +36,7 @@ struct DecodeParams {
   std::span<const std::int32_t> positions_after;
 
   int num_splits = 0;   // ranges per sequence: 0 chooses from the thread count and the lengths
-  int num_threads = 0;  // 0: all threads
+  int num_threads = 0;  // 0: all threads; more than the machine runs: clamped (resolve_num_threads)
 };
 
 // Throws pflash::Error (ErrorCode::kInvalidArgument) naming the offending argument; reads nothing

@@ -15,7 +15,7 @@ struct MergeParams {
   TensorView lse_partials;  // [S, N, H] fp32, natural log
   MutableTensorView o;      // [N, H, D] fp32 or bf16
   MutableTensorView lse;    // optional [N, H] fp32
-  int num_threads = 0;      // 0: all threads
+  int num_threads = 0;      // 0: all threads; more than the machine runs: clamped (resolve_num_threads)
 };
 
 void merge_attention_states(const MergeParams& params);

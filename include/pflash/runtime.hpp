@@ -25,6 +25,11 @@ void set_max_cpu_isa(CpuIsa isa);
 // Threads a call with num_threads == 0 uses.
 int default_num_threads();
 
+// Threads a call asked for `requested` (>= 0) runs with: 0 means default_num_threads(); a count past
+// what the machine can run at once (its processors, or OMP_NUM_THREADS when that is larger, and never
+// past OpenMP's thread limit) is clamped to it, so that a large count costs nothing but idle threads.
+int resolve_num_threads(int requested);
+
 // Bytes allocated by library calls (workspaces, packed copies, naive scores), current and peak
 // since the last reset. Caller-owned tensors are not counted.
 struct MemoryStats {

@@ -30,10 +30,14 @@ struct BasicTensorView {
     view.rank = static_cast<int>(shape.size());
     int i = 0;
     for (std::int64_t extent : shape) view.shape[static_cast<std::size_t>(i++)] = extent;
+    // A stride past 2^63 saturates at INT64_MAX rather than overflowing here, in the caller's code:
+    // the library's own checks then reject the view ("element offsets that fit in 64 bits").
     std::int64_t stride = 1;
     for (int d = view.rank - 1; d >= 0; --d) {
       view.strides[static_cast<std::size_t>(d)] = stride;
-      stride *= view.shape[static_cast<std::size_t>(d)];
+      if (d > 0 && __builtin_mul_overflow(stride, view.shape[static_cast<std::size_t>(d)], &stride)) {
+        stride = INT64_MAX;
+      }
     }
     return view;
   }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,6 +43,13 @@ inline ByteRange byte_range(const TensorView& t) {
   for (int d = 0; d < t.rank; ++d) max_offset += (t.size(d) - 1) * t.stride(d);
   const auto begin = reinterpret_cast<std::uintptr_t>(t.data);
   return {begin, begin + static_cast<std::uintptr_t>(max_offset + 1) * size_of(t.dtype)};
+}
+
+// An index array a call reads (lengths, a block table) as a 1-D view of 4-byte elements, so the
+// overlap checks cover it like any tensor input; empty when the span is.
+inline TensorView index_view(std::span<const std::int32_t> indices) {
+  if (indices.empty()) return {};
+  return TensorView::contiguous(indices.data(), DType::kFloat32, {static_cast<std::int64_t>(indices.size())});
 }
 
 inline bool overlaps(const TensorView& a, const TensorView& b) {

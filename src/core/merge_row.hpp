@@ -24,7 +24,18 @@ PFLASH_HOST_DEVICE inline void merge_row(std::int64_t parts, std::int64_t dim, c
                                          TOut* o, float* lse) {
   const float neg_inf = -HUGE_VALF;
   float max_lse = neg_inf;
-  for (std::int64_t s = 0; s < parts; ++s) max_lse = fmaxf(max_lse, lse_parts[s * lse_stride]);
+  bool saw_nan = false;  // fmaxf drops a NaN: a part that saw one makes the merged row NaN
+  for (std::int64_t s = 0; s < parts; ++s) {
+    const float part_lse = lse_parts[s * lse_stride];
+    saw_nan |= part_lse != part_lse;
+    max_lse = fmaxf(max_lse, part_lse);
+  }
+  if (saw_nan) {
+    const float nan = neg_inf - neg_inf;
+    for (std::int64_t d = 0; d < dim; ++d) o[d] = TOut(nan);
+    if (lse != nullptr) *lse = nan;
+    return;
+  }
   if (max_lse == neg_inf) {  // no part saw a key
     for (std::int64_t d = 0; d < dim; ++d) o[d] = TOut(0.0f);
     if (lse != nullptr) *lse = neg_inf;

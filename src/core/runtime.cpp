@@ -1,5 +1,6 @@
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -81,5 +82,13 @@ CpuIsa active_cpu_isa() {
 void set_max_cpu_isa(CpuIsa isa) { g_max_isa.store(static_cast<int>(isa)); }
 
 int default_num_threads() { return omp_get_max_threads(); }
+
+int resolve_num_threads(int requested) {
+  if (requested <= 0) return default_num_threads();
+  // Each thread of a call gets its own tiles: 100000 threads asked of a 2-core machine would be
+  // 100000 stacks and workspaces (and a crash), not more speed.
+  const int machine = std::min(std::max(omp_get_num_procs(), omp_get_max_threads()), omp_get_thread_limit());
+  return std::min(requested, std::max(machine, 1));
+}
 
 }  // namespace pflash

@@ -61,7 +61,7 @@ FwdParams check_problem(const Checker& check, const TensorView& q, const TensorV
   p.v_strides = head_strides(v);
   p.scale = softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
   p.causal = causal;
-  p.num_threads = num_threads > 0 ? num_threads : default_num_threads();
+  p.num_threads = resolve_num_threads(num_threads);
   return p;
 }
 

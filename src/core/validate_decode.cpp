@@ -132,8 +132,13 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     check.fail("cache.k", "a head count Hkv (dimension 1) dividing Hq = " + std::to_string(heads_q) + " (GQA/MQA)",
                "Hkv = " + std::to_string(heads_kv));
   }
+  // Every input the call reads, the lengths and page ids included: an output over them would change
+  // what later rows read (or where they read it).
   check_decode_outputs(check, params.q, params.o, params.lse,
-                       {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v}});
+                       {{"q", params.q}, {"cache.k", params.cache.k}, {"cache.v", params.cache.v},
+                        {"cache.seq_lens", index_view(params.cache.seq_lens)},
+                        {"cache.block_table", index_view(params.cache.block_table)},
+                        {"positions_after", index_view(params.positions_after)}});
   const bool has_lse = !params.lse.empty();
   if (!params.positions_after.empty()) {
     if (static_cast<std::int64_t>(params.positions_after.size()) != batch) {
@@ -171,7 +176,7 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
   for (std::int32_t length : params.cache.seq_lens) p.max_seq_len = std::max<std::int64_t>(p.max_seq_len, length);
   p.scale = params.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
   p.num_splits = params.num_splits;  // 0: the backend chooses
-  p.num_threads = params.num_threads > 0 ? params.num_threads : default_num_threads();
+  p.num_threads = resolve_num_threads(params.num_threads);
   return p;
 }
 
@@ -200,19 +205,32 @@ AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, T
     }
   }
   if (c.paged()) {
-    // Two sequences writing one page would overwrite each other's rows.
-    std::vector<std::pair<std::int64_t, std::int64_t>> written;  // (page, sequence)
+    // A page appended to must appear once among the pages the table uses: a second use (by another
+    // sequence, or by the same sequence at another position) would have its rows overwritten.
+    struct Use {
+      std::int64_t page, sequence, slot;
+      bool written;
+    };
+    std::vector<Use> uses;
     for (std::int64_t b = 0; b < cache.batch(); ++b) {
-      const std::int64_t first = c.seq_lens[b] / c.page_size, last = (c.seq_lens[b] + tokens - 1) / c.page_size;
-      for (std::int64_t i = first; i <= last; ++i) written.emplace_back(c.block_table[b * c.pages_per_seq + i], b);
-    }
-    std::sort(written.begin(), written.end());
-    for (std::size_t i = 1; i < written.size(); ++i) {
-      if (written[i].first == written[i - 1].first && written[i].second != written[i - 1].second) {
-        check.fail("cache.block_table", "distinct pages for the positions different sequences append to",
-                   "page " + std::to_string(written[i].first) + " in sequences " + std::to_string(written[i - 1].second) +
-                       " and " + std::to_string(written[i].second));
+      const std::int64_t first_written = c.seq_lens[b] / c.page_size;
+      const std::int64_t used = (c.seq_lens[b] + tokens + c.page_size - 1) / c.page_size;
+      for (std::int64_t i = 0; i < used; ++i) {
+        uses.push_back({c.block_table[b * c.pages_per_seq + i], b, i, i >= first_written});
       }
+    }
+    std::stable_sort(uses.begin(), uses.end(), [](const Use& x, const Use& y) { return x.page < y.page; });
+    for (std::size_t i = 0, end = 0; i < uses.size(); i = end) {
+      bool written = false;
+      for (end = i; end < uses.size() && uses[end].page == uses[i].page; ++end) written |= uses[end].written;
+      if (!written || end - i == 1) continue;
+      auto slot = [&](const Use& u) {
+        return "block_table[" + std::to_string(u.sequence) + " * " + std::to_string(c.pages_per_seq) + " + " +
+               std::to_string(u.slot) + "]";
+      };
+      check.fail("cache.block_table", "every page a sequence appends to used once in the table (no other position "
+                 "of it or of another sequence on that page)",
+                 "page " + std::to_string(uses[i].page) + " at " + slot(uses[i]) + " and " + slot(uses[i + 1]));
     }
   }
   AppendParams p;
@@ -270,7 +288,7 @@ MergeParams make_merge_params(const pflash::MergeParams& params, const char* fun
     p.lse_n_stride = params.lse.stride(0);
     p.lse_h_stride = params.lse.stride(1);
   }
-  p.num_threads = params.num_threads > 0 ? params.num_threads : default_num_threads();
+  p.num_threads = resolve_num_threads(params.num_threads);
   return p;
 }
 

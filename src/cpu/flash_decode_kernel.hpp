@@ -207,17 +207,31 @@ class FlashDecode {
         online_softmax_row<Isa>(row, cols_padded, s.row_max[r], s.row_sum[r], s.alpha[r]);
       }
 
-      // acc = acc * alpha + p x v_block, run by run; alpha is applied with the first run only.
+      // acc = acc * alpha + p x v_block, run by run; alpha is applied with the first run only. A
+      // position a row may not see contributes exactly nothing (not 0 * v, NaN for a v of inf or
+      // NaN): a row tile shares the positions all its rows see; the few more that a later query
+      // token sees are added row by row.
       bool first_run = true;
       for (int64_t pos = key_begin; pos < key_end;) {
         const int64_t run = cache.run_length(pos, key_end);
         const TC* v_run = v_base + cache.offset(cache.v_strides, b, h_kv, pos);
         const float* p_run = s.scores + (pos - key_begin);
+        auto run_visible = [&](int64_t r) { return std::clamp<int64_t>(visible_end(r, b, seq_len) - pos, 0, run); };
         for (int64_t r0 = 0; r0 < rows_; r0 += kRowTile) {
-          with_tile_rows<kRowTile>(static_cast<int>(std::min<int64_t>(kRowTile, rows_ - r0)), [&]<int R>() {
-            pv_rows<R>(p_run + r0 * kScoresLd, first_run ? s.alpha + r0 : nullptr, v_run, run,
+          const int64_t tile_rows = std::min<int64_t>(kRowTile, rows_ - r0);
+          int64_t shared = run;
+          for (int64_t r = r0; r < r0 + tile_rows; ++r) shared = std::min(shared, run_visible(r));
+          with_tile_rows<kRowTile>(static_cast<int>(tile_rows), [&]<int R>() {
+            pv_rows<R>(p_run + r0 * kScoresLd, first_run ? s.alpha + r0 : nullptr, v_run, shared,
                        s.acc + r0 * acc_ld_);
           });
+          for (int64_t r = r0; r < r0 + tile_rows && shared < run; ++r) {
+            const int64_t visible = run_visible(r);
+            if (visible > shared) {
+              pv_rows<1>(p_run + r * kScoresLd + shared, nullptr, v_run + shared * cache.v_strides.row,
+                         visible - shared, s.acc + r * acc_ld_);
+            }
+          }
         }
         first_run = false;
         pos += run;
@@ -228,7 +242,7 @@ class FlashDecode {
     const int64_t splits = p_.num_splits;
     for (int64_t r = 0; r < rows_; ++r) {
       const int64_t h_q = h_kv * p_.group_size() + r / p_.query_tokens, t = r % p_.query_tokens;
-      const float inv_sum = s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f;
+      const float inv_sum = inverse_row_sum(s.row_sum[r]);
       const float lse = finish_lse(s.row_max[r], s.row_sum[r]);
       if (splits == 1) {
         store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, p_.o, p_.o_dtype,

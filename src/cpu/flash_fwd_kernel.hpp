@@ -222,14 +222,32 @@ class FlashForward {
         online_softmax_row<Isa>(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
       }
 
+      // acc = acc * alpha + p x v. A masked key must contribute exactly nothing, not 0 * v (NaN for
+      // a v of inf or NaN): a tile's rows share the keys all of them see, and the few more each row
+      // sees in a block that crosses the diagonal are added row by row.
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-        with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
+        const int tile_rows = std::min(kTileRows, rows - r0);
+        auto row_keys = [&](int i) {
+          return all_visible ? cols : std::clamp<int64_t>(visible_keys(q_begin + i) - key_begin, 0, cols);
+        };
+        int64_t shared = cols;
+        for (int i = r0; i < r0 + tile_rows; ++i) shared = std::min(shared, row_keys(i));
+        with_tile_rows<kTileRows>(tile_rows, [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
             const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
-            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, cols,
+            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, shared,
                                s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
           }
         });
+        for (int i = r0; i < r0 + tile_rows && shared < cols; ++i) {
+          const int64_t keys = row_keys(i);
+          if (keys <= shared) continue;
+          for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
+            const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin + shared) * kPanel;
+            pv_tile<Isa, 1, 2>(s.scores + i * s_ld + shared, s_ld, 1, nullptr, v_strip, kPanel, keys - shared,
+                               s.acc + i * acc_ld + strip * kPanel, acc_ld);
+          }
+        }
       }
     }
 
@@ -237,7 +255,7 @@ class FlashForward {
     for (int i = 0; i < rows; ++i) {
       // A row that saw no key has row_sum == 0: O = 0 and LSE = -inf rather than 0/0.
       const float row_sum = s.row_sum[i];
-      const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+      const float inv_sum = inverse_row_sum(row_sum);
       T* dst = o_head + (q_begin + i) * p_.o_strides.row;
       const float* acc = s.acc + i * acc_ld;
       for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(acc[d] * inv_sum);

@@ -31,6 +31,9 @@ struct Avx2 {
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
   static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  // Accumulates which lanes of x are NaN (max() drops a NaN: it returns its second operand).
+  static vec flag_nan(vec flags, vec x) { return _mm256_or_ps(flags, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+  static bool any_flagged(vec flags) { return _mm256_movemask_ps(flags) != 0; }
 
   static float reduce_add(vec x) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -55,7 +58,8 @@ struct Avx2 {
   // |f| <= 1/2, 2^f by a degree-6 polynomial (relative error < 2e-7), 2^n built in the exponent
   // bits. x below -127 (including -inf) gives exactly 0, since n = -127 makes the exponent field 0.
   static vec exp2(vec x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    // The clamp's constants come first: min and max return their second operand for a NaN lane, so NaN stays NaN.
+    x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), x));
     const vec n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vec f = _mm256_sub_ps(x, n);
     vec p = _mm256_set1_ps(1.5403530393381606e-4f);

@@ -26,6 +26,8 @@ struct Portable {
   static vec add(vec a, vec b) { return a + b; }
   static vec sub(vec a, vec b) { return a - b; }
   static vec max(vec a, vec b) { return std::max(a, b); }
+  static vec flag_nan(vec flags, vec x) { return std::isnan(x) ? 1.0f : flags; }
+  static bool any_flagged(vec flags) { return flags != 0.0f; }
   static float reduce_add(vec x) { return x; }
   static void store_sums4(float* out, vec a, vec b, vec c, vec d) {
     out[0] = a;

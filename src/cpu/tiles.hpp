@@ -189,9 +189,17 @@ template <class Isa>
 inline void online_softmax_row(float* row, int64_t cols, float& row_max, float& row_sum, float& alpha) {
   using V = typename Isa::vec;
   constexpr int W = Isa::kWidth;
-  V block_max = Isa::set1(kNegInf);
-  for (int64_t j = 0; j < cols; j += W) block_max = Isa::max(block_max, Isa::loadu(row + j));
-  const float new_max = std::max(row_max, Isa::reduce_max(block_max));
+  V block_max = Isa::set1(kNegInf), nan_lanes = Isa::zero();
+  for (int64_t j = 0; j < cols; j += W) {
+    const V x = Isa::loadu(row + j);
+    block_max = Isa::max(block_max, x);
+    nan_lanes = Isa::flag_nan(nan_lanes, x);
+  }
+  // A NaN score (a NaN in the query row or in a key it sees) makes the running max NaN, and with it
+  // alpha, the sum, the accumulator, O and the LSE, as in FlashAttention and PyTorch; max() alone
+  // would drop it and the row would read as one that sees nothing. std::max keeps a NaN row_max.
+  const float new_max = Isa::any_flagged(nan_lanes) ? std::numeric_limits<float>::quiet_NaN()
+                                                    : std::max(row_max, Isa::reduce_max(block_max));
   if (new_max == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
     std::fill(row, row + cols, 0.0f);
     alpha = 1.0f;
@@ -209,10 +217,14 @@ inline void online_softmax_row(float* row, int64_t cols, float& row_max, float& 
   row_max = new_max;
 }
 
-// The natural-log LSE of a finished row (row_max in log2 units); -inf for a row that saw no key.
+// The natural-log LSE of a finished row (row_max in log2 units); -inf for a row that saw no key,
+// NaN for a row that saw a NaN.
 inline float finish_lse(float row_max, float row_sum) {
-  return row_sum > 0.0f ? (row_max + std::log2(row_sum)) * 0.6931471805599453f : kNegInf;
+  return row_sum == 0.0f ? kNegInf : (row_max + std::log2(row_sum)) * 0.6931471805599453f;
 }
+
+// 1 / row_sum of a finished row: 0 for a row that saw no key (O = 0, not 0/0); NaN stays NaN.
+inline float inverse_row_sum(float row_sum) { return row_sum == 0.0f ? 0.0f : 1.0f / row_sum; }
 
 }  // namespace
 }  // namespace pflash::cpu

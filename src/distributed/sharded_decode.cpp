@@ -54,7 +54,10 @@ LocalResult decode_shard(const Mesh& mesh, const ShardedDecodeParams& params) {
   }
   const std::vector<ShardExtent> extents = detail::check_shard(check, shard);
   detail::check_decode_outputs(check, params.q, params.o, params.lse,
-                               {{"q", params.q}, {"cache.local.k", shard.local.k}, {"cache.local.v", shard.local.v}});
+                               {{"q", params.q}, {"cache.local.k", shard.local.k}, {"cache.local.v", shard.local.v},
+                                {"cache.local.seq_lens", detail::index_view(shard.local.seq_lens)},
+                                {"cache.local.block_table", detail::index_view(shard.local.block_table)},
+                                {"cache.seq_lens", detail::index_view(shard.seq_lens)}});
   if (params.combine != CombineAlgorithm::kAuto && params.combine != CombineAlgorithm::kAllReduce &&
       params.combine != CombineAlgorithm::kAllGather) {
     check.fail("combine", "kAuto, kAllReduce or kAllGather", std::to_string(static_cast<int>(params.combine)));

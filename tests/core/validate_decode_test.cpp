@@ -2,6 +2,8 @@
 // rejected append writes nothing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -74,6 +76,40 @@ TEST(ValidateDecode, OutputDtypeShapeAndOverlap) {
   p = f.params();
   p.num_splits = 257;
   expect_decode_invalid(p, "num_splits", "0 (automatic) or 1..256", "257");
+}
+
+// The lengths, the block table and positions_after are inputs too: an output over any of them is
+// rejected (o written over the lengths would change what the rows after it read).
+TEST(ValidateDecode, OutputOverTheIndexArrays) {
+  for (std::int64_t page_size : {0, 8}) {
+    Fixture f(page_size);
+    std::vector<std::int32_t> storage(2 * 4 * 16 + 64);  // room for o, with the index array at its start
+    auto o_over = [&] {
+      return MutableTensorView::contiguous(storage.data(), DType::kFloat32, {2, 4, 1, 16});
+    };
+    auto p = f.params();
+    std::copy(f.cache.seq_lens().begin(), f.cache.seq_lens().end(), storage.begin());
+    p.cache.seq_lens = std::span<const std::int32_t>(storage.data(), 2);
+    p.o = o_over();
+    expect_decode_invalid(p, "o", "memory disjoint from input 'cache.seq_lens'");
+    p = f.params();
+    p.lse = MutableTensorView::contiguous(storage.data(), DType::kFloat32, {2, 4, 1});
+    p.cache.seq_lens = std::span<const std::int32_t>(storage.data() + 3, 2);
+    std::copy(f.cache.seq_lens().begin(), f.cache.seq_lens().end(), storage.begin() + 3);
+    expect_decode_invalid(p, "lse", "memory disjoint from input 'cache.seq_lens'");
+    if (page_size) {
+      p = f.params();
+      std::copy(f.cache.block_table().begin(), f.cache.block_table().end(), storage.begin() + 5);
+      p.cache.block_table = std::span<const std::int32_t>(storage.data() + 5, f.cache.block_table().size());
+      p.o = o_over();
+      expect_decode_invalid(p, "o", "memory disjoint from input 'cache.block_table'");
+    }
+    p = f.params();
+    storage.assign(storage.size(), 0);
+    p.positions_after = std::span<const std::int32_t>(storage.data() + 7, 2);
+    p.o = o_over();
+    expect_decode_invalid(p, "o", "memory disjoint from input 'positions_after'");
+  }
 }
 
 TEST(ValidateDecode, Fp32OutputForBf16QueriesAndPositionsAfter) {
@@ -173,12 +209,35 @@ TEST(ValidateAppend, PagedSequencesMayNotAppendToOneAnotherPage) {
   HostTensor k1(DType::kFloat32, {2, 2, 1, 16});
   // Sequence 0 (5 positions) appends to its page 0, sequence 1 (17) to its page 2: make them one.
   f.cache.block_table()[0] = f.cache.block_table()[1 * 3 + 2];
-  expect_append_invalid(f, k1, k1, "cache.block_table", "distinct pages", "in sequences 0 and 1");
+  expect_append_invalid(f, k1, k1, "cache.block_table", "every page a sequence appends to used once",
+                        "at block_table[0 * 3 + 0] and block_table[1 * 3 + 2]");
   // A page the append needs that is outside the pool.
   Fixture g(8);
   g.cache.seq_lens()[0] = 16;
   g.cache.block_table()[0 * 3 + 2] = -1;
   expect_append_invalid(g, k1, k1, "cache.block_table", "page ids in [0, 9)", "block_table[0 * 3 + 2] = -1");
+}
+
+TEST(ValidateAppend, PagesAppendedToAreUsedOnceInTheTable) {
+  HostTensor k1(DType::kFloat32, {2, 2, 1, 16});
+  {  // Sequence 1 (17 positions) appends to its page 2, which also holds its positions 0-7.
+    Fixture f(8);
+    f.cache.block_table()[1 * 3 + 2] = f.cache.block_table()[1 * 3 + 0];
+    expect_append_invalid(f, k1, k1, "cache.block_table", "every page a sequence appends to used once",
+                          "at block_table[1 * 3 + 0] and block_table[1 * 3 + 2]");
+  }
+  {  // Sequence 0 appends to its page 0, which sequence 1 reads as its page 0.
+    Fixture f(8);
+    f.cache.block_table()[1 * 3 + 0] = f.cache.block_table()[0];
+    expect_append_invalid(f, k1, k1, "cache.block_table", "every page a sequence appends to used once",
+                          "at block_table[0 * 3 + 0] and block_table[1 * 3 + 0]");
+  }
+  {  // Pages only read may be shared (a common prefix): sequence 0 at 12 positions appends to its page 1.
+    Fixture f(8);
+    f.cache.seq_lens()[0] = 12;
+    f.cache.block_table()[0] = f.cache.block_table()[1 * 3 + 0];
+    EXPECT_NO_THROW(append_kv(f.cache.mutable_view(), k1.view(), k1.view()));
+  }
 }
 
 TEST(AppendKv, WritesOnlyTheNewRowsAndAdvancesLengths) {

@@ -1,6 +1,7 @@
 // Every bad argument gets pflash::Error naming the argument, what was expected and what was given.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <limits>
 #include <string>
 
@@ -150,6 +151,22 @@ TEST(Validate, OffsetsOverflow64Bits) {
   p = f.params();
   p.k.strides[0] = std::numeric_limits<std::int64_t>::max() / 3;
   expect_invalid(p, "k", "byte offsets that fit in 64 bits", "[2, 2, 10, 16]");
+}
+
+// A shape of 2^63 elements or more: contiguous() neither overflows (its strides saturate at
+// INT64_MAX, never wrap) nor passes the checks.
+TEST(Validate, ContiguousViewsOfHugeShapes) {
+  Fixture f;
+  constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+  const TensorView wide = TensorView::contiguous(f.q.view().data, DType::kFloat32, {1 << 19, 1 << 20, 1 << 20, 64});
+  EXPECT_EQ(wide.strides, (std::array<std::int64_t, 4>{std::int64_t{1} << 46, 1 << 26, 64, 1}));
+  const TensorView huge = TensorView::contiguous(f.q.view().data, DType::kFloat32, {2, 1 << 30, 1 << 30, 1024});
+  EXPECT_EQ(huge.strides, (std::array<std::int64_t, 4>{kMax, std::int64_t{1} << 40, 1024, 1}));
+  for (const TensorView& q : {wide, huge}) {
+    auto p = f.params();
+    p.q = q;
+    expect_invalid(p, "q", "offsets that fit in 64 bits", "");
+  }
 }
 
 TEST(Validate, OutputAliasingAnInputOrItself) {

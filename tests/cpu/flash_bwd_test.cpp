@@ -213,5 +213,26 @@ TEST(ValidateBackward, BadArgumentsNameTheArgument) {
   expect_backward_invalid(p, "num_threads", "0 (all) or a positive count", "-1");
 }
 
+// The training step writes o and lse before its backward reads dout: a dout under either is
+// rejected before anything is written, as is every gradient over an input or an output of the forward.
+TEST(ValidateBackward, TrainingStepRejectsDoutUnderItsForwardOutputs) {
+  Problem pr = make_problem({{1, 2, 1, 8, 10, 16}, false, DType::kFloat32});
+  HostTensor lse_and_dout(DType::kFloat32, {1, 2, 8, 16});  // lse [1, 2, 8] inside dout's memory
+  const auto step = [&](AttentionParams fwd, TensorView dout, MutableTensorView dq) {
+    return [=, &pr] { flash_attention_forward_backward(fwd, dout, dq, pr.dk.mutable_view(), pr.dv.mutable_view()); };
+  };
+  pr.o.poison();
+  const std::vector<unsigned char> o_before = pr.o.bytes();
+  expect_invalid_argument(step(pr.forward(false), pr.o.view(), pr.dq.mutable_view()),
+                          "flash_attention_forward_backward", "dout", "memory disjoint from output 'o'");
+  AttentionParams fwd = pr.forward(false);
+  fwd.lse = MutableTensorView::contiguous(lse_and_dout.mutable_view().data, DType::kFloat32, {1, 2, 8});
+  expect_invalid_argument(step(fwd, lse_and_dout.view(), pr.dq.mutable_view()), "flash_attention_forward_backward",
+                          "dout", "memory disjoint from output 'lse'");
+  expect_invalid_argument(step(pr.forward(false), pr.dout.view(), pr.o.mutable_view()),
+                          "flash_attention_forward_backward", "dq", "memory disjoint from input 'o'");
+  EXPECT_EQ(pr.o.bytes(), o_before) << "a rejected training step wrote o";
+}
+
 }  // namespace
 }  // namespace pflash::testing

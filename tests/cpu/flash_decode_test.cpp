@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -276,6 +277,54 @@ TEST_P(FlashDecodeIsa, WindowsWithPositionsAfterMergeToTheWholeDecode) {
       ASSERT_TRUE(lse_near(lse.at(b, r, 0), expected, 1e-3)) << "sequence " << b << " row " << r;
       for (std::int64_t d = 0; d < dim; d += 7) {  // against the single decode: the same bf16 rounding
         ASSERT_NEAR(o.at(b, r, d), whole.o.at(b, r / tokens, r % tokens, d), 2e-2) << "sequence " << b << " row " << r;
+      }
+    }
+  }
+}
+
+// NaN neither vanishes nor leaks, split or not, paged or not: with T = 3 query tokens (token t sees
+// positions <= L - 3 + t), a NaN key at L - 2 makes tokens 1 and 2 NaN, a NaN query makes its own
+// row NaN, and an inf value at L - 1 (seen by token 2 only) leaves tokens 0 and 1 alone. Every other
+// row has the bits of the same call on a cache with zeros there.
+TEST_P(FlashDecodeIsa, NanPropagatesToTheRowsThatSeeItAndNoOthers) {
+  constexpr double kNan = std::numeric_limits<double>::quiet_NaN(), kInf = std::numeric_limits<double>::infinity();
+  for (std::int64_t page : {0, 16}) {
+    for (int splits : {1, 4}) {
+      auto rng = make_rng();
+      const Case c{4, 2, 3, 40, page, {200, 77}, DType::kBFloat16, DType::kFloat32, splits};
+      Problem clean = make_problem(c, rng), dirty = make_problem(c, rng);
+      dirty.q = clean.q;
+      dirty.cache = clean.cache;
+      for (std::int64_t d = 0; d < c.dim; d += 5) {
+        dirty.cache.set(false, kNan, 0, 0, 198, d);  // sequence 0, KV head 0 (query heads 0, 1)
+        clean.cache.set(false, 0.0, 0, 0, 198, d);
+        dirty.cache.set(true, kInf, 1, 1, 76, d);  // sequence 1, KV head 1 (query heads 2, 3)
+        clean.cache.set(true, 0.0, 1, 1, 76, d);
+        dirty.q.set(kNan, 1, 3, 0, d);  // sequence 1, query head 3, token 0
+        clean.q.set(0.0, 1, 3, 0, d);
+      }
+      flash_decode(params_for(dirty, splits));
+      flash_decode(params_for(clean, splits));
+      for (std::int64_t b = 0; b < 2; ++b) {
+        for (std::int64_t h = 0; h < 4; ++h) {
+          for (std::int64_t t = 0; t < 3; ++t) {
+            const bool nan_row = (b == 0 && h < 2 && t >= 1) || (b == 1 && h == 3 && t == 0);
+            if (b == 1 && h >= 2 && t == 2) continue;  // sees the inf value: inf or NaN, either is right
+            const std::string where = "page " + std::to_string(page) + " splits " + std::to_string(splits) + " b " +
+                                      std::to_string(b) + " h " + std::to_string(h) + " t " + std::to_string(t);
+            const double lse = dirty.lse.at(b, h, t, 0);
+            EXPECT_EQ(std::isnan(lse), nan_row) << where << " LSE " << lse;
+            if (!nan_row) EXPECT_EQ(lse, clean.lse.at(b, h, t, 0)) << where;
+            for (std::int64_t d = 0; d < c.dim; ++d) {
+              const double o = dirty.o.at(b, h, t, d);
+              if (nan_row) {
+                ASSERT_TRUE(std::isnan(o)) << where << " d " << d << ": " << o;
+              } else {
+                ASSERT_EQ(o, clean.o.at(b, h, t, d)) << where << " d " << d;
+              }
+            }
+          }
+        }
       }
     }
   }

@@ -34,6 +34,12 @@ class TestCache {
   // window of another cache with the same heads, dim and dtype: one shard of a sharded cache).
   void fill_from(const TestCache& whole, std::int64_t first, const std::vector<std::int32_t>& lengths);
 
+  // Element d of KV head h at position p of sequence b, in K or (value = true) in V.
+  void set(bool value, double x, std::int64_t b, std::int64_t h, std::int64_t p, std::int64_t d) {
+    const auto [i0, i2] = locate(b, p);
+    (value ? v_ : k_).set(x, i0, h, i2, d);
+  }
+
   // Sequence b's positions [0, seq_lens[b]) as a dense [1, Hkv, seq_lens[b], D] tensor.
   HostTensor dense_k(std::int64_t b) const { return dense(k_, b); }
   HostTensor dense_v(std::int64_t b) const { return dense(v_, b); }
