@@ -1,6 +1,11 @@
 // Exact scaled-dot-product attention, FlashAttention-2 style:
 //   O = softmax(Q K^T * scale + mask) V,   LSE = log(sum_j exp(Q K^T * scale + mask))
 // computed block by block with an online softmax, never materialising the Nq x Nk scores.
+//
+// NaN, on every instruction set, forward, backward and decode alike (FlashAttention's and PyTorch's
+// rule): a row whose query, or a key or value it sees, holds a NaN gets O = NaN and LSE = NaN, and
+// NaN gradients follow it (dq of the row, dk and dv of the keys it sees). A key or value a row does
+// not see (masked) contributes exactly nothing to it, whatever it holds, inf and NaN included.
 #pragma once
 
 #include <cstdint>

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -181,6 +182,62 @@ TEST_P(FlashBackwardIsa, ExtraMemoryLinearInSequenceLength) {
   EXPECT_GT(peaks[0], 0u);
   EXPECT_LT(static_cast<double>(peaks[1]) / static_cast<double>(peaks[0]), 2.2);
   EXPECT_LT(peaks[1], 2ull * 8 * 512 * 64 * 4 + (1u << 20));  // 2 threads x 8 rows of (N x D) fp32
+}
+
+// NaN neither vanishes nor leaks in the gradients: a query row whose forward saw a NaN (its own
+// query here) and a dO row holding one get NaN dq, and so do dk and dv of every key those rows see;
+// an inf key or value that a row does not see (causal mask) leaves its dq alone. Every other
+// gradient row has the bits of the same step on inputs with zeros there.
+TEST_P(FlashBackwardIsa, NanPropagatesToTheGradientsThatSeeItAndNoOthers) {
+  constexpr double kNan = std::numeric_limits<double>::quiet_NaN(), kInf = std::numeric_limits<double>::infinity();
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    const Case c{{1, 4, 2, 150, 150, 40}, true, dtype};  // GQA 2: query heads 0, 1 read KV head 0
+    Problem clean = make_problem(c), dirty = make_problem(c);
+    dirty.q = clean.q;
+    dirty.k = clean.k;
+    dirty.v = clean.v;
+    dirty.dout = clean.dout;
+    for (std::int64_t d = 0; d < 40; ++d) {  // whole rows: dv's columns follow dO's
+      dirty.dout.set(kNan, 0, 1, 70, d);  // head 1, row 70
+      clean.dout.set(0.0, 0, 1, 70, d);
+    }
+    for (std::int64_t d = 0; d < 40; d += 3) {
+      dirty.q.set(kNan, 0, 0, 5, d);  // head 0, row 5: its forward is NaN
+      clean.q.set(0.0, 0, 0, 5, d);
+      dirty.k.set(kInf, 0, 1, 130, d);  // KV head 1 (query heads 2, 3): seen by rows >= 130 only
+      clean.k.set(0.0, 0, 1, 130, d);
+      dirty.v.set(kInf, 0, 1, 129, d);
+      clean.v.set(0.0, 0, 1, 129, d);
+    }
+    for (Problem* pr : {&clean, &dirty}) {
+      flash_attention_forward(pr->forward(true));
+      flash_attention_backward(pr->backward(true));
+    }
+    const std::string name = std::string(to_string(dtype));
+    auto expect_row = [&](const HostTensor& got, const HostTensor& want, std::int64_t h, std::int64_t i, bool nan,
+                          const char* what) {
+      for (std::int64_t d = 0; d < 40; ++d) {
+        const double x = got.at(0, h, i, d);
+        if (nan) {
+          ASSERT_TRUE(std::isnan(x)) << name << " " << what << " head " << h << " row " << i << " d " << d << ": " << x;
+        } else {
+          ASSERT_EQ(x, want.at(0, h, i, d)) << name << " " << what << " head " << h << " row " << i << " d " << d;
+        }
+      }
+    };
+    for (std::int64_t i = 0; i < 150; ++i) {
+      expect_row(dirty.dq, clean.dq, 0, i, i == 5, "dq");
+      expect_row(dirty.dq, clean.dq, 1, i, i == 70, "dq");
+      // KV head 0: keys up to 70 are seen by a NaN row.
+      expect_row(dirty.dk, clean.dk, 0, i, i <= 70, "dk");
+      expect_row(dirty.dv, clean.dv, 0, i, i <= 70, "dv");
+      // Query heads 2, 3: rows before 129 see neither inf (rows from 129 on see them: not checked).
+      if (i < 129) {
+        expect_row(dirty.dq, clean.dq, 2, i, false, "dq");
+        expect_row(dirty.dq, clean.dq, 3, i, false, "dq");
+      }
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, FlashBackwardIsa, ::testing::ValuesIn(kernel_isas()), IsaName());

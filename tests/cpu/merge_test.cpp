@@ -141,6 +141,28 @@ TEST(MergeAttentionStates, RowWithEveryPartEmptyIsZeroWithLseMinusInfinity) {
     }
 }
 
+// A part that saw a NaN (its LSE is NaN) makes the merged row NaN, O and LSE: fmaxf over the LSEs
+// alone would drop it. The other rows are merged as ever.
+TEST(MergeAttentionStates, NanPartMakesItsRowNan) {
+  auto rng = make_rng();
+  const Partitioned p = make_partitioned(3, -1, DType::kFloat32, rng);
+  HostTensor lse_parts = p.lse_parts;
+  lse_parts.set(std::numeric_limits<double>::quiet_NaN(), 1, 2, 1);  // part 1, head 2, token 1
+  const Merged m = merge_parts(p.o_parts, lse_parts), clean = merge_parts(p.o_parts, p.lse_parts);
+  for (std::int64_t h = 0; h < kHeads; ++h)
+    for (std::int64_t t = 0; t < kTokens; ++t) {
+      const bool nan_row = h == 2 && t == 1;
+      EXPECT_EQ(std::isnan(m.lse.at(h, t, 0)), nan_row) << "head " << h << " token " << t;
+      for (std::int64_t d = 0; d < kDim; ++d) {
+        if (nan_row) {
+          EXPECT_TRUE(std::isnan(m.o.at(h, t, d))) << d;
+        } else {
+          EXPECT_EQ(m.o.at(h, t, d), clean.o.at(h, t, d)) << "head " << h << " token " << t << " d " << d;
+        }
+      }
+    }
+}
+
 TEST(MergeAttentionStates, BadArgumentsNameTheArgument) {
   HostTensor o_parts(DType::kFloat32, {2, kHeads, kTokens, kDim}), lse_bf16(DType::kBFloat16, {2, kHeads, kTokens}),
       lse_parts(DType::kFloat32, {2, kHeads, kTokens}), o(DType::kFloat32, {kHeads, kTokens, kDim + 1});
