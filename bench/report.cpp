@@ -35,8 +35,9 @@ std::string format_row(const BenchResult& r) {
   }
   const std::string median = r.median_s >= 1.0 ? fmt::format("{:.3f} s", r.median_s)
                                                 : fmt::format("{:.3f} ms", r.median_s * 1e3);
-  return row + fmt::format("{:>11} {:>11.0f} {:>8.4f} {:>6.1f}% {:>11} {:>3}", median, r.tokens_per_s, r.tflops,
-                           100.0 * r.fraction_of_peak, format_bytes(double(r.extra_bytes)), r.repeats);
+  return row + fmt::format("{:>11} {:>11.0f} {:>8.4f} {:>6.1f}%{}{:>11} {:>3}", median, r.tokens_per_s, r.tflops,
+                           100.0 * r.fraction_of_peak, above_ceiling(r) ? "!" : " ", format_bytes(double(r.extra_bytes)),
+                           r.repeats);
 }
 
 std::string format_decode_header() {
@@ -51,10 +52,24 @@ std::string format_decode_row(const DecodeBenchResult& r) {
   const std::string splits = c.splits == 0 ? fmt::format("auto:{}", r.splits) : std::to_string(r.splits);
   const std::string median = r.median_s >= 1.0 ? fmt::format("{:.3f} s", r.median_s)
                                                 : fmt::format("{:.3f} ms", r.median_s * 1e3);
-  return fmt::format("{:<6} {:>3} {:>4} {:>4} {:>4} {:>7} {:>5} {:>2} {:<5} {:>6} {:>10} {:>10.0f} {:>10} {:>8.1f} {:>5.1f}% {:>10} {:>3}",
+  return fmt::format("{:<6} {:>3} {:>4} {:>4} {:>4} {:>7} {:>5} {:>2} {:<5} {:>6} {:>10} {:>10.0f} {:>10} {:>8.1f} {:>5.1f}%{}{:>10} {:>3}",
                      "decode", c.batch, c.heads, c.kv_heads, c.dim, c.context, page, c.query_tokens, to_string(c.dtype),
                      splits, median, r.tokens_per_s, format_bytes(r.bytes), r.gbps, 100.0 * r.fraction_of_peak_bw,
-                     format_bytes(double(r.extra_bytes)), r.repeats);
+                     above_ceiling(r) ? "!" : " ", format_bytes(double(r.extra_bytes)), r.repeats);
+}
+
+bool above_ceiling(const BenchResult& r) { return r.status == "ok" && r.fraction_of_peak > 1.0; }
+
+bool above_ceiling(const DecodeBenchResult& r) { return r.fraction_of_peak_bw > 1.0; }
+
+std::string format_above_ceiling_note(const MachinePeak& before, const MachinePeak& after) {
+  return fmt::format(
+      "! above the ceiling measured before the sweep: a measurement problem, not a result (the machine was busier,\n"
+      "  or clocked lower, while the ceiling ran than while the row did). Ceiling re-measured after the sweep:\n"
+      "  fp32 FMA {:.1f} GFLOP/s (before {:.1f}), bf16 {:.1f} (before {:.1f}), DRAM read {:.1f} GB/s (before {:.1f});\n"
+      "  rerun on an idle machine.\n",
+      after.peak_flops_fp32 / 1e9, before.peak_flops_fp32 / 1e9, after.peak_flops_bf16 / 1e9,
+      before.peak_flops_bf16 / 1e9, after.read_bw / 1e9, before.read_bw / 1e9);
 }
 
 nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results,
@@ -87,6 +102,7 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
       row["fraction_of_peak"] = nullptr;
       row["tokens_per_s"] = nullptr;
     }
+    row["above_ceiling"] = above_ceiling(r);
     row["bytes_needed"] = r.bytes_needed ? nlohmann::json(*r.bytes_needed) : nlohmann::json(nullptr);
     out["results"].push_back(row);
   }
@@ -110,6 +126,7 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                               {"bytes", r.bytes},
                               {"gbps", r.gbps},
                               {"fraction_of_peak_bw", r.fraction_of_peak_bw},
+                              {"above_ceiling", above_ceiling(r)},
                               {"tokens_per_s", r.tokens_per_s},
                               {"extra_bytes", r.extra_bytes}});
   }

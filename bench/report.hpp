@@ -25,4 +25,10 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
 
 std::string format_bytes(double bytes);  // "1.50 GiB", "64.0 MiB", "512 B"
 
+// A row above its measured ceiling (%peak or %bw over 100%) is a measurement problem, not a result:
+// the table marks it with '!', its JSON says "above_ceiling": true, and the run ends with this note.
+bool above_ceiling(const BenchResult& result);
+bool above_ceiling(const DecodeBenchResult& result);
+std::string format_above_ceiling_note(const MachinePeak& before, const MachinePeak& after);
+
 }  // namespace pflash::bench

@@ -15,12 +15,20 @@ std::string_view to_string(CpuIsa isa);
 // The best instruction set this CPU supports and this build contains.
 CpuIsa detected_cpu_isa();
 
-// The instruction set the kernels run with: detected_cpu_isa(), lowered by set_max_cpu_isa() or by
-// the environment variable PFLASH_MAX_CPU_ISA (portable, avx2, avx512, avx512_bf16).
+// The instruction set the kernels run with: detected_cpu_isa(), lowered by set_max_cpu_isa() or, until
+// that is called, by the environment variable PFLASH_MAX_CPU_ISA (portable, avx2, avx512, avx512_bf16).
+// Throws pflash::Error (kInvalidArgument) when that variable names none of them, as every kernel
+// call then does.
 CpuIsa active_cpu_isa();
 
 // Caps the instruction set (as ONEDNN_MAX_CPU_ISA does); a cap above what the CPU has is clamped.
 void set_max_cpu_isa(CpuIsa isa);
+
+// Back to the cap PFLASH_MAX_CPU_ISA sets (none when it is unset).
+void reset_max_cpu_isa();
+
+// The library's version, "MAJOR.MINOR.PATCH" (the CMake project's).
+std::string_view version();
 
 // Threads a call with num_threads == 0 uses.
 int default_num_threads();

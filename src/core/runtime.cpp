@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 
+#include "pflash/error.hpp"
 #include "pflash/runtime.hpp"
 
 namespace pflash {
@@ -38,17 +39,23 @@ constexpr CpuIsa kBestBuiltIsa =
     CpuIsa::kPortable;
 #endif
 
-CpuIsa parse_isa_env() {
+constexpr CpuIsa kIsas[] = {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16};
+
+// The cap PFLASH_MAX_CPU_ISA sets (none when unset or empty), read at each call so that a bad value
+// is an error of the call that would have used it, not of the program's start-up.
+CpuIsa environment_cap() {
   const char* env = std::getenv("PFLASH_MAX_CPU_ISA");
-  if (env == nullptr) return kBestBuiltIsa;
+  if (env == nullptr || *env == '\0') return CpuIsa::kAvx512Bf16;
   const std::string_view name(env);
-  for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+  for (CpuIsa isa : kIsas) {
     if (name == to_string(isa)) return isa;
   }
-  return kBestBuiltIsa;
+  throw Error(ErrorCode::kInvalidArgument, "PFLASH_MAX_CPU_ISA: expected one of portable, avx2, avx512, "
+                                           "avx512_bf16 (or unset), got '" + std::string(name) + "'");
 }
 
-std::atomic<int> g_max_isa{static_cast<int>(parse_isa_env())};
+constexpr int kCapFromEnvironment = -1;
+std::atomic<int> g_max_isa{kCapFromEnvironment};
 
 }  // namespace
 
@@ -74,12 +81,17 @@ CpuIsa detected_cpu_isa() {
 }
 
 CpuIsa active_cpu_isa() {
-  const auto cap = static_cast<CpuIsa>(g_max_isa.load());
+  const int set = g_max_isa.load();
+  const CpuIsa cap = set == kCapFromEnvironment ? environment_cap() : static_cast<CpuIsa>(set);
   const CpuIsa detected = detected_cpu_isa();
   return cap < detected ? cap : detected;
 }
 
 void set_max_cpu_isa(CpuIsa isa) { g_max_isa.store(static_cast<int>(isa)); }
+
+void reset_max_cpu_isa() { g_max_isa.store(kCapFromEnvironment); }
+
+std::string_view version() { return PFLASH_VERSION_STRING; }
 
 int default_num_threads() { return omp_get_max_threads(); }
 

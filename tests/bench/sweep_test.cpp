@@ -116,6 +116,27 @@ TEST(Report, JsonKeepsTheContractKeys) {
   EXPECT_TRUE(j["results"][1]["bytes_needed"].is_number());
 }
 
+// A fraction of peak above 1 is a measurement problem: marked in the table and in the JSON.
+TEST(Report, RowsAboveTheirCeilingAreFlagged) {
+  BenchResult r;
+  r.config = config("flash", false, 33, 47);
+  r.status = "ok";
+  r.median_s = 1e-3;
+  for (double fraction : {0.5, 1.047}) {
+    r.fraction_of_peak = fraction;
+    const bool above = fraction > 1.0;
+    EXPECT_EQ(above_ceiling(r), above);
+    EXPECT_EQ(format_row(r).find("%!") != std::string::npos, above) << format_row(r);
+    EXPECT_EQ(to_json(fake_peak(), {r})["results"][0]["above_ceiling"], above);
+  }
+  DecodeBenchResult d;
+  d.fraction_of_peak_bw = 1.1;
+  EXPECT_TRUE(above_ceiling(d));
+  EXPECT_NE(format_decode_row(d).find("110.0%!"), std::string::npos) << format_decode_row(d);
+  const std::string note = format_above_ceiling_note(fake_peak(), fake_peak());
+  EXPECT_NE(note.find("a measurement problem, not a result"), std::string::npos) << note;
+}
+
 TEST(DecodeBytes, CacheOncePlusQueriesAndOutputs) {
   DecodeBenchConfig c;
   c.batch = 2;

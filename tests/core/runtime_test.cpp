@@ -1,8 +1,12 @@
 #include <gtest/gtest.h>
 
-#include "pflash/runtime.hpp"
+#include <cstdlib>
+#include <vector>
 
-namespace pflash {
+#include "pflash/pflash.hpp"
+#include "support/tensors.hpp"
+
+namespace pflash::testing {
 namespace {
 
 TEST(Runtime, IsaCapLowersAndRestores) {
@@ -10,6 +14,36 @@ TEST(Runtime, IsaCapLowersAndRestores) {
   set_max_cpu_isa(CpuIsa::kPortable);
   EXPECT_EQ(active_cpu_isa(), CpuIsa::kPortable);
   set_max_cpu_isa(CpuIsa::kAvx512Bf16);  // a cap above the CPU is clamped to what it has
+  EXPECT_EQ(active_cpu_isa(), detected);
+}
+
+// PFLASH_MAX_CPU_ISA caps the instruction set until set_max_cpu_isa overrides it; a value that names
+// no instruction set is an error naming the accepted ones, of every call that would use it.
+TEST(Runtime, IsaCapFromTheEnvironment) {
+  const CpuIsa detected = detected_cpu_isa();
+  setenv("PFLASH_MAX_CPU_ISA", "portable", 1);
+  reset_max_cpu_isa();
+  EXPECT_EQ(active_cpu_isa(), CpuIsa::kPortable);
+  setenv("PFLASH_MAX_CPU_ISA", "foo", 1);
+  try {
+    (void)active_cpu_isa();
+    ADD_FAILURE() << "no error for PFLASH_MAX_CPU_ISA=foo";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_STREQ(e.what(), "PFLASH_MAX_CPU_ISA: expected one of portable, avx2, avx512, avx512_bf16 (or unset), got 'foo'");
+  }
+  HostTensor q(DType::kFloat32, {1, 1, 4, 8}), o(DType::kFloat32, {1, 1, 4, 8});
+  o.poison();
+  const std::vector<unsigned char> o_before = o.bytes();
+  AttentionParams p;
+  p.q = p.k = p.v = q.view();
+  p.o = o.mutable_view();
+  EXPECT_THROW(flash_attention_forward(p), Error);
+  EXPECT_EQ(o.bytes(), o_before);
+  set_max_cpu_isa(CpuIsa::kAvx512Bf16);  // an explicit cap wins over the environment
+  EXPECT_EQ(active_cpu_isa(), detected);
+  unsetenv("PFLASH_MAX_CPU_ISA");
+  reset_max_cpu_isa();
   EXPECT_EQ(active_cpu_isa(), detected);
 }
 
@@ -21,4 +55,4 @@ TEST(Runtime, IsaNames) {
 TEST(Runtime, DefaultThreadsPositive) { EXPECT_GE(default_num_threads(), 1); }
 
 }  // namespace
-}  // namespace pflash
+}  // namespace pflash::testing

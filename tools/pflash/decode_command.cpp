@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "cli_checks.hpp"
 #include "output.hpp"
 #include "pflash/distributed/sharded_decode.hpp"
 #include "pflash/pflash.hpp"
@@ -385,7 +386,7 @@ int run(const DecodeCommandArgs& args) {
 CLI::App* add_decode_command(CLI::App& app, DecodeCommandArgs& a) {
   CLI::App* cmd = app.add_subcommand(
       "decode", "FlashDecoding over a KV cache sharded across a mesh of ranks; launch with mpirun -np R*C");
-  const auto positive = CLI::PositiveNumber;
+  const auto positive = positive_integers();
   cmd->add_option("--mesh", a.mesh, "mesh shape ROWSxCOLS; its size must equal the number of ranks")
       ->check([](const std::string& text) {
         try {
@@ -399,21 +400,21 @@ CLI::App* add_decode_command(CLI::App& app, DecodeCommandArgs& a) {
   cmd->add_option("--batch", a.batch, "sequences B")->check(positive)->capture_default_str();
   cmd->add_option("--heads", a.heads, "query heads Hq")->check(positive)->capture_default_str();
   cmd->add_option("--kv-heads", a.kv_heads, "key/value heads Hkv")->check(positive)->capture_default_str();
-  cmd->add_option("--dim", a.dim, "head dim D")->check(CLI::Range(1, 256))->capture_default_str();
+  cmd->add_option("--dim", a.dim, "head dim D")->check(integers_from(1, 256))->capture_default_str();
   cmd->add_option("--context", a.context, "positions in the cache before the first step")
-      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 30))->capture_default_str();
+      ->check(integers_from(0, std::int64_t{1} << 30))->capture_default_str();
   cmd->add_option("--query-tokens", a.query_tokens, "new tokens per sequence and step (1-16)")
-      ->check(CLI::Range(1, 16))->capture_default_str();
+      ->check(integers_from(1, 16))->capture_default_str();
   cmd->add_option("--page-size", a.page_size, "each shard's page size, 0 = contiguous")
       ->check(CLI::IsMember({0, 8, 16, 32, 64, 128, 256, 512}))->capture_default_str();
   cmd->add_option("--dtype", a.dtype, "bf16, fp32")->check(CLI::IsMember({"bf16", "fp32"}))->capture_default_str();
   cmd->add_option("--steps", a.steps, "timed decode steps, each appending its tokens")->check(positive)->capture_default_str();
-  cmd->add_option("--warmup", a.warmup, "untimed steps first")->check(CLI::NonNegativeNumber)->capture_default_str();
+  cmd->add_option("--warmup", a.warmup, "untimed steps first")->check(non_negative_integer())->capture_default_str();
   cmd->add_option("--combine", a.combine, "auto, allreduce, allgather (several: one run each)")
       ->delimiter(',')->check(CLI::IsMember({"auto", "allreduce", "allgather"}))->capture_default_str();
   cmd->add_option("--seed", a.seed, "seed of the cache's and queries' values")->capture_default_str();
   cmd->add_option("--threads", a.threads, "threads per rank (default: this host's cores / its ranks)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_integer());
   cmd->add_flag("--check", a.check, "gather the whole cache to rank 0 and compare the last step with one-device decode");
   cmd->add_option("--json", a.json, "also write the results as JSON to this file (rank 0)");
   cmd->add_option("--fail-rank", a.fail_rank, "testing aid: this rank fails at the first step")->group("");
@@ -423,8 +424,22 @@ CLI::App* add_decode_command(CLI::App& app, DecodeCommandArgs& a) {
 
 int run_decode_command(const DecodeCommandArgs& args, int* argc, char*** argv) {
   MPI_Init(argc, argv);
-  int rank = 0;
+  int rank = 0, ranks = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  // Every rank sees the same mismatch, so each leaves cleanly (no abort) after rank 0 says how to launch.
+  const MeshShape shape = parse_mesh_shape(args.mesh);
+  if (shape.rows * shape.cols != ranks) {
+    if (rank == 0) {
+      std::cerr << fmt::format(
+          "pflash decode: a {}x{} mesh needs {} ranks and this job has {}: launch it as `mpirun -np {} pflash decode "
+          "--mesh {}x{} ...`{}\n",
+          shape.rows, shape.cols, shape.rows * shape.cols, ranks, shape.rows * shape.cols, shape.rows, shape.cols,
+          ranks == 1 ? ", or pass --mesh 1x1 to decode on this one process" : "");
+    }
+    MPI_Finalize();
+    return 2;
+  }
   int status = 0;
   try {
     status = run(args);

@@ -1,6 +1,7 @@
 // pflash: the command-line tool. `pflash bench` runs a benchmark sweep and prints a table (and JSON);
 // `pflash decode`, launched with mpirun, runs FlashDecoding over a KV cache sharded across a mesh.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -12,6 +13,7 @@
 
 #include "decode_bench.hpp"
 #include "machine_peak.hpp"
+#include "cli_checks.hpp"
 #include "output.hpp"
 #include "pflash/pflash.hpp"
 #include "report.hpp"
@@ -25,6 +27,10 @@
 namespace {
 
 using pflash::bench::BenchConfig;
+using pflash::tool::integers_from;
+using pflash::tool::non_negative_integer;
+using pflash::tool::positive_integers;
+using pflash::tool::positive_number;
 using pflash::tool::Progress;
 using pflash::tool::write_json;
 using pflash::bench::parse_bytes;
@@ -69,6 +75,20 @@ void apply_decode_defaults(BenchArgs& a, const CLI::App& bench) {
   if (bench.count("--warmup") == 0) a.warmup = 2;
 }
 
+// Empty when every row of the sweep can run, else what is wrong with the flags.
+std::string check_sweep(const BenchArgs& a) {
+  for (auto h : a.heads) {
+    for (auto hkv : a.kv_heads) {
+      if (h % hkv != 0) {
+        return fmt::format("--kv-heads: expected counts that divide every --heads value (GQA/MQA), got {} for --heads {}",
+                           hkv, h);
+      }
+    }
+  }
+  if (const std::string problem = pflash::tool::check_writable(a.json); !problem.empty()) return "--json: " + problem;
+  return "";
+}
+
 std::vector<pflash::bench::DecodeBenchConfig> make_decode_configs(const BenchArgs& a) {
   std::vector<pflash::bench::DecodeBenchConfig> configs;
   for (const auto& dtype : a.dtype)
@@ -102,6 +122,16 @@ pflash::bench::MachinePeak measure_peak(int threads) {
   return peak;
 }
 
+// Rows above the ceiling measured before the sweep: measured again, and said so.
+template <class Result>
+void note_rows_above_ceiling(const std::vector<Result>& results, const pflash::bench::MachinePeak& before, int threads) {
+  const bool any = std::any_of(results.begin(), results.end(),
+                               [](const Result& r) { return pflash::bench::above_ceiling(r); });
+  if (!any) return;
+  std::cerr << "a row is above the measured ceiling: measuring it again...\n";
+  std::cout << '\n' << pflash::bench::format_above_ceiling_note(before, pflash::bench::measure_machine_peak(threads));
+}
+
 // The timing flags every mode shares.
 template <class Options>
 Options timing_options(const BenchArgs& args) {
@@ -133,6 +163,7 @@ int run_decode_bench(const BenchArgs& args) {
     progress.clear();
     std::cout << pflash::bench::format_decode_row(results.back()) << std::endl;
   }
+  note_rows_above_ceiling(results, peak, options.threads);
   return write_json(args.json, pflash::bench::to_json(peak, {}, results));
 }
 
@@ -198,6 +229,7 @@ int run_bench(const BenchArgs& args) {
     progress.clear();
     std::cout << pflash::bench::format_row(results.back()) << std::endl;
   }
+  note_rows_above_ceiling(results, peak, options.threads);
   return write_json(args.json, pflash::bench::to_json(peak, results));
 }
 
@@ -206,17 +238,27 @@ int run_bench(const BenchArgs& args) {
 int main(int argc, char** argv) {
   CLI::App app{"pflash: IO-aware exact attention (FlashAttention-2) kernels and their benchmarks"};
   app.require_subcommand(0, 1);
+  app.set_version_flag("--version", [] {
+    std::string isa;
+    try {
+      isa = std::string(pflash::to_string(pflash::active_cpu_isa()));
+    } catch (const pflash::Error& e) {
+      isa = e.what();
+    }
+    return fmt::format("pflash {} (kernels on this CPU: {}; detected: {})", pflash::version(), isa,
+                       pflash::to_string(pflash::detected_cpu_isa()));
+  });
   BenchArgs args;
   CLI::App* bench = app.add_subcommand(
       "bench", "run a benchmark sweep: flash vs naive attention, or (--mode decode) FlashDecoding over a KV cache");
-  const auto positive = CLI::PositiveNumber;
+  const auto positive = positive_integers();
   bench->add_option("--batch", args.batch, "batch sizes")->delimiter(',')->check(positive)->capture_default_str();
   bench->add_option("--heads", args.heads, "query heads Hq")->delimiter(',')->check(positive)->capture_default_str();
   bench->add_option("--kv-heads", args.kv_heads, "key/value heads Hkv (default: Hq)")->delimiter(',')->check(positive);
   bench->add_option("--seq", args.seq, "sequence lengths (Nq = Nk)")->delimiter(',')->check(positive)->capture_default_str();
   bench->add_option("--seq-q", args.seq_q, "query lengths (crossed with --seq-k)")->delimiter(',')->check(positive);
   bench->add_option("--seq-k", args.seq_k, "key lengths (crossed with --seq-q)")->delimiter(',')->check(positive);
-  bench->add_option("--dim", args.dim, "head dims")->delimiter(',')->check(CLI::Range(1, 256))->capture_default_str();
+  bench->add_option("--dim", args.dim, "head dims")->delimiter(',')->check(integers_from(1, 256))->capture_default_str();
   bench->add_option("--dtype", args.dtype, "bf16, fp32")->delimiter(',')->check(CLI::IsMember({"bf16", "fp32"}))->capture_default_str();
   bench->add_option("--causal", args.causal, "on, off")->delimiter(',')->check(CLI::IsMember({"on", "off"}))->capture_default_str();
   bench->add_option("--impl", args.impl, "flash, naive")->delimiter(',')->check(CLI::IsMember({"flash", "naive"}))->capture_default_str();
@@ -232,20 +274,20 @@ int main(int argc, char** argv) {
         }
       })
       ->capture_default_str();
-  bench->add_option("--threads", args.threads, "threads (default: all)")->check(CLI::NonNegativeNumber);
+  bench->add_option("--threads", args.threads, "threads (default: all)")->check(non_negative_integer());
   bench->add_option("--repeats", args.repeats, "timed repeats per row (median)")->check(positive)->capture_default_str();
-  bench->add_option("--warmup", args.warmup, "untimed calls before timing")->check(CLI::NonNegativeNumber)->capture_default_str();
+  bench->add_option("--warmup", args.warmup, "untimed calls before timing")->check(non_negative_integer())->capture_default_str();
   bench->add_option("--max-time", args.max_seconds, "seconds of timed repeats per row before stopping early")
-      ->check(CLI::PositiveNumber)->capture_default_str();
-  bench->add_option("--block-q", args.block_q, "query block rows (0: automatic)")->check(CLI::Range(0, 4096));
-  bench->add_option("--block-k", args.block_k, "key block columns (0: automatic)")->check(CLI::Range(0, 4096));
+      ->check(positive_number())->capture_default_str();
+  bench->add_option("--block-q", args.block_q, "query block rows (0: automatic)")->check(integers_from(0, 4096));
+  bench->add_option("--block-k", args.block_k, "key block columns (0: automatic)")->check(integers_from(0, 4096));
   bench->add_option("--json", args.json, "also write the results as JSON to this file");
   bench->add_option("--mode", args.mode, "attention (training-shaped rows) or decode (FlashDecoding rows)")
       ->check(CLI::IsMember({"attention", "decode"}))->capture_default_str();
   bench->add_option("--page-size", args.page_size, "decode: KV cache page sizes, 0 = contiguous")
       ->delimiter(',')->check(CLI::IsMember({0, 8, 16, 32, 64, 128, 256, 512}))->capture_default_str();
   bench->add_option("--query-tokens", args.query_tokens, "decode: new query tokens per sequence (1-16)")
-      ->delimiter(',')->check(CLI::Range(1, 16))->capture_default_str();
+      ->delimiter(',')->check(integers_from(1, 16))->capture_default_str();
   bench->add_option("--splits", args.splits, "decode: KV splits per sequence, auto or 1-256")
       ->delimiter(',')
       ->check([](const std::string& s) {
@@ -280,8 +322,14 @@ int main(int argc, char** argv) {
   }
   if (app.got_subcommand(bench)) {
     try {
+      if (args.mode == "decode") apply_decode_defaults(args, *bench);
+      // Everything a row could reject, before the first timed call: a sweep that stops part-way, or
+      // finds its --json path unwritable at the end, has lost the rows it ran.
+      if (const std::string problem = check_sweep(args); !problem.empty()) {
+        std::cerr << "pflash bench: " << problem << '\n';
+        return 2;
+      }
       if (args.mode == "decode") {
-        apply_decode_defaults(args, *bench);
         return run_decode_bench(args);
       }
       return run_bench(args);
