@@ -2,7 +2,8 @@
 # Installs the Debian packages the C++ build needs; skips apt-get when they are all present.
 #   g++ (C++20, OpenMP) and CMake; GoogleTest; CLI11 (pflash's flags); nlohmann-json (bench JSON);
 #   fmt (tables); OpenBLAS (the naive baseline's matrix products); OpenMPI (the distributed layer,
-#   pflash decode and its tests under mpirun); Python 3 with venv for the
+#   pflash decode and its tests under mpirun); Clang and its OpenMP (the libFuzzer target of
+#   scripts/fuzz.sh); Python 3 with venv for the
 #   TPU backend's virtual environment (pinned JAX from PyPI, python/requirements.txt).
 set -euo pipefail
 packages=(
@@ -13,6 +14,7 @@ packages=(
   libfmt-dev
   libopenblas-openmp-dev
   libopenmpi-dev openmpi-bin
+  clang libomp-dev
   python3 python3-venv python3-pip
 )
 missing=()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite in Release, then again under AddressSanitizer and
-# UndefinedBehaviorSanitizer.
+# UndefinedBehaviorSanitizer, then the fuzzer over the argument checks (scripts/fuzz.sh), then the
+# Python TPU backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -18,6 +19,13 @@ cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan -j"$jobs" --output-on-failure
 
+echo "== Fuzzing the argument checks (libFuzzer + ASan/UBSan, ${PFLASH_FUZZ_SECONDS:-180} s; PFLASH_FUZZ_SECONDS=0 skips)"
+bash scripts/fuzz.sh
+
+if [[ "${PFLASH_SKIP_PYTHON:-0}" == 1 ]]; then
+  echo "== Python: skipped (PFLASH_SKIP_PYTHON=1)"
+  exit 0
+fi
 echo "== Python: TPU backend (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh; compiled for a v5e by libtpu)"
 cd python
 JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest -q -rs

@@ -18,9 +18,10 @@
 namespace pflash::detail {
 
 
+// The extents a view holds (a rank past kMaxRank, which no view can hold, shows the kMaxRank it has).
 inline std::string shape_string(const TensorView& t) {
   std::string s = "[";
-  for (int d = 0; d < t.rank; ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  for (int d = 0; d < std::min(t.rank, kMaxRank); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
   return s + "]";
 }
 

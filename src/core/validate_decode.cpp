@@ -199,9 +199,20 @@ AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, T
   check.non_self_overlapping("cache.k", view.k);
   check.non_self_overlapping("cache.v", view.v);
   if (overlaps(view.k, view.v)) check.fail("cache.v", "memory disjoint from cache.k", "an overlap");
-  for (const auto& [name, input] : std::array<std::pair<const char*, TensorView>, 2>{{{"k_new", k_new}, {"v_new", v_new}}}) {
-    if (overlaps(view.k, input) || overlaps(view.v, input)) {
-      check.fail(name, "memory disjoint from the cache it is appended to", "an overlap");
+  // The rows written (cache.k, cache.v) and the lengths advanced (cache.seq_lens) against everything
+  // read: the new rows, the lengths and the block table that place them.
+  const TensorView lengths = index_view(cache.seq_lens), table = index_view(cache.block_table);
+  for (const auto& [name, input] : std::array<std::pair<const char*, TensorView>, 4>{
+           {{"k_new", k_new}, {"v_new", v_new}, {"cache.seq_lens", lengths}, {"cache.block_table", table}}}) {
+    if (!input.empty() && (overlaps(view.k, input) || overlaps(view.v, input))) {
+      check.fail(name, "memory disjoint from the cache rows it places", "an overlap");
+    }
+  }
+  for (const auto& [name, input] : std::array<std::pair<const char*, TensorView>, 3>{
+           {{"k_new", k_new}, {"v_new", v_new}, {"cache.block_table", table}}}) {
+    if (!input.empty() && overlaps(lengths, input)) {
+      check.fail("cache.seq_lens", std::string("memory disjoint from '") + name + "' (the lengths are written)",
+                 "an overlap");
     }
   }
   if (c.paged()) {

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -41,8 +42,10 @@ struct NaiveBytes {
 };
 
 // BLAS reads an fp32 head in place when its rows are at least D apart (lda >= D).
+// BLAS takes its leading dimension as an int: a row stride past INT_MAX (possible when a single row
+// makes it irrelevant to the library's checks) goes through a copy, as a bf16 operand does.
 bool blas_readable(const FwdParams& p, const HeadStrides& strides, int64_t rows) {
-  return p.dtype == DType::kFloat32 && (rows == 1 || strides.row >= p.dim);
+  return p.dtype == DType::kFloat32 && (rows == 1 || (strides.row >= p.dim && strides.row <= INT_MAX));
 }
 
 NaiveBytes naive_bytes(const FwdParams& p) {
@@ -81,7 +84,7 @@ Operand make_operand(const FwdParams& p, const void* data, const HeadStrides& st
   if (blas_readable(p, strides, rows)) {
     op.data = static_cast<float*>(const_cast<void*>(data));  // read-only use unless it is the output
     op.strides = strides;
-    op.ld = std::max<int64_t>(strides.row, p.dim);
+    op.ld = rows == 1 ? p.dim : strides.row;  // one row: its stride is never stepped, BLAS needs ld >= D
     return op;
   }
   op.copy = Workspace<float>(static_cast<std::size_t>(p.batch * heads * rows * p.dim));

@@ -240,6 +240,37 @@ TEST(ValidateAppend, PagesAppendedToAreUsedOnceInTheTable) {
   }
 }
 
+// What append_kv reads to place the rows (lengths, block table) must not lie under the rows it
+// writes, and the new rows must not lie under the lengths it advances (a row written over the
+// table would move every later write).
+TEST(ValidateAppend, RowsWrittenDisjointFromWhatPlacesThem) {
+  HostTensor k1(DType::kFloat32, {2, 2, 1, 16});
+  for (std::int64_t page_size : {0, 8}) {
+    Fixture f(page_size);
+    MutableKVCache cache = f.cache.mutable_view();
+    auto* k_bytes = static_cast<std::int32_t*>(cache.k.data);
+    std::copy(f.cache.seq_lens().begin(), f.cache.seq_lens().end(), k_bytes + 3);  // valid lengths, inside cache.k
+    cache.seq_lens = std::span<std::int32_t>(k_bytes + 3, 2);
+    expect_invalid_argument([&] { append_kv(cache, k1.view(), k1.view()); }, "append_kv", "cache.seq_lens",
+                            "memory disjoint from the cache rows it places");
+    if (page_size) {
+      cache = f.cache.mutable_view();
+      std::copy(f.cache.block_table().begin(), f.cache.block_table().end(), k_bytes);
+      cache.block_table = std::span<const std::int32_t>(k_bytes, f.cache.block_table().size());
+      expect_invalid_argument([&] { append_kv(cache, k1.view(), k1.view()); }, "append_kv", "cache.block_table",
+                              "memory disjoint from the cache rows it places");
+    }
+    std::vector<float> rows(2 * 2 * 16);
+    cache = f.cache.mutable_view();
+    const TensorView k_new = TensorView::contiguous(rows.data(), DType::kFloat32, {2, 2, 1, 16});
+    auto* lengths_in_rows = reinterpret_cast<std::int32_t*>(rows.data()) + 5;
+    std::copy(f.cache.seq_lens().begin(), f.cache.seq_lens().end(), lengths_in_rows);
+    cache.seq_lens = std::span<std::int32_t>(lengths_in_rows, 2);
+    expect_invalid_argument([&] { append_kv(cache, k_new, k1.view()); }, "append_kv", "cache.seq_lens",
+                            "memory disjoint from 'k_new' (the lengths are written)");
+  }
+}
+
 TEST(AppendKv, WritesOnlyTheNewRowsAndAdvancesLengths) {
   for (std::int64_t page_size : {0, 8}) {
     Fixture f(page_size);

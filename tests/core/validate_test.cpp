@@ -70,6 +70,8 @@ TEST(Validate, WrongRank) {
   auto p = f.params();
   p.q.rank = 3;
   expect_invalid(p, "q", "rank 4 [B, Hq, Nq, D]", "rank 3 [2, 4, 8]");
+  p.q.rank = 7;  // more than a view holds: named, never read past its kMaxRank extents
+  expect_invalid(p, "q", "rank 4 [B, Hq, Nq, D]", "rank 7 [2, 4, 8, 16]");
 }
 
 TEST(Validate, MismatchedShapes) {

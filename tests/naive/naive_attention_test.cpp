@@ -71,6 +71,23 @@ TEST(NaiveAttention, AgreesWithFlash) {
   EXPECT_LT(relative_l2_error(naive.o, flash_o), 1e-2);
 }
 
+// One query row (a decode-like call) may come with any row stride, 2^40 included: the library never
+// steps it, and BLAS, which takes leading dimensions as int and wants them >= D, must not see it
+// (found by the fuzzer: OpenBLAS printed "parameter number 13 had an illegal value" and computed nothing).
+TEST(NaiveAttention, OneRowWithAnyRowStride) {
+  Problem pr(DType::kFloat32, 1, 2, 1, 1, 30, 16);
+  AttentionParams p = pr.params(false);
+  for (std::int64_t row_stride : {std::int64_t{0}, std::int64_t{3}, std::int64_t{1} << 40}) {
+    pr.o.poison();
+    p.q.strides[2] = row_stride;
+    p.o.strides[2] = row_stride;
+    naive_attention(p);
+    ASSERT_TRUE(pr.o.all_finite_or_neg_inf()) << row_stride;
+    const ReferenceOutput ref = reference_attention(pr.q, pr.k, pr.v, false, 0.25);
+    EXPECT_LT(relative_l2_error(pr.o, ref.o), 1e-5) << "row stride " << row_stride;
+  }
+}
+
 TEST(NaiveAttention, OutOfMemoryUnderBudgetBeforeAllocating) {
   // A view that claims Nq = Nk = 32768 over 8 heads: the scores alone are 32 GiB. Only the budget
   // check runs, so the tiny buffers behind the views are never read.
