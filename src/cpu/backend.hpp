@@ -13,10 +13,13 @@ void flash_decode(detail::DecodeParams params);  // params.num_splits >= 1
 // One definition per instruction set, each in its own translation unit (<family>_<isa>.cpp).
 void flash_forward_portable(detail::FwdParams params);
 void flash_forward_avx2(detail::FwdParams params);
+void flash_forward_avx512(detail::FwdParams params);
 void flash_backward_portable(detail::BwdParams params);
 void flash_backward_avx2(detail::BwdParams params);
+void flash_backward_avx512(detail::BwdParams params);
 void flash_decode_portable(detail::DecodeParams params);
 void flash_decode_avx2(detail::DecodeParams params);
+void flash_decode_avx512(detail::DecodeParams params);
 
 // The split count for params.num_splits == 0 (decode_plan.cpp).
 int choose_decode_splits(const detail::DecodeParams& params);

@@ -11,7 +11,7 @@
 
 namespace pflash::testing {
 
-inline std::vector<CpuIsa> kernel_isas() { return {CpuIsa::kPortable, CpuIsa::kAvx2}; }
+inline std::vector<CpuIsa> kernel_isas() { return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512}; }
 
 // Sets the instruction-set cap for one test and restores it.
 class IsaScope {

@@ -1,0 +1,43 @@
+// Compiled for AVX-512 by target pragma, not by -mavx512f on the whole file: the standard library
+// headers are included first, outside the pragma, so none of their inline functions is compiled
+// for AVX2 and shared with code that runs on CPUs without it.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numbers>
+#include <vector>
+
+#include "core/params.hpp"
+#include "core/workspace.hpp"
+#include "cpu/backend.hpp"
+#include "pflash/dtype.hpp"
+
+#if defined(__x86_64__)
+#if defined(__clang__)  // Clang's form of the same: the attribute on every function defined below
+#include <immintrin.h>  // the intrinsics carry their own target attributes
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+// GCC 12 reads the intrinsics' own _mm512_undefined_ps() as uninitialised (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include "cpu/simd_avx512.hpp"
+#include "cpu/flash_fwd_kernel.hpp"
+
+namespace pflash::cpu {
+void flash_forward_avx512(detail::FwdParams params) { flash_forward<Avx512>(params); }
+}  // namespace pflash::cpu
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#else
+namespace pflash::cpu {
+void flash_forward_avx512(detail::FwdParams params) { flash_forward_portable(params); }
+}  // namespace pflash::cpu
+#endif
