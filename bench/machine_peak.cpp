@@ -155,25 +155,23 @@ MachinePeak measure_machine_peak(int threads) {
   MachinePeak peak;
   peak.threads = threads;
   peak.cpu_name = cpu_model_name();
-  peak.isa = std::string(to_string(active_cpu_isa()));
-  // The hardware's ceiling, whatever instruction set the kernels were built or capped to.
+  const CpuIsa active = active_cpu_isa();
+  peak.isa = std::string(to_string(active));
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  const bool has_avx512_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
-  if (has_avx512) {
-    peak.peak_flops_fp32 = best_flops(threads, fma_chains_avx512, kChains * 16 * 2.0);
-  } else if (has_avx2) {
-    peak.peak_flops_fp32 = best_flops(threads, fma_chains_avx2, kChains * 8 * 2.0);
-  } else {
-    peak.peak_flops_fp32 = best_flops(threads, fma_chains_portable, kChains * 2.0);
-  }
-  if (has_avx512_bf16) {
-    // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
-    peak.peak_flops_bf16 = best_flops(threads, dpbf16_chains, kChains * 16 * 4.0);
-    peak.native_bf16 = true;
-  } else {
-    peak.peak_flops_bf16 = peak.peak_flops_fp32;
-  }
+  peak.native_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+  // FMA at the kernels' width, then at the hardware's widest where that is wider.
+  auto fma_at = [&](CpuIsa isa) {
+    if (isa >= CpuIsa::kAvx512 && has_avx512) return best_flops(threads, fma_chains_avx512, kChains * 16 * 2.0);
+    if (isa >= CpuIsa::kAvx2 && has_avx2) return best_flops(threads, fma_chains_avx2, kChains * 8 * 2.0);
+    return best_flops(threads, fma_chains_portable, kChains * 2.0);
+  };
+  peak.peak_flops_fp32 = fma_at(active);
+  peak.peak_flops_bf16 = peak.peak_flops_fp32;
+  const CpuIsa widest = has_avx512 ? CpuIsa::kAvx512 : has_avx2 ? CpuIsa::kAvx2 : CpuIsa::kPortable;
+  peak.widest_fma_flops = widest > active ? fma_at(widest) : peak.peak_flops_fp32;
+  // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
+  peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
   peak.read_bw = measure_read_bw(threads, has_avx2);
   return peak;
 }

@@ -12,12 +12,14 @@ std::string format_bytes(double bytes) {
 }
 
 std::string format_machine(const MachinePeak& peak) {
+  const std::string reference =
+      fmt::format("widest fp32 FMA {:.1f}", peak.widest_fma_flops / 1e9) +
+      (peak.native_bf16 ? fmt::format(", bf16 vdpbf16ps {:.1f}", peak.bf16_dot_flops / 1e9) : std::string());
   return fmt::format(
       "machine: {} | {} threads | kernels: {}\n"
-      "measured peak: fp32 FMA {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s{}, DRAM read {:.1f} GB/s\n",
-      peak.cpu_name, peak.threads, peak.isa, peak.peak_flops_fp32 / 1e9, peak.peak_flops_bf16 / 1e9,
-      peak.native_bf16 ? " (vdpbf16ps)" : " (no bf16 dot-product instruction: bf16 is computed by fp32 FMA)",
-      peak.read_bw / 1e9);
+      "ceiling of the kernels' unit: fp32 FMA at {} width {:.1f} GFLOP/s (bf16 rows too: widened to fp32), "
+      "DRAM read {:.1f} GB/s; for reference: {} GFLOP/s\n",
+      peak.cpu_name, peak.threads, peak.isa, peak.isa, peak.peak_flops_fp32 / 1e9, peak.read_bw / 1e9, reference);
 }
 
 std::string format_table_header() {
@@ -66,10 +68,8 @@ std::string format_above_ceiling_note(const MachinePeak& before, const MachinePe
   return fmt::format(
       "! above the ceiling measured before the sweep: a measurement problem, not a result (the machine was busier,\n"
       "  or clocked lower, while the ceiling ran than while the row did). Ceiling re-measured after the sweep:\n"
-      "  fp32 FMA {:.1f} GFLOP/s (before {:.1f}), bf16 {:.1f} (before {:.1f}), DRAM read {:.1f} GB/s (before {:.1f});\n"
-      "  rerun on an idle machine.\n",
-      after.peak_flops_fp32 / 1e9, before.peak_flops_fp32 / 1e9, after.peak_flops_bf16 / 1e9,
-      before.peak_flops_bf16 / 1e9, after.read_bw / 1e9, before.read_bw / 1e9);
+      "  fp32 FMA {:.1f} GFLOP/s (before {:.1f}), DRAM read {:.1f} GB/s (before {:.1f}); rerun on an idle machine.\n",
+      after.peak_flops_fp32 / 1e9, before.peak_flops_fp32 / 1e9, after.read_bw / 1e9, before.read_bw / 1e9);
 }
 
 nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& results,
@@ -81,6 +81,8 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                     {"peak_flops_fp32", peak.peak_flops_fp32},
                     {"peak_flops_bf16", peak.peak_flops_bf16},
                     {"native_bf16", peak.native_bf16},
+                    {"widest_fma_flops", peak.widest_fma_flops},
+                    {"bf16_dot_flops", peak.bf16_dot_flops},
                     {"read_bw", peak.read_bw}};
   out["results"] = nlohmann::json::array();
   for (const BenchResult& r : results) {
