@@ -7,7 +7,7 @@
 #   TPU backend's virtual environment (pinned JAX from PyPI, python/requirements.txt).
 set -euo pipefail
 packages=(
-  build-essential cmake
+  build-essential cmake pkg-config
   libgtest-dev
   libcli11-dev
   nlohmann-json3-dev
