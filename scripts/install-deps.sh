@@ -21,19 +21,30 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# apt's and pip's output goes to a log, shown only when they fail.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+log="$root/.deps.log"
+quietly() {
+  if ! "$@" >>"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "install-deps: '$*' failed; the whole output is in $log" >&2
+    exit 1
+  fi
+}
+: >"$log"
 if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}" >&2
+  echo "== installing Debian packages: ${missing[*]} (log: $log)"
   sudo_cmd=()
   [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  quietly "${sudo_cmd[@]}" apt-get update -qq
+  quietly "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # The TPU backend (python/): a virtual environment with the pinned JAX, at .venv in the repository.
-root="$(cd "$(dirname "$0")/.." && pwd)"
 if [[ "${PFLASH_SKIP_PYTHON:-0}" != 1 ]]; then
+  echo "== Python environment .venv (python/requirements.txt; log: $log)"
   if [[ ! -x "$root/.venv/bin/python" ]]; then
-    python3 -m venv "$root/.venv"
+    quietly python3 -m venv "$root/.venv"
   fi
-  "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/python/requirements.txt"
+  quietly "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/python/requirements.txt"
 fi
