@@ -47,4 +47,8 @@ if [[ "${PFLASH_SKIP_PYTHON:-0}" != 1 ]]; then
     quietly python3 -m venv "$root/.venv"
   fi
   quietly "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/python/requirements.txt"
+  # The package itself on the environment's path (as `pip install -e python` would, without a build),
+  # so that `.venv/bin/python -m pallas_flash.plan` works from any directory.
+  site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$root/python" >"$site/pallas_flash_source.pth"
 fi
