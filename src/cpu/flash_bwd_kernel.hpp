@@ -205,6 +205,16 @@ class FlashBackward {
       });
     }
 
+    // Row r of the block sees its keys [0, keys_seen(r)); key j is seen by its rows [first_seeing(j), rows).
+    // A row that saw no key in the forward (LSE = -inf) has no gradient.
+    auto keys_seen = [&](int64_t r) -> int64_t {
+      return buf.lse_log2[q_begin + r] == kNegInf ? 0
+                                                  : std::clamp<int64_t>(visible_keys(q_begin + r) - key_begin, 0, keys);
+    };
+    auto first_seeing = [&](int64_t j) -> int64_t {
+      return f_.causal ? std::clamp<int64_t>(key_begin + j - f_.causal_offset() - q_begin, 0, rows) : 0;
+    };
+
     // p = exp2(s * scale * log2(e) - lse * log2(e)) where visible, else 0; ds = p * (dp - D_i).
     using V = typename Isa::vec;
     const V scale = Isa::set1(scale_log2_);
@@ -213,8 +223,7 @@ class FlashBackward {
       float* p_row = buf.p + r * s_ld;
       float* ds_row = buf.dp + r * s_ld;
       const float lse = buf.lse_log2[i];
-      // A row that saw no key in the forward (LSE = -inf) has no gradient.
-      const int64_t visible = lse == kNegInf ? 0 : std::clamp<int64_t>(visible_keys(i) - key_begin, 0, keys);
+      const int64_t visible = keys_seen(r);
       const V shift = Isa::set1(lse), delta = Isa::set1(buf.delta[i]);
       int64_t j = 0;
       for (; j + W <= visible; j += W) {
@@ -230,65 +239,31 @@ class FlashBackward {
       std::fill(ds_row + j, ds_row + cols, 0.0f);
     }
 
-    // The three products below sum only over the (query, key) pairs that see each other: a masked
-    // pair contributes exactly nothing, not 0 * x (NaN for an x of inf or NaN, which may sit in a
-    // key a row does not see, or in a query or dO row that does not see this key). A tile of rows
-    // shares what all of them see; the few more that each sees near the diagonal are added alone.
-    // Key j is seen by the block's query rows [first_seeing(j), rows); row r sees keys [0, keys_seen(r)).
-    auto first_seeing = [&](int64_t j) -> int64_t {
-      return f_.causal ? std::clamp<int64_t>(key_begin + j - f_.causal_offset() - q_begin, 0, rows) : 0;
-    };
-    auto keys_seen = [&](int64_t r) -> int64_t {
-      return buf.lse_log2[q_begin + r] == kNegInf ? 0
-                                                  : std::clamp<int64_t>(visible_keys(q_begin + r) - key_begin, 0, keys);
-    };
-
+    // The three products sum only over the (query, key) pairs that see each other (pv_tile_seen): a
+    // masked pair adds nothing, not 0 * x, where x (a key, a value, a query or dO row) may be inf or NaN.
     // dv += p^T x do and dk += ds^T x q: output rows are keys, the inner sum runs over query rows.
     float* dv_acc = buf.dv_acc + key_begin * ld;
     float* dk_acc = buf.dk_acc + key_begin * ld;
     for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
-      const int64_t tile_keys = std::min<int64_t>(kTileRows, keys - k0);
-      const int64_t shared = first_seeing(k0 + tile_keys - 1);
-      with_tile_rows<kTileRows>(static_cast<int>(tile_keys), [&]<int R>() {
+      auto seen_by = [&](int r) { return std::pair<int64_t, int64_t>{first_seeing(k0 + r), rows}; };
+      with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {
-          pv_tile<Isa, R, 2>(buf.p + shared * s_ld + k0, 1, s_ld, nullptr, do_rows + shared * ld + d, ld, rows - shared,
-                             dv_acc + k0 * ld + d, ld);
-          pv_tile<Isa, R, 2>(buf.dp + shared * s_ld + k0, 1, s_ld, nullptr, q_rows + shared * ld + d, ld, rows - shared,
-                             dk_acc + k0 * ld + d, ld);
+          pv_tile_seen<Isa, R, 2>(buf.p + k0, 1, s_ld, nullptr, do_rows + d, ld, seen_by, dv_acc + k0 * ld + d, ld);
+          pv_tile_seen<Isa, R, 2>(buf.dp + k0, 1, s_ld, nullptr, q_rows + d, ld, seen_by, dk_acc + k0 * ld + d, ld);
         }
       });
-      for (int64_t j = k0; j < k0 + tile_keys; ++j) {
-        const int64_t first = first_seeing(j);
-        if (first >= shared) continue;
-        for (int64_t d = 0; d < ld; d += kPanel) {
-          pv_tile<Isa, 1, 2>(buf.p + first * s_ld + j, 1, s_ld, nullptr, do_rows + first * ld + d, ld, shared - first,
-                             dv_acc + j * ld + d, ld);
-          pv_tile<Isa, 1, 2>(buf.dp + first * s_ld + j, 1, s_ld, nullptr, q_rows + first * ld + d, ld, shared - first,
-                             dk_acc + j * ld + d, ld);
-        }
-      }
     }
 
     // dq += ds x k.
     float* dq_acc = buf.dq_acc + q_begin * ld;
     const float* k_rows = buf.k_rows + key_begin * ld;
     for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-      const int tile_rows = std::min(kTileRows, rows - r0);
-      int64_t shared = keys;
-      for (int r = r0; r < r0 + tile_rows; ++r) shared = std::min(shared, keys_seen(r));
-      with_tile_rows<kTileRows>(tile_rows, [&]<int R>() {
+      auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
+      with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {
-          pv_tile<Isa, R, 2>(buf.dp + r0 * s_ld, s_ld, 1, nullptr, k_rows + d, ld, shared, dq_acc + r0 * ld + d, ld);
+          pv_tile_seen<Isa, R, 2>(buf.dp + r0 * s_ld, s_ld, 1, nullptr, k_rows + d, ld, seen, dq_acc + r0 * ld + d, ld);
         }
       });
-      for (int r = r0; r < r0 + tile_rows; ++r) {
-        const int64_t row_keys = keys_seen(r);
-        if (row_keys <= shared) continue;
-        for (int64_t d = 0; d < ld; d += kPanel) {
-          pv_tile<Isa, 1, 2>(buf.dp + r * s_ld + shared, s_ld, 1, nullptr, k_rows + shared * ld + d, ld,
-                             row_keys - shared, dq_acc + r * ld + d, ld);
-        }
-      }
     }
   }
 

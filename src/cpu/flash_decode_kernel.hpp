@@ -207,31 +207,21 @@ class FlashDecode {
         online_softmax_row<Isa>(row, cols_padded, s.row_max[r], s.row_sum[r], s.alpha[r]);
       }
 
-      // acc = acc * alpha + p x v_block, run by run; alpha is applied with the first run only. A
-      // position a row may not see contributes exactly nothing (not 0 * v, NaN for a v of inf or
-      // NaN): a row tile shares the positions all its rows see; the few more that a later query
-      // token sees are added row by row.
+      // acc = acc * alpha + p x v_block, run by run; alpha is applied with the first run only. Each
+      // row sums over the positions it may see (pv_tile_seen: a later query token's position adds
+      // nothing to an earlier token's row, not 0 * v).
       bool first_run = true;
       for (int64_t pos = key_begin; pos < key_end;) {
         const int64_t run = cache.run_length(pos, key_end);
         const TC* v_run = v_base + cache.offset(cache.v_strides, b, h_kv, pos);
         const float* p_run = s.scores + (pos - key_begin);
-        auto run_visible = [&](int64_t r) { return std::clamp<int64_t>(visible_end(r, b, seq_len) - pos, 0, run); };
         for (int64_t r0 = 0; r0 < rows_; r0 += kRowTile) {
-          const int64_t tile_rows = std::min<int64_t>(kRowTile, rows_ - r0);
-          int64_t shared = run;
-          for (int64_t r = r0; r < r0 + tile_rows; ++r) shared = std::min(shared, run_visible(r));
-          with_tile_rows<kRowTile>(static_cast<int>(tile_rows), [&]<int R>() {
-            pv_rows<R>(p_run + r0 * kScoresLd, first_run ? s.alpha + r0 : nullptr, v_run, shared,
-                       s.acc + r0 * acc_ld_);
+          auto seen = [&](int r) {
+            return std::pair<int64_t, int64_t>{0, std::clamp<int64_t>(visible_end(r0 + r, b, seq_len) - pos, 0, run)};
+          };
+          with_tile_rows<kRowTile>(static_cast<int>(std::min<int64_t>(kRowTile, rows_ - r0)), [&]<int R>() {
+            pv_rows<R>(p_run + r0 * kScoresLd, first_run ? s.alpha + r0 : nullptr, v_run, seen, s.acc + r0 * acc_ld_);
           });
-          for (int64_t r = r0; r < r0 + tile_rows && shared < run; ++r) {
-            const int64_t visible = run_visible(r);
-            if (visible > shared) {
-              pv_rows<1>(p_run + r * kScoresLd + shared, nullptr, v_run + shared * cache.v_strides.row,
-                         visible - shared, s.acc + r * acc_ld_);
-            }
-          }
         }
         first_run = false;
         pos += run;
@@ -283,19 +273,21 @@ class FlashDecode {
     }
   }
 
-  // acc[R][D] (= acc * alpha when alpha is given) += p[R][run] x v_run[run][D]: strips of three
-  // vectors, then two, then one, then single columns for a head_dim that is not a multiple of the width.
-  template <int R>
-  void pv_rows(const float* p, const float* alpha, const TC* v, int64_t run, float* acc) const {
+  // acc[R][D] (= acc * alpha when alpha is given) += p[R][seen] x v_run[seen][D], row r over the
+  // positions [first, end) = seen(r) of the run: strips of three vectors, then two, then one, then
+  // single columns for a head_dim that is not a multiple of the width.
+  template <int R, class Seen>
+  void pv_rows(const float* p, const float* alpha, const TC* v, Seen seen, float* acc) const {
     const int64_t dim = p_.dim, v_ld = p_.cache.v_strides.row;
     int64_t d = 0;
-    for (; d + 3 * W <= dim; d += 3 * W) pv_tile<Isa, R, 3>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
-    for (; d + 2 * W <= dim; d += 2 * W) pv_tile<Isa, R, 2>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
-    for (; d + W <= dim; d += W) pv_tile<Isa, R, 1>(p, kScoresLd, 1, alpha, v + d, v_ld, run, acc + d, acc_ld_);
+    for (; d + 3 * W <= dim; d += 3 * W) pv_tile_seen<Isa, R, 3>(p, kScoresLd, 1, alpha, v + d, v_ld, seen, acc + d, acc_ld_);
+    for (; d + 2 * W <= dim; d += 2 * W) pv_tile_seen<Isa, R, 2>(p, kScoresLd, 1, alpha, v + d, v_ld, seen, acc + d, acc_ld_);
+    for (; d + W <= dim; d += W) pv_tile_seen<Isa, R, 1>(p, kScoresLd, 1, alpha, v + d, v_ld, seen, acc + d, acc_ld_);
     for (; d < dim; ++d) {
       for (int r = 0; r < R; ++r) {
+        const auto [first, end] = seen(r);
         float sum = alpha != nullptr ? acc[r * acc_ld_ + d] * alpha[r] : acc[r * acc_ld_ + d];
-        for (int64_t j = 0; j < run; ++j) sum += p[r * kScoresLd + j] * to_float(v[j * v_ld + d]);
+        for (int64_t j = first; j < end; ++j) sum += p[r * kScoresLd + j] * to_float(v[j * v_ld + d]);
         acc[r * acc_ld_ + d] = sum;
       }
     }

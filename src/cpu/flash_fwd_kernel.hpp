@@ -212,42 +212,29 @@ class FlashForward {
         });
       }
 
-      // Only blocks that cross the diagonal or the end of the keys need a mask.
+      // Only blocks that cross the diagonal or the end of the keys need a mask. Row i of the block
+      // sees its keys [0, keys_seen(i)).
       const bool all_visible = key_begin + cols <= visible_keys(q_begin);
+      auto keys_seen = [&](int64_t i) {
+        return all_visible ? cols : std::clamp<int64_t>(visible_keys(q_begin + i) - key_begin, 0, cols);
+      };
       for (int i = 0; i < rows; ++i) {
         float* row = s.scores + i * s_ld;
-        if (!all_visible) {
-          for (int64_t j = std::max<int64_t>(0, visible_keys(q_begin + i) - key_begin); j < cols; ++j) row[j] = kNegInf;
-        }
+        if (!all_visible) std::fill(row + keys_seen(i), row + cols, kNegInf);
         online_softmax_row<Isa>(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
       }
 
-      // acc = acc * alpha + p x v. A masked key must contribute exactly nothing, not 0 * v (NaN for
-      // a v of inf or NaN): a tile's rows share the keys all of them see, and the few more each row
-      // sees in a block that crosses the diagonal are added row by row.
+      // acc = acc * alpha + p x v, each row over the keys it sees (pv_tile_seen: a masked key adds
+      // nothing, not 0 * v).
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-        const int tile_rows = std::min(kTileRows, rows - r0);
-        auto row_keys = [&](int i) {
-          return all_visible ? cols : std::clamp<int64_t>(visible_keys(q_begin + i) - key_begin, 0, cols);
-        };
-        int64_t shared = cols;
-        for (int i = r0; i < r0 + tile_rows; ++i) shared = std::min(shared, row_keys(i));
-        with_tile_rows<kTileRows>(tile_rows, [&]<int R>() {
+        auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
+        with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
             const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
-            pv_tile<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, shared,
-                               s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
+            pv_tile_seen<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, seen,
+                                    s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
           }
         });
-        for (int i = r0; i < r0 + tile_rows && shared < cols; ++i) {
-          const int64_t keys = row_keys(i);
-          if (keys <= shared) continue;
-          for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
-            const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin + shared) * kPanel;
-            pv_tile<Isa, 1, 2>(s.scores + i * s_ld + shared, s_ld, 1, nullptr, v_strip, kPanel, keys - shared,
-                               s.acc + i * acc_ld + strip * kPanel, acc_ld);
-          }
-        }
       }
     }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "pflash/dtype.hpp"
 
@@ -179,6 +180,37 @@ inline void pv_tile(const float* p, int64_t p_rs, int64_t p_cs, const float* alp
   for (int r = 0; r < Rows; ++r) {
 #pragma GCC unroll 4
     for (int x = 0; x < Vecs; ++x) Isa::storeu(acc + r * acc_ld + x * W, c[r][x]);
+  }
+}
+
+// pv_tile where output row r sums only over its own range [first, end) = seen(r) of the inner index:
+// a (row, column) pair outside it contributes exactly nothing, not 0 * v (NaN for a v of inf or NaN),
+// which is how every kernel applies a mask to its products. The rows share the range all of them see
+// (one Rows-row tile, which also applies alpha), and what each sees beyond it is added row by row, in
+// the same order a single pass would take.
+template <class Isa, int Rows, int Vecs, class T, class Seen>
+inline void pv_tile_seen(const float* p, int64_t p_rs, int64_t p_cs, const float* alpha, const T* v, int64_t v_ld,
+                         Seen seen, float* acc, int64_t acc_ld) {
+  int64_t shared_first = 0, shared_end = INT64_MAX;
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    shared_first = std::max(shared_first, first);
+    shared_end = std::min(shared_end, end);
+  }
+  shared_end = std::max(shared_end, shared_first);
+  pv_tile<Isa, Rows, Vecs>(p + shared_first * p_cs, p_rs, p_cs, alpha, v + shared_first * v_ld, v_ld,
+                           shared_end - shared_first, acc, acc_ld);
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
+    if (first < before) {
+      pv_tile<Isa, 1, Vecs>(p + r * p_rs + first * p_cs, p_rs, p_cs, nullptr, v + first * v_ld, v_ld, before - first,
+                            acc + r * acc_ld, acc_ld);
+    }
+    if (after < end) {
+      pv_tile<Isa, 1, Vecs>(p + r * p_rs + after * p_cs, p_rs, p_cs, nullptr, v + after * v_ld, v_ld, end - after,
+                            acc + r * acc_ld, acc_ld);
+    }
   }
 }
 
