@@ -16,24 +16,16 @@
 #include "pflash/dtype.hpp"
 
 #if defined(__x86_64__)
-#if defined(__clang__)  // Clang's form of the same: the attribute on every function defined below
-#include <immintrin.h>  // the intrinsics carry their own target attributes
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+#include "cpu/target.hpp"
+
+PFLASH_TARGET_BEGIN("avx2,fma")
 #include "cpu/simd_avx2.hpp"
 #include "cpu/flash_fwd_kernel.hpp"
 
 namespace pflash::cpu {
 void flash_forward_avx2(detail::FwdParams params) { flash_forward<Avx2>(params); }
 }  // namespace pflash::cpu
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+PFLASH_TARGET_END
 #else
 namespace pflash::cpu {
 void flash_forward_avx2(detail::FwdParams params) { flash_forward_portable(params); }

@@ -16,26 +16,16 @@
 #include "pflash/dtype.hpp"
 
 #if defined(__x86_64__)
-#if defined(__clang__)  // Clang's form of the same: the attribute on every function defined below
-#include <immintrin.h>  // the intrinsics carry their own target attributes
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-// GCC 12 reads the intrinsics' own _mm512_undefined_ps() as uninitialised (a false positive).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "cpu/target.hpp"
+
+PFLASH_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #include "cpu/simd_avx512.hpp"
 #include "cpu/flash_fwd_kernel.hpp"
 
 namespace pflash::cpu {
 void flash_forward_avx512(detail::FwdParams params) { flash_forward<Avx512>(params); }
 }  // namespace pflash::cpu
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+PFLASH_TARGET_END
 #else
 namespace pflash::cpu {
 void flash_forward_avx512(detail::FwdParams params) { flash_forward_portable(params); }

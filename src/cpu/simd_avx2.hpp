@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/exp2_poly.hpp"
 #include "pflash/dtype.hpp"  // included first, outside the target pragma, by every user of this file
 
 namespace pflash::cpu {
@@ -55,20 +56,16 @@ struct Avx2 {
   }
 
   // 2^x for x <= 0 (scores minus their row max, in log2 units): x = n + f with n = round(x),
-  // |f| <= 1/2, 2^f by a degree-6 polynomial (relative error < 2e-7), 2^n built in the exponent
+  // |f| <= 1/2, 2^f by the degree-6 polynomial of cpu/exp2_poly.hpp, 2^n built in the exponent
   // bits. x below -127 (including -inf) gives exactly 0, since n = -127 makes the exponent field 0.
   static vec exp2(vec x) {
     // The clamp's constants come first: min and max return their second operand for a NaN lane, so NaN stays NaN.
     x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), x));
     const vec n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vec f = _mm256_sub_ps(x, n);
-    vec p = _mm256_set1_ps(1.5403530393381606e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    vec p = _mm256_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 8
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
   }

@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include "cpu/exp2_poly.hpp"
 #include "pflash/dtype.hpp"  // included first, outside the target pragma, by every user of this file
 
 namespace pflash::cpu {
@@ -47,18 +48,14 @@ struct Avx512 {
   }
   static float reduce_max(vec x) { return _mm512_reduce_max_ps(x); }
 
-  // 2^x for x <= 0, as in simd_avx2.hpp (same polynomial, so the two agree to the last bit per lane).
+  // 2^x for x <= 0, as in simd_avx2.hpp (the same polynomial, cpu/exp2_poly.hpp).
   static vec exp2(vec x) {
     x = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), x));  // NaN stays NaN
     const vec n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const vec f = _mm512_sub_ps(x, n);
-    vec p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    vec p = _mm512_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 8
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
   }
