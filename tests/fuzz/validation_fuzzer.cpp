@@ -46,7 +46,7 @@ class Builder {
     for (int64_t& size : sizes_) size = in_.ConsumeIntegralInRange<int64_t>(1, 12);
   }
 
-  // A view of (usually) `rank` dimensions; `writable` only selects the pointer type.
+  // A view of (usually) `rank` dimensions: TensorView for an input, MutableTensorView for an output.
   template <class View>
   View view(int rank, bool optional = false) {
     View v;
@@ -68,15 +68,11 @@ class Builder {
     } else {
       for (int d = 0; d < pflash::kMaxRank; ++d) v.strides[d] = stride();
     }
-    const int where = in_.ConsumeIntegralInRange(0, 63);
-    if (where == 63) {
+    if (in_.ConsumeIntegralInRange(0, 63) == 63) {
       v.data = nullptr;
       return v;
     }
-    const std::size_t element = v.dtype == DType::kBFloat16 ? 2 : 4;
-    const std::size_t offset = in_.ConsumeIntegralInRange<std::size_t>(0, kArenaBytes / element - 1) * element;
-    v.data = g_arena + offset;
-    fit(v, offset, element);
+    place(v);
     return v;
   }
 
@@ -90,10 +86,7 @@ class Builder {
     v.rank = model.rank;
     v.shape = model.shape;
     v.strides = model.strides;
-    const std::size_t element = v.dtype == DType::kBFloat16 ? 2 : 4;
-    const std::size_t offset = in_.ConsumeIntegralInRange<std::size_t>(0, kArenaBytes / element - 1) * element;
-    v.data = g_arena + offset;
-    fit(v, offset, element);
+    place(v);
     return v;
   }
 
@@ -157,6 +150,15 @@ class Builder {
     }
   }
 
+  // Points v at a fuzzed element of the arena, then fits it there.
+  template <class View>
+  void place(View& v) {
+    const std::size_t element = pflash::size_of(v.dtype);
+    const std::size_t offset = in_.ConsumeIntegralInRange<std::size_t>(0, kArenaBytes / element - 1) * element;
+    v.data = g_arena + offset;
+    fit(v, offset, element);
+  }
+
   // A view the library could accept must lie in the arena: while its span (which fits in 64 bits,
   // positive extents and non-negative strides) passes the arena's end, its largest extent is halved.
   // Views that are broken anyway (an extent < 1, a negative stride, an overflowing span) stay as they are.
@@ -207,7 +209,7 @@ Range range_of(const View& v) {
     }
   }
   const auto begin = static_cast<std::size_t>(static_cast<const unsigned char*>(v.data) - g_arena);
-  return {begin, std::min(kArenaBytes, begin + (static_cast<std::size_t>(span) + 1) * (v.dtype == DType::kBFloat16 ? 2 : 4))};
+  return {begin, std::min(kArenaBytes, begin + (static_cast<std::size_t>(span) + 1) * pflash::size_of(v.dtype))};
 }
 
 template <class T>
