@@ -17,6 +17,11 @@
 namespace pflash::detail {
 namespace {
 
+// How a message names page i of sequence b's row of the block table.
+std::string table_entry(std::int64_t b, std::int64_t pages_per_seq, std::int64_t i) {
+  return "block_table[" + std::to_string(b) + " * " + std::to_string(pages_per_seq) + " + " + std::to_string(i) + "]";
+}
+
 // The cache's views, lengths and block table; extra_tokens positions are about to be appended to
 // every sequence (append_kv) and must fit too.
 CacheParams check_cache(const Checker& check, const KVCacheView& cache, std::int64_t extra_tokens) {
@@ -78,8 +83,7 @@ CacheParams check_cache(const Checker& check, const KVCacheView& cache, std::int
       if (page < 0 || page >= num_pages) {
         check.fail("cache.block_table",
                    "page ids in [0, " + std::to_string(num_pages) + ") for every page a sequence uses",
-                   "block_table[" + std::to_string(b) + " * " + std::to_string(c.pages_per_seq) + " + " +
-                       std::to_string(i) + "] = " + std::to_string(page));
+                   table_entry(b, c.pages_per_seq, i) + " = " + std::to_string(page));
       }
     }
   }
@@ -235,10 +239,7 @@ AppendParams make_append_params(const MutableKVCache& cache, TensorView k_new, T
       bool written = false;
       for (end = i; end < uses.size() && uses[end].page == uses[i].page; ++end) written |= uses[end].written;
       if (!written || end - i == 1) continue;
-      auto slot = [&](const Use& u) {
-        return "block_table[" + std::to_string(u.sequence) + " * " + std::to_string(c.pages_per_seq) + " + " +
-               std::to_string(u.slot) + "]";
-      };
+      auto slot = [&](const Use& u) { return table_entry(u.sequence, c.pages_per_seq, u.slot); };
       check.fail("cache.block_table", "every page a sequence appends to used once in the table (no other position "
                  "of it or of another sequence on that page)",
                  "page " + std::to_string(uses[i].page) + " at " + slot(uses[i]) + " and " + slot(uses[i + 1]));
