@@ -4,7 +4,8 @@
 #   fmt (tables); OpenBLAS (the naive baseline's matrix products); OpenMPI (the distributed layer,
 #   pflash decode and its tests under mpirun); Clang and its OpenMP (the libFuzzer target of
 #   scripts/fuzz.sh); Python 3 with venv for the
-#   TPU backend's virtual environment (pinned JAX from PyPI, python/requirements.txt).
+#   Python package's virtual environment (pinned JAX from PyPI, python/requirements.txt), into which
+#   the package is installed editable (building the C++ kernels' XLA FFI module).
 set -euo pipefail
 packages=(
   build-essential cmake pkg-config
@@ -47,8 +48,11 @@ if [[ "${PFLASH_SKIP_PYTHON:-0}" != 1 ]]; then
     quietly python3 -m venv "$root/.venv"
   fi
   quietly "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$root/python/requirements.txt"
-  # The package itself on the environment's path (as `pip install -e python` would, without a build),
-  # so that `.venv/bin/python -m pallas_flash.plan` works from any directory.
-  site=$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$root/python" >"$site/pallas_flash_source.pth"
+  # The package itself, editable (its Python files are the repository's), with the C++ kernels' XLA FFI
+  # module built by scikit-build-core from this CMake project (build-python/, incremental): so that
+  # `.venv/bin/python -m pallas_flash.plan` works from any directory and JAX on CPU runs the C++ kernels.
+  echo "== pallas_flash package: pip install -e python (builds the XLA FFI module; log: $log)"
+  rm -f "$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pallas_flash_source.pth"
+  quietly "$root/.venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+    -e "$root/python"
 fi

@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_flash import cpu_kernels
 from pallas_flash.backend import kernel_mode
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.online_softmax import LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
@@ -286,8 +287,20 @@ def _reference_partial(q, k_cache, v_cache, end, page_table, *, scale):
     return masked_attention(jnp.where(visible, s, -jnp.inf), v_cache)
 
 
-def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, page_offset=None):
-    """Attention of q over one cache (or shard), splits merged: O [B, Hkv, rows, D] f32, LSE [B, Hkv, rows]."""
+def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, page_offset=None, capacity=None):
+    """Attention of q over one cache (or shard), splits merged: O [B, Hkv, rows, D] f32, LSE [B, Hkv, rows].
+    A shard of `capacity` positions (the sharded decode) may see an `end` past it, or below 0."""
+    if mode == "cpu":
+        local_table = page_table if page_offset is None else page_table - page_offset
+        seq_lens, after = end, 0
+        if capacity is not None:  # the positions past the shard are held by the next shards
+            seq_lens, after = jnp.clip(end, 0, capacity), jnp.maximum(jnp.asarray(end) - capacity, 0)
+        o, lse = cpu_kernels.decode(q, k_cache, v_cache, seq_lens, after, local_table, scale=scale,
+                                    num_splits=num_splits or 0)
+        batch, heads_q, query_tokens, dim = q.shape
+        heads_kv = k_cache.shape[1]
+        rows = heads_q // heads_kv * query_tokens
+        return o.reshape(batch, heads_kv, rows, dim), lse.reshape(batch, heads_kv, rows)
     if mode == "reference":
         local_table = page_table if page_offset is None else page_table - page_offset
         return _reference_partial(q, k_cache, v_cache, end, local_table, scale=scale)
@@ -295,7 +308,7 @@ def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, pa
                                           interpret=mode == "interpret", page_offset=page_offset)
     if o_parts.shape[1] == 1:  # one split: its partial is the result (no merge pass over it)
         return o_parts[:, 0], lse_parts[:, 0, :, :, 0]
-    return merge_attention_states(o_parts, lse_parts[..., 0], axis=1)
+    return merge_attention_states(o_parts, lse_parts[..., 0], axis=1, interpret=mode == "interpret")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,8 +426,10 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     splits = default_num_splits(layout.num_blocks) if num_splits is None else int(num_splits)
     if splits < 1:
         raise ValueError(f"{name}: expected num_splits >= 1, got {num_splits}")
-    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits,
-                     mode=kernel_mode(interpret))
+    mode = kernel_mode(interpret)
+    if mode == "cpu":
+        splits = num_splits  # None: the C++ decode's own choice (threads and lengths)
+    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode)
     return _finish(o, lse, q, return_lse)
 
 
@@ -507,6 +522,8 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         local_layout = cache_layout(k_cache.shape, (q.shape[0], layout.pages_per_seq // devices))
     splits = default_num_splits(local_layout.num_blocks) if num_splits is None else int(num_splits)
     mode = kernel_mode(interpret)
+    if mode == "cpu":
+        splits = num_splits  # None: the C++ decode's own choice
     cache_spec = P(axes, None, None, None) if page_table is not None else P(None, None, axes, None)
     table_spec = P(None, axes)
 
@@ -524,10 +541,10 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         end = shard_len if full_shards else lengths - shard * shard_len  # the queries' end in this shard
         local_table, offset = (None, None) if page_table is None else (table_shard, shard * pool_part)
         o, lse = _decode(q, k_shard, v_shard, end, local_table, scale=scale, num_splits=splits, mode=mode,
-                         page_offset=offset)
+                         page_offset=offset, capacity=shard_len)
         o_all = lax.all_gather(o, axes)  # [devices, B, Hkv, rows, D]: a few KiB per device
         lse_all = lax.all_gather(lse, axes)
-        return merge_attention_states(o_all, lse_all, axis=0)
+        return merge_attention_states(o_all, lse_all, axis=0, interpret=None if mode == "cpu" else mode == "interpret")
 
     # Under jit, a cache already laid out as cache_spec is used in place; any other layout is
     # resharded (moved) once on the way in.

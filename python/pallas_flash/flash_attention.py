@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_flash import cpu_kernels
 from pallas_flash.backend import kernel_mode
 from pallas_flash.online_softmax import (LANES, LOG2_E, NEG_INF, finish_state, init_state, lanes, replicated_to_row,
                                          row_to_replicated, stat_shape, update_state)
@@ -634,8 +635,10 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
       the inputs as they are; otherwise q, k, v are padded along N once with zeros (padding_bytes()
       says how many bytes that writes) and the result sliced. Padded keys and queries are masked
       inside the kernels.
-    - interpret: None runs the compiled kernel on TPU, the TPU interpret mode on CPU, and the
-      reference path elsewhere; True/False force interpret mode or compilation.
+    - interpret: None runs the compiled kernel on TPU, the C++ CPU kernels on CPU (through the XLA
+      FFI; block_sizes, a TPU tiling, does not apply there; backend.use_cpu_kernels("interpret") or
+      PALLAS_FLASH_CPU_KERNELS=interpret picks the TPU interpret mode instead), and the reference path
+      elsewhere; True/False force interpret mode or compilation.
     Returns O (q's dtype), or (O, LSE [B, Hq, Nq] float32) with return_lse.
     """
     _check_inputs(q, k, v)
@@ -645,6 +648,11 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
     mode = kernel_mode(interpret)
     if mode == "reference":
         return reference_attention(q, k, v, causal=causal, sm_scale=scale, return_lse=return_lse)
+    if mode == "cpu":  # the C++ kernels read q, k, v in place at any length: no alignment padding
+        if q.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"flash_attention: expected float32 or bfloat16 inputs on CPU, got {q.dtype}")
+        o, lse = cpu_kernels.attention(q, k, v, causal, scale)
+        return (o, lse) if return_lse else o
 
     blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype, causal)
     (_, nq), (_, nk) = alignment_padding(q.shape, k.shape, blocks)

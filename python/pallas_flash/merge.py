@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_flash import cpu_kernels
+from pallas_flash.backend import kernel_mode
 
-def merge_attention_states(o_parts, lse_parts, axis: int = 0):
+
+def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool | None = None):
     """o_parts [..., P, ..., D] and lse_parts [..., P, ...] with the partials along `axis` (of the LSE;
-    the same axis of O). Returns (O in float32, LSE)."""
+    the same axis of O). Returns (O in float32, LSE). On CPU (interpret None) the C++ merge runs through
+    the XLA FFI, elsewhere (and with interpret=True) this jax.numpy form."""
+    if kernel_mode(interpret) == "cpu":
+        return cpu_kernels.merge(o_parts, lse_parts, axis)
     lse_parts = lse_parts.astype(jnp.float32)
     row_max = jnp.max(lse_parts, axis=axis, keepdims=True)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

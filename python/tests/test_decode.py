@@ -68,6 +68,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(decode, "BLOCK_ROWS", 128)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 @pytest.mark.parametrize("heads", [(2, 2), (8, 2), (8, 1)], ids=["mha", "gqa4", "mqa"])
 def test_decode_matches_reference_for_any_split(heads, splits, small_blocks):
@@ -78,6 +79,7 @@ def test_decode_matches_reference_for_any_split(heads, splits, small_blocks):
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("tokens", [2, 16])
 def test_multi_token_queries_are_causal_among_themselves(tokens):
     q, k, v = make_cache(2, 4, 2, tokens, 32, 256)
@@ -86,6 +88,7 @@ def test_multi_token_queries_are_causal_among_themselves(tokens):
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 def test_bf16_cache_and_short_unaligned_cache():
     q, k, v = make_cache(2, 4, 4, 1, 96, 200, jnp.bfloat16)  # 200 rows: one block, no copy
     lengths = jnp.array([7, 200], jnp.int32)
@@ -95,6 +98,7 @@ def test_bf16_cache_and_short_unaligned_cache():
     np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("mesh_shape", [(2, 2), (1, 1), (1, 4)])
 def test_sharded_decode_matches_single_device(mesh_shape):
     # Sizes kept so each device's cache shard is at most 64 KiB: larger shards hang JAX 0.10.2's TPU
@@ -109,6 +113,7 @@ def test_sharded_decode_matches_single_device(mesh_shape):
     np.testing.assert_allclose(lse, single_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.both_cpu_kernels
 def test_sharded_decode_multi_token_gqa_on_2x2():
     mesh = jax.make_mesh((2, 2), ("x", "y"))
     q, k, v = make_cache(1, 8, 2, 3, 32, 512)
@@ -117,6 +122,7 @@ def test_sharded_decode_multi_token_gqa_on_2x2():
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_a_python_int_length_is_every_sequences_length(tokens):
     # Known at trace time (no SMEM read): the same result as the array of that length.
@@ -177,6 +183,7 @@ def edge_lengths(page_size, capacity):
     return [0, 1, page_size - 1, page_size, page_size + 1, capacity]
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("page_size, tokens, heads", [(16, 1, (8, 8)), (16, 16, (8, 2)), (128, 3, (8, 2)),
                                                       (128, 1, (8, 1)), (512, 3, (4, 4)), (512, 16, (8, 1))],
                          ids=lambda x: str(x))
@@ -190,6 +197,7 @@ def test_paged_decode_matches_reference(page_size, tokens, heads):
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("splits", [1, 2, 3, 5, 8])
 def test_paged_decode_any_split(splits, small_blocks):
     lengths = np.array([1000, 1024, 33], np.int32)
@@ -212,6 +220,7 @@ def test_paged_decode_splits_across_blocks():
         assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 def test_contiguous_decode_ignores_nan_past_the_lengths():
     lengths = np.array([129, 0, 1024], np.int32)
     q, k, v = make_cache(3, 4, 2, 3, 32, 1024)
@@ -222,6 +231,7 @@ def test_contiguous_decode_ignores_nan_past_the_lengths():
     assert_matches(o, lse, q, k, v, lengths)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_a_generation_loop_with_appends_equals_full_attention_each_step(page_size):
     # 32 steps of one new token for 2 sequences starting at different lengths: append, then decode;
@@ -262,6 +272,7 @@ def test_append_writes_only_the_new_rows():
     assert {tuple(map(int, c)) for c in changed} == written  # rows 30..32 of sequence 1 cross a page
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("mesh_shape", [(2, 2), (1, 4)])
 def test_sharded_paged_decode_matches_single_device(mesh_shape):
     # Device i holds positions [i * 128, (i+1) * 128): pages 8i..8i+7 of each sequence's 32 (16-row
@@ -320,6 +331,7 @@ def test_bad_paged_inputs_raise_before_launch(call, message):
         call()
 
 
+@pytest.mark.both_cpu_kernels
 def test_entries_past_a_length_are_never_checked_or_read():
     # Sequence 1 uses one page: its second entry may be anything.
     q, k, v = make_cache(2, 4, 2, 1, 32, 32)

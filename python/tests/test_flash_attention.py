@@ -38,6 +38,7 @@ def assert_lse_close(lse, ref_lse):
     np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", FORWARD_SHAPES, ids=str)
 def test_forward_matches_reference(shape, causal):
@@ -50,6 +51,7 @@ def test_forward_matches_reference(shape, causal):
     assert_lse_close(lse, ref_lse)
 
 
+@pytest.mark.both_cpu_kernels
 def test_forward_bf16_and_custom_scale():
     shape = FORWARD_SHAPES[2]
     q, k, v, _ = random_inputs(shape, jnp.bfloat16)
@@ -59,6 +61,7 @@ def test_forward_bf16_and_custom_scale():
     assert rel_l2(o, ref) < 2e-2
 
 
+@pytest.mark.both_cpu_kernels
 def test_large_logits_stay_finite():
     # Logits of magnitude ~1e4: fp32 carries about |logit| * 2^-23 absolute error into the weights.
     shape = FORWARD_SHAPES[2]
@@ -157,6 +160,7 @@ def test_block_q_compute_must_divide_block_q():
         BlockSizes(384, 128, 128, 128, 128, 128, block_q_compute=256)
 
 
+@pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("fuse_dq", [None, False], ids=["planned", "dq_kernel"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
@@ -205,6 +209,7 @@ def test_block_sizes_must_be_multiples_of_128():
         BlockSizes(128, 100, 128, 128, 128, 128)
 
 
+@pytest.mark.both_cpu_kernels
 def test_default_scale_is_inverse_sqrt_dim():
     q, k, v, _ = random_inputs(FORWARD_SHAPES[4])
     o = flash_attention(q, k, v)

@@ -1,9 +1,11 @@
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_flash import merge_attention_states, reference_attention
 
 
+@pytest.mark.both_cpu_kernels
 def test_merge_of_key_partitions_equals_attention_over_all_keys():
     rng = np.random.default_rng()
     q = rng.standard_normal((1, 2, 3, 16)).astype(np.float32)
@@ -22,6 +24,7 @@ def test_merge_of_key_partitions_equals_attention_over_all_keys():
     np.testing.assert_allclose(o2, o, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.both_cpu_kernels
 def test_empty_partials_contribute_nothing_and_all_empty_gives_zero():
     o_parts = jnp.array([[[1.0, 2.0]], [[100.0, 100.0]]])  # [P=2, rows=1, D=2]
     lse_parts = jnp.array([[0.5], [-jnp.inf]])
@@ -32,6 +35,7 @@ def test_empty_partials_contribute_nothing_and_all_empty_gives_zero():
     assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
 
 
+@pytest.mark.both_cpu_kernels
 def test_merge_is_stable_for_large_lse():
     o, lse = merge_attention_states(jnp.ones((2, 1, 4)), jnp.array([[1e4], [1e4]]))
     np.testing.assert_allclose(o, np.ones((1, 4)))

@@ -1,0 +1,155 @@
+"""The C++ CPU kernels inside JAX: XLA FFI calls into the library's forward, backward, decode and
+merge (python/native/xla_ffi.cpp, built into the package by `pip install ./python`).
+
+Each call reads JAX's buffers in place and writes its outputs in place (no copies); it runs on the
+library's own OpenMP threads (OMP_NUM_THREADS, or every core), started from the XLA thread that runs
+the call, not on XLA's intra-op pool. Argument errors the C++ checks find at run time (a page id
+outside the pool under jit, say) raise with the library's message.
+
+vmap: the contiguous calls batch the extra leading dimensions into one kernel call; a paged decode
+runs once per mapped element.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LIBRARY_NAME = "libpallas_flash_xla.so"
+# The module's handler symbols, registered under the same names as FFI targets.
+_TARGETS = ("pallas_flash_attention_forward", "pallas_flash_attention_backward", "pallas_flash_decode",
+            "pallas_flash_merge")
+
+
+def library_path() -> Path | None:
+    """The FFI module: $PALLAS_FLASH_XLA_LIBRARY, else the one installed in the package (a wheel's,
+    or an editable install's in site-packages), else None."""
+    override = os.environ.get("PALLAS_FLASH_XLA_LIBRARY")
+    if override:
+        return Path(override)
+    import pallas_flash
+
+    for directory in pallas_flash.__path__:
+        candidate = Path(directory) / LIBRARY_NAME
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@functools.cache
+def _registered() -> str | None:
+    """Loads the module and registers its handlers for the CPU platform once; returns why not, or None."""
+    path = library_path()
+    if path is None:
+        return f"{LIBRARY_NAME} is not built (pip install ./python builds it)"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as error:
+        return f"{path} does not load: {error}"
+    for target in _TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return None
+
+
+def available() -> bool:
+    return _registered() is None
+
+
+def unavailable_reason() -> str | None:
+    return _registered()
+
+
+def _require():
+    reason = _registered()
+    if reason is not None:
+        raise RuntimeError(f"pallas_flash: the C++ CPU kernels are unavailable: {reason}")
+
+
+def _shape(x, dtype=None):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention: a custom_vjp whose forward saves (q, k, v, o, lse) and whose backward is the C++ backward.
+
+
+def _forward(q, k, v, causal: bool, scale: float):
+    _require()
+    lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
+    call = jax.ffi.ffi_call("pallas_flash_attention_forward", (_shape(q), lse_shape), vmap_method="broadcast_all")
+    return call(q, k, v, causal=bool(causal), softmax_scale=np.float32(scale))
+
+
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
+    _require()
+    call = jax.ffi.ffi_call("pallas_flash_attention_backward", (_shape(q), _shape(k), _shape(v)),
+                            vmap_method="broadcast_all")
+    return call(q, k, v, o, lse, do.astype(q.dtype), causal=bool(causal), softmax_scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def attention(q, k, v, causal: bool, scale: float):
+    """(O in q's dtype, LSE [B, Hq, Nq] f32) for [B, H, N, D] q, k, v of one dtype (fp32 or bf16)."""
+    return _forward(q, k, v, causal, scale)
+
+
+def _attention_fwd(q, k, v, causal, scale):
+    o, lse = _forward(q, k, v, causal, scale)
+    return (o, lse), (q, k, v, o, lse)
+
+
+def _attention_bwd(causal, scale, residuals, cotangents):
+    q, k, v, o, lse = residuals
+    do, _ = cotangents  # LSE is an output for callers, not differentiated through
+    return _backward(q, k, v, o, lse, do, causal, scale)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode and merge
+
+
+def decode(q, k_cache, v_cache, seq_lens, positions_after, page_table, *, scale: float, num_splits: int):
+    """O [B, Hq, T, D] f32 and LSE [B, Hq, T] of q's last T positions over a cache holding seq_lens[b]
+    positions of sequence b, with positions_after[b] more held elsewhere (pflash::DecodeParams).
+    page_table None: contiguous [B, Hkv, C, D]; else pools [num_pages, Hkv, page_size, D] and page_table
+    [B, pages_per_seq]. num_splits 0: the library's choice."""
+    _require()
+    batch = q.shape[0]
+    seq_lens = jnp.broadcast_to(jnp.asarray(seq_lens, jnp.int32), (batch,))
+    positions_after = jnp.broadcast_to(jnp.asarray(positions_after, jnp.int32), (batch,))
+    paged = page_table is not None
+    table = page_table.astype(jnp.int32) if paged else jnp.zeros((1,), jnp.int32)
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
+    # A page id names a page of one pool: a vmapped paged decode cannot fold into one call.
+    call = jax.ffi.ffi_call("pallas_flash_decode", out, vmap_method="sequential" if paged else "broadcast_all")
+    return call(q, k_cache, v_cache, seq_lens, positions_after, table, softmax_scale=np.float32(scale),
+                num_splits=np.int32(num_splits), paged=paged)
+
+
+def merge(o_parts, lse_parts, axis: int):
+    """merge_attention_states' contract (O f32, LSE) with the partials along `axis` of the LSE."""
+    _require()
+    axis = axis % lse_parts.ndim
+    if lse_parts.shape != o_parts.shape[:-1]:
+        raise ValueError(f"merge_attention_states: expected lse_parts of shape o_parts.shape[:-1] = "
+                         f"{o_parts.shape[:-1]}, got {lse_parts.shape}")
+    o_parts = jnp.moveaxis(o_parts, axis, 0)  # free when the partials lead already
+    lse_parts = jnp.moveaxis(lse_parts.astype(jnp.float32), axis, 0)
+    rows_shape, dim, parts = o_parts.shape[1:-1], o_parts.shape[-1], o_parts.shape[0]
+    rows = int(np.prod(rows_shape, dtype=np.int64))
+    if o_parts.dtype not in (jnp.float32, jnp.bfloat16):
+        o_parts = o_parts.astype(jnp.float32)
+    o_flat = o_parts.reshape(1, parts, rows, dim)
+    lse_flat = lse_parts.reshape(1, parts, rows)
+    out = (jax.ShapeDtypeStruct((1, rows, dim), jnp.float32), jax.ShapeDtypeStruct((1, rows), jnp.float32))
+    o, lse = jax.ffi.ffi_call("pallas_flash_merge", out, vmap_method="broadcast_all")(o_flat, lse_flat)
+    return o.reshape(*rows_shape, dim), lse.reshape(rows_shape)
