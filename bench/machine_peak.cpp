@@ -151,6 +151,13 @@ std::string cpu_model_name() {
 
 }  // namespace
 
+double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass, double forward_share) {
+  if (!bf16) return peak.peak_flops_fp32;
+  if (pass == "fwd") return peak.peak_flops_bf16;
+  if (pass == "bwd") return peak.peak_flops_bf16_backward;
+  return 1.0 / (forward_share / peak.peak_flops_bf16 + (1.0 - forward_share) / peak.peak_flops_bf16_backward);
+}
+
 MachinePeak measure_machine_peak(int threads) {
   MachinePeak peak;
   peak.threads = threads;
@@ -167,11 +174,13 @@ MachinePeak measure_machine_peak(int threads) {
     return best_flops(threads, fma_chains_portable, kChains * 2.0);
   };
   peak.peak_flops_fp32 = fma_at(active);
-  peak.peak_flops_bf16 = peak.peak_flops_fp32;
   const CpuIsa widest = has_avx512 ? CpuIsa::kAvx512 : has_avx2 ? CpuIsa::kAvx2 : CpuIsa::kPortable;
   peak.widest_fma_flops = widest > active ? fma_at(widest) : peak.peak_flops_fp32;
   // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
   peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
+  // The kernel table (src/cpu/dispatch.cpp): on AVX512-BF16 the bf16 forward multiplies by vdpbf16ps.
+  peak.peak_flops_bf16 = active >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : peak.peak_flops_fp32;
+  peak.peak_flops_bf16_backward = peak.peak_flops_fp32;
   peak.read_bw = measure_read_bw(threads, has_avx2);
   return peak;
 }

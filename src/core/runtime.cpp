@@ -34,7 +34,7 @@ bool cpu_has(CpuIsa isa) {
 // The instruction sets this build carries kernels for (see src/cpu/dispatch.cpp).
 constexpr CpuIsa kBestBuiltIsa =
 #if defined(__x86_64__)
-    CpuIsa::kAvx512;
+    CpuIsa::kAvx512Bf16;
 #else
     CpuIsa::kPortable;
 #endif

@@ -14,6 +14,7 @@ void flash_decode(detail::DecodeParams params);  // params.num_splits >= 1
 void flash_forward_portable(detail::FwdParams params);
 void flash_forward_avx2(detail::FwdParams params);
 void flash_forward_avx512(detail::FwdParams params);
+void flash_forward_avx512_bf16(detail::FwdParams params);
 void flash_backward_portable(detail::BwdParams params);
 void flash_backward_avx2(detail::BwdParams params);
 void flash_backward_avx512(detail::BwdParams params);

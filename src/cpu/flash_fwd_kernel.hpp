@@ -14,6 +14,10 @@
 //     acc       = acc * exp2(row_max - row_max') + p x v_block
 //   O = acc / row_sum,  LSE = (row_max + log2(row_sum)) * ln(2)
 // The score tile, the query tile and the accumulator stay in L1/L2; the Nq x Nk scores never exist.
+//
+// With bf16 pair products (Isa::kBf16Dot, for bf16 inputs) the panels hold bf16 pairs (tiles_bf16.hpp):
+// scores = (q x k^T) * scale * log2(e) from the unscaled bf16 query, and p x v takes p rounded to
+// bf16, as FlashAttention-2 does on GPUs; the softmax statistics and the accumulator stay fp32.
 #pragma once
 
 #include <omp.h>
@@ -23,11 +27,13 @@
 #include <cstdint>
 #include <limits>
 #include <numbers>
+#include <type_traits>
 #include <vector>
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
 #include "cpu/tiles.hpp"
+#include "cpu/tiles_bf16.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -38,12 +44,14 @@ using std::int64_t;
 
 // One thread's tiles, carved from one workspace allocation.
 struct Scratch {
-  float* q_tile;   // [block_q][D]
+  float* q_tile;   // [block_q][D]  (pair products: unused)
   float* scores;   // [block_q][block_k]  (scores, then probabilities in place)
   float* acc;      // [block_q][D_padded]
   float* row_max;  // [block_q], log2 units
   float* row_sum;  // [block_q]
   float* alpha;    // [block_q], exp2(old row_max - new row_max)
+  bfloat16* q_pairs;  // pair products: [block_q][2 * D_pairs], the query rows in bf16, unscaled
+  bfloat16* p_pairs;  // pair products: [block_q][block_k], the probabilities rounded to bf16
 };
 
 template <class Isa, class T>
@@ -51,6 +59,8 @@ class FlashForward {
  public:
   static constexpr int kPanel = Layout<Isa>::kPanel;
   static constexpr int kTileRows = Isa::kTileRows;
+  static constexpr bool kPairs = Isa::kBf16Dot && std::is_same_v<T, bfloat16>;
+  using Packed = std::conditional_t<kPairs, bfloat16, float>;  // the element type of the K/V panels
 
   explicit FlashForward(FwdParams p) : p_(p) {
     // block_k: 128 keys keeps a K block and a V block (2 x 64 KiB at D = 128) in L2 beside the
@@ -67,6 +77,7 @@ class FlashForward {
     block_q_ = static_cast<int>(std::min<int64_t>(block_q, p_.seq_q));
     seq_k_padded_ = round_up(p_.seq_k, kPanel);
     dim_padded_ = round_up(p_.dim, kPanel);
+    pairs_ = dim_pairs(p_.dim);
     scale_log2_ = p_.scale * std::numbers::log2e_v<float>;
   }
 
@@ -87,19 +98,27 @@ class FlashForward {
 
  private:
   struct PackedHead {
-    detail::Workspace<float> k, v;
+    detail::Workspace<Packed> k, v;
   };
 
   PackedHead allocate_packed_head() const {
-    return {detail::Workspace<float>(static_cast<std::size_t>(seq_k_padded_ * p_.dim)),
-            detail::Workspace<float>(static_cast<std::size_t>(seq_k_padded_ * dim_padded_))};
+    const int64_t k_row = kPairs ? 2 * pairs_ : p_.dim;
+    return {detail::Workspace<Packed>(static_cast<std::size_t>(seq_k_padded_ * k_row)),
+            detail::Workspace<Packed>(static_cast<std::size_t>(seq_k_padded_ * dim_padded_))};
   }
 
   void pack_head(int64_t b, int64_t h_kv, int64_t panel, const PackedHead& packed) const {
     const T* k_head = static_cast<const T*>(p_.k) + b * p_.k_strides.batch + h_kv * p_.k_strides.head;
     const T* v_head = static_cast<const T*>(p_.v) + b * p_.v_strides.batch + h_kv * p_.v_strides.head;
-    pack_k_panel<Isa>(k_head, p_.k_strides.row, p_.seq_k, p_.dim, panel, packed.k.data());
-    pack_v_panel<Isa>(v_head, p_.v_strides.row, p_.seq_k, p_.dim, seq_k_padded_, dim_padded_, panel, packed.v.data());
+    if constexpr (kPairs) {
+      pack_k_pairs<Isa>(k_head, p_.k_strides.row, p_.seq_k, p_.dim, panel, packed.k.data());
+      pack_v_pairs<Isa>(v_head, p_.v_strides.row, p_.seq_k, p_.dim, seq_k_padded_, dim_padded_, panel,
+                        packed.v.data());
+    } else {
+      pack_k_panel<Isa>(k_head, p_.k_strides.row, p_.seq_k, p_.dim, panel, packed.k.data());
+      pack_v_panel<Isa>(v_head, p_.v_strides.row, p_.seq_k, p_.dim, seq_k_padded_, dim_padded_, panel,
+                        packed.v.data());
+    }
   }
 
   // Task t of a KV head: query head (t / num_q_blocks) of its group, query block (t % num_q_blocks).
@@ -158,9 +177,15 @@ class FlashForward {
     }
   }
 
+  // The bf16 tiles of pair products, in floats (two bf16 each).
+  int64_t pair_floats() const {
+    const int64_t bq = round_up(block_q_, 16);
+    return kPairs ? round_up(bq * pairs_, 16) + bq * block_k_ / 2 : 0;
+  }
+
   int64_t scratch_floats() const {
     const int64_t bq = round_up(block_q_, 16);
-    return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq;
+    return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq + pair_floats();
   }
 
   Scratch carve(float* base) const {
@@ -172,6 +197,8 @@ class FlashForward {
     s.row_max = s.acc + bq * dim_padded_;
     s.row_sum = s.row_max + bq;
     s.alpha = s.row_sum + bq;
+    s.q_pairs = reinterpret_cast<bfloat16*>(s.alpha + bq);
+    s.p_pairs = s.q_pairs + 2 * round_up(bq * pairs_, 16);
     return s;
   }
 
@@ -181,7 +208,7 @@ class FlashForward {
     return std::clamp<int64_t>(i + p_.causal_offset() + 1, 0, p_.seq_k);
   }
 
-  void query_block(const T* q, const float* k_packed, const float* v_packed, int64_t b, int64_t h_q, int64_t q_begin,
+  void query_block(const T* q, const Packed* k_packed, const Packed* v_packed, int64_t b, int64_t h_q, int64_t q_begin,
                    int64_t q_end, const Scratch& s) const {
     const int64_t dim = p_.dim;
     const int rows = static_cast<int>(q_end - q_begin);
@@ -189,10 +216,16 @@ class FlashForward {
     const int64_t acc_ld = dim_padded_;
 
     const T* q_head = q + b * p_.q_strides.batch + h_q * p_.q_strides.head;
+    const int64_t q_pair_ld = 2 * pairs_;
     for (int i = 0; i < rows; ++i) {
       const T* src = q_head + (q_begin + i) * p_.q_strides.row;
-      float* dst = s.q_tile + i * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * scale_log2_;
+      if constexpr (kPairs) {
+        bfloat16* dst = s.q_pairs + i * q_pair_ld;
+        for (int64_t d = 0; d < q_pair_ld; ++d) dst[d] = element_or_zero(src, d, dim);
+      } else {
+        float* dst = s.q_tile + i * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = to_float(src[d]) * scale_log2_;
+      }
       s.row_max[i] = kNegInf;
       s.row_sum[i] = 0.0f;
     }
@@ -206,8 +239,14 @@ class FlashForward {
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t c = 0; c < cols; c += kPanel) {
-            const float* k_panel = k_packed + (key_begin + c) / kPanel * dim * kPanel;
-            qk_tile<Isa, R>(s.q_tile + r0 * dim, dim, k_panel, dim, s.scores + r0 * s_ld + c, s_ld);
+            if constexpr (kPairs) {
+              const bfloat16* k_panel = k_packed + (key_begin + c) / kPanel * q_pair_ld * kPanel;
+              qk_tile_pairs<Isa, R>(s.q_pairs + r0 * q_pair_ld, q_pair_ld, k_panel, pairs_, scale_log2_,
+                                    s.scores + r0 * s_ld + c, s_ld);
+            } else {
+              const float* k_panel = k_packed + (key_begin + c) / kPanel * dim * kPanel;
+              qk_tile<Isa, R>(s.q_tile + r0 * dim, dim, k_panel, dim, s.scores + r0 * s_ld + c, s_ld);
+            }
           }
         });
       }
@@ -222,6 +261,12 @@ class FlashForward {
         float* row = s.scores + i * s_ld;
         if (!all_visible) std::fill(row + keys_seen(i), row + cols, kNegInf);
         online_softmax_row<Isa>(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
+        if constexpr (kPairs) {
+          bfloat16* p_row = s.p_pairs + i * s_ld;
+          for (int64_t j = 0; j < cols; j += 2 * Isa::kWidth) {
+            Isa::store_bf16(p_row + j, Isa::loadu(row + j), Isa::loadu(row + j + Isa::kWidth));
+          }
+        }
       }
 
       // acc = acc * alpha + p x v, each row over the keys it sees (pv_tile_seen: a masked key adds
@@ -230,9 +275,14 @@ class FlashForward {
         auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
-            const float* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
-            pv_tile_seen<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, seen,
-                                    s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
+            const Packed* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
+            if constexpr (kPairs) {
+              pv_tile_pairs_seen<Isa, R>(s.p_pairs + r0 * s_ld, s.scores + r0 * s_ld, s_ld, s.alpha + r0, v_strip,
+                                         seen, s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
+            } else {
+              pv_tile_seen<Isa, R, 2>(s.scores + r0 * s_ld, s_ld, 1, s.alpha + r0, v_strip, kPanel, seen,
+                                      s.acc + r0 * acc_ld + strip * kPanel, acc_ld);
+            }
           }
         });
       }
@@ -258,6 +308,7 @@ class FlashForward {
   int block_k_ = 0;
   int64_t seq_k_padded_ = 0;
   int64_t dim_padded_ = 0;
+  int64_t pairs_ = 0;
   float scale_log2_ = 1.0f;
 };
 

@@ -14,6 +14,7 @@ struct Avx2 {
   // Register tiles: 6 rows x 2 vectors = 12 accumulators, plus 2 loaded vectors and 1 broadcast,
   // fills 15 of the 16 ymm registers.
   static constexpr int kTileRows = 6;
+  static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
 
   static vec zero() { return _mm256_setzero_ps(); }
   static vec set1(float x) { return _mm256_set1_ps(x); }

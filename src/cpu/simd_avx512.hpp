@@ -16,6 +16,7 @@ struct Avx512 {
   // Register tiles: 8 rows x 2 vectors = 16 accumulators, plus 2 loaded vectors and 1 broadcast, in
   // 32 zmm registers: room left so the compiler never spills a tile (12 rows measured no faster).
   static constexpr int kTileRows = 8;
+  static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
 
   static vec zero() { return _mm512_setzero_ps(); }
   static vec set1(float x) { return _mm512_set1_ps(x); }

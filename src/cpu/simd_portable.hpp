@@ -13,6 +13,7 @@ struct Portable {
   using vec = float;
   static constexpr int kWidth = 1;
   static constexpr int kTileRows = 4;
+  static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
 
   static vec zero() { return 0.0f; }
   static vec set1(float x) { return x; }

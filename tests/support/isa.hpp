@@ -11,7 +11,9 @@
 
 namespace pflash::testing {
 
-inline std::vector<CpuIsa> kernel_isas() { return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512}; }
+inline std::vector<CpuIsa> kernel_isas() {
+  return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16};
+}
 
 // Sets the instruction-set cap for one test and restores it.
 class IsaScope {

@@ -1,0 +1,161 @@
+// The register tiles of tiles.hpp for a policy with bf16 pair products (Isa::kBf16Dot: vdpbf16ps),
+// for bf16 inputs. A pair product reduces along pairs of its inner index, so the panels hold pairs:
+//   K panel  [D_pairs][kPanel keys][2]:            lane j of pair row d holds k[j][2d], k[j][2d + 1]
+//   V strip  [Nk_padded / 2][kPanel columns][2]:   lane c of key pair j holds v[2j][c], v[2j + 1][c]
+// and the left operand (a bf16 query row, or the probabilities rounded to bf16) is read a pair at a
+// time, broadcast. Padding (d = D for odd D, keys past Nk, columns past D) is zero.
+//
+// Everything lives in an anonymous namespace, as in tiles.hpp.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "cpu/tiles.hpp"
+#include "pflash/dtype.hpp"
+
+namespace pflash::cpu {
+namespace {  // NOLINT(google-build-namespaces): one copy per instruction set.
+
+inline int64_t dim_pairs(int64_t dim) { return (dim + 1) / 2; }
+
+inline bfloat16 element_or_zero(const bfloat16* row, int64_t d, int64_t dim) { return d < dim ? row[d] : bfloat16(); }
+
+template <class Isa>
+void pack_k_pairs(const bfloat16* k, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t panel,
+                  bfloat16* k_packed) {
+  constexpr int kPanel = Layout<Isa>::kPanel;
+  const int64_t pairs = dim_pairs(dim);
+  bfloat16* dst = k_packed + panel * pairs * kPanel * 2;
+  for (int jj = 0; jj < kPanel; ++jj) {
+    const int64_t key = panel * kPanel + jj;
+    const bfloat16* row = key < seq_k ? k + key * row_stride : nullptr;
+    for (int64_t d2 = 0; d2 < pairs; ++d2) {
+      bfloat16* out = dst + (d2 * kPanel + jj) * 2;
+      out[0] = row ? element_or_zero(row, 2 * d2, dim) : bfloat16();
+      out[1] = row ? element_or_zero(row, 2 * d2 + 1, dim) : bfloat16();
+    }
+  }
+}
+
+template <class Isa>
+void pack_v_pairs(const bfloat16* v, int64_t row_stride, int64_t seq_k, int64_t dim, int64_t seq_k_padded,
+                  int64_t dim_padded, int64_t panel, bfloat16* v_packed) {
+  constexpr int kPanel = Layout<Isa>::kPanel;
+  for (int jj = 0; jj < kPanel; ++jj) {
+    const int64_t key = panel * kPanel + jj;
+    const bfloat16* row = key < seq_k ? v + key * row_stride : nullptr;
+    for (int64_t strip = 0; strip < dim_padded / kPanel; ++strip) {
+      bfloat16* dst = v_packed + (strip * seq_k_padded + (key & ~int64_t{1})) * kPanel + (key & 1);
+      for (int c = 0; c < kPanel; ++c) dst[2 * c] = row ? element_or_zero(row, strip * kPanel + c, dim) : bfloat16();
+    }
+  }
+}
+
+// scores[Rows][kPanel] = (q[Rows][D] x k_panel^T) * scale, q a bf16 tile of even row length 2 * pairs.
+template <class Isa, int Rows>
+inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_panel, int64_t pairs, float scale,
+                          float* scores, int64_t s_ld) {
+  using V = typename Isa::vec;
+  using P = typename Isa::pairs;
+  constexpr int W = Isa::kWidth;
+  V c0[Rows], c1[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) c0[r] = c1[r] = Isa::zero();
+  for (int64_t d2 = 0; d2 < pairs; ++d2) {
+    const P b0 = Isa::load_pairs(k_panel + d2 * 4 * W);
+    const P b1 = Isa::load_pairs(k_panel + d2 * 4 * W + 2 * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const P a = Isa::broadcast_pair(q + r * q_ld + 2 * d2);
+      c0[r] = Isa::dot_pairs(c0[r], a, b0);
+      c1[r] = Isa::dot_pairs(c1[r], a, b1);
+    }
+  }
+  const V s = Isa::set1(scale);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    Isa::store(scores + r * s_ld, Isa::mul(c0[r], s));
+    Isa::store(scores + r * s_ld + W, Isa::mul(c1[r], s));
+  }
+}
+
+// acc[Rows][2W] = acc * alpha (skipped when null) + p[Rows][2 * key_pairs] x v over key_pairs pairs of a
+// V strip (v_strip points at the first pair), p in bf16.
+template <class Isa, int Rows>
+inline void pv_tile_pairs(const bfloat16* p, int64_t p_ld, const float* alpha, const bfloat16* v_strip,
+                          int64_t key_pairs, float* acc, int64_t acc_ld) {
+  using V = typename Isa::vec;
+  using P = typename Isa::pairs;
+  constexpr int W = Isa::kWidth;
+  V c0[Rows], c1[Rows];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    c0[r] = Isa::loadu(acc + r * acc_ld);
+    c1[r] = Isa::loadu(acc + r * acc_ld + W);
+    if (alpha != nullptr) {
+      c0[r] = Isa::mul(c0[r], Isa::set1(alpha[r]));
+      c1[r] = Isa::mul(c1[r], Isa::set1(alpha[r]));
+    }
+  }
+  for (int64_t j2 = 0; j2 < key_pairs; ++j2) {
+    const P b0 = Isa::load_pairs(v_strip + j2 * 4 * W);
+    const P b1 = Isa::load_pairs(v_strip + j2 * 4 * W + 2 * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const P a = Isa::broadcast_pair(p + r * p_ld + 2 * j2);
+      c0[r] = Isa::dot_pairs(c0[r], a, b0);
+      c1[r] = Isa::dot_pairs(c1[r], a, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    Isa::storeu(acc + r * acc_ld, c0[r]);
+    Isa::storeu(acc + r * acc_ld + W, c1[r]);
+  }
+}
+
+// acc_row[2W] += sum over keys [first, end) of p_row[j] * v[j] (fp32 p, one key at a time): the keys a
+// pair product cannot take because the pair's other key is one the row does not see.
+template <class Isa>
+inline void pv_keys_single(const float* p_row, const bfloat16* v_strip, int64_t first, int64_t end, float* acc_row) {
+  using V = typename Isa::vec;
+  constexpr int W = Isa::kWidth;
+  V c0 = Isa::loadu(acc_row), c1 = Isa::loadu(acc_row + W);
+  for (int64_t j = first; j < end; ++j) {
+    const bfloat16* pair = v_strip + (j / 2) * 4 * W;
+    const V a = Isa::set1(p_row[j]);
+    c0 = Isa::fmadd(a, Isa::pair_element(Isa::load_pairs(pair), static_cast<int>(j & 1)), c0);
+    c1 = Isa::fmadd(a, Isa::pair_element(Isa::load_pairs(pair + 2 * W), static_cast<int>(j & 1)), c1);
+  }
+  Isa::storeu(acc_row, c0);
+  Isa::storeu(acc_row + W, c1);
+}
+
+// pv_tile_seen (tiles.hpp) for pair products: row r sums exactly its keys [first, end) = seen(r). The
+// key pairs every row sees wholly go through one Rows-row pair tile (which applies alpha); each row's
+// other keys, one at a time, in fp32 (p_fp32: the probabilities before rounding to bf16).
+template <class Isa, int Rows, class Seen>
+inline void pv_tile_pairs_seen(const bfloat16* p, const float* p_fp32, int64_t p_ld, const float* alpha,
+                               const bfloat16* v_strip, Seen seen, float* acc, int64_t acc_ld) {
+  int64_t shared_first = 0, shared_end = INT64_MAX;
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    shared_first = std::max(shared_first, first);
+    shared_end = std::min(shared_end, end);
+  }
+  shared_first = round_up(shared_first, 2);
+  shared_end = std::max(shared_first, shared_end & ~int64_t{1});
+  pv_tile_pairs<Isa, Rows>(p + shared_first, p_ld, alpha, v_strip + shared_first * 2 * Isa::kWidth,
+                           (shared_end - shared_first) / 2, acc, acc_ld);
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
+    if (first < before) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, first, before, acc + r * acc_ld);
+    if (after < end) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, after, end, acc + r * acc_ld);
+  }
+}
+
+}  // namespace
+}  // namespace pflash::cpu
