@@ -18,6 +18,7 @@ void flash_forward_avx512_bf16(detail::FwdParams params);
 void flash_backward_portable(detail::BwdParams params);
 void flash_backward_avx2(detail::BwdParams params);
 void flash_backward_avx512(detail::BwdParams params);
+void flash_backward_avx512_bf16(detail::BwdParams params);
 void flash_decode_portable(detail::DecodeParams params);
 void flash_decode_avx2(detail::DecodeParams params);
 void flash_decode_avx512(detail::DecodeParams params);

@@ -17,6 +17,13 @@
 //   dq_i  += ds x k_j
 // and dQ, dK are scaled by `scale` once at the end. Nothing of size Nq x Nk is ever held: the extra
 // memory is O((Nq + Nk) * D) per thread.
+//
+// With bf16 pair products (Isa::kBf16Dot, bf16 inputs), the three products whose operands are bf16
+// as given or whose mask is a range of the inner index per output row take vdpbf16ps pairs
+// (tiles_bf16.hpp): s = q x k^T and dp = do x v^T from the inputs' bf16 rows, and dq += ds x k with ds
+// rounded to bf16 (as FlashAttention-2 rounds it on GPUs). dv and dk stay fp32 FMA: their inner index
+// is the query row, and a mask that varies along it and across the output's lanes could not keep a
+// masked pair's 0 * inf out of a pair product.
 #pragma once
 
 #include <omp.h>
@@ -25,10 +32,12 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <type_traits>
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
 #include "cpu/tiles.hpp"
+#include "cpu/tiles_bf16.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -43,6 +52,7 @@ class FlashBackward {
   static constexpr int W = Isa::kWidth;
   static constexpr int kPanel = Layout<Isa>::kPanel;
   static constexpr int kTileRows = Isa::kTileRows;
+  static constexpr bool kPairs = Isa::kBf16Dot && std::is_same_v<T, bfloat16>;
   // 64 x 64 tiles: the key block's dK, dV accumulators and packed K, V (4 x 32 KiB at D = 128) plus
   // the query block's Q, dO rows and the two score tiles stay in L2 (512 KiB) through the five
   // products of a tile pair.
@@ -54,16 +64,19 @@ class FlashBackward {
         f_(p.fwd),
         dim_padded_(round_up(f_.dim, kPanel)),
         seq_k_padded_(round_up(f_.seq_k, kPanel)),
+        pair_ld_(2 * dim_pairs(f_.dim)),
         scale_log2_(f_.scale * std::numbers::log2e_v<float>) {}
 
   void run() const {
     const int64_t tasks = f_.batch * f_.heads_kv;
     const int threads = static_cast<int>(std::clamp<int64_t>(f_.num_threads, 1, tasks));
-    const int64_t per_thread = workspace_floats();
+    const int64_t per_thread = workspace_floats(), pairs_per_thread = pair_workspace();
     detail::Workspace<float> workspace(static_cast<std::size_t>(per_thread * threads));
+    detail::Workspace<bfloat16> pair_workspace(static_cast<std::size_t>(pairs_per_thread * threads));
 #pragma omp parallel num_threads(threads)
     {
-      const Buffers buf = carve(workspace.data() + per_thread * omp_get_thread_num());
+      Buffers buf = carve(workspace.data() + per_thread * omp_get_thread_num());
+      if constexpr (kPairs) carve_pairs(pair_workspace.data() + pairs_per_thread * omp_get_thread_num(), buf);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < tasks; ++task) kv_head(task / f_.heads_kv, task % f_.heads_kv, buf);
     }
@@ -83,11 +96,39 @@ class FlashBackward {
     float* delta;     // [Nq], D_i = rowsum(dO_i * O_i)
     float* p;         // [kBlockQ][kBlockK] probabilities of one tile pair
     float* dp;        // [kBlockQ][kBlockK] dP, then dS in place
+    // Pair products only (fp32 k_panels, v_panels and k_rows are then unused):
+    bfloat16* k_pairs;   // [Nk_padded / kPanel][D_pairs][kPanel][2], for s
+    bfloat16* v_pairs;   // the same of V, for dp
+    bfloat16* k_strips;  // [D_padded / kPanel][Nk_padded / 2][kPanel][2], for dq
+    bfloat16* q_pairs;   // [Nq][2 * D_pairs], one query head in bf16
+    bfloat16* do_pairs;  // [Nq][2 * D_pairs]
+    bfloat16* ds_pairs;  // [kBlockQ][kBlockK] dS rounded to bf16
   };
+
+  int64_t pair_workspace() const {
+    if constexpr (!kPairs) return 0;
+    const int64_t nq = round_up(f_.seq_q, 16);
+    return 2 * seq_k_padded_ * pair_ld_ + seq_k_padded_ * dim_padded_ + 2 * round_up(nq * pair_ld_, 32) +
+           kBlockQ * kBlockK;
+  }
+
+  void carve_pairs(bfloat16* base, Buffers& b) const {
+    const int64_t nq = round_up(f_.seq_q, 16);
+    b.k_pairs = base;
+    b.v_pairs = b.k_pairs + seq_k_padded_ * pair_ld_;
+    b.k_strips = b.v_pairs + seq_k_padded_ * pair_ld_;
+    b.q_pairs = b.k_strips + seq_k_padded_ * dim_padded_;
+    b.do_pairs = b.q_pairs + round_up(nq * pair_ld_, 32);
+    b.ds_pairs = b.do_pairs + round_up(nq * pair_ld_, 32);
+  }
+
+  // The fp32 copies of K and V (none with pair products, which use the bf16 ones instead).
+  int64_t kv_panel_floats() const { return kPairs ? 0 : seq_k_padded_ * f_.dim; }
+  int64_t k_row_floats() const { return kPairs ? 0 : seq_k_padded_ * dim_padded_; }
 
   int64_t workspace_floats() const {
     const int64_t nq = round_up(f_.seq_q, 16);
-    return 2 * seq_k_padded_ * f_.dim + 3 * seq_k_padded_ * dim_padded_ + 3 * nq * dim_padded_ + 2 * nq +
+    return 2 * kv_panel_floats() + k_row_floats() + 2 * seq_k_padded_ * dim_padded_ + 3 * nq * dim_padded_ + 2 * nq +
            2 * kBlockQ * kBlockK;
   }
 
@@ -95,9 +136,9 @@ class FlashBackward {
     const int64_t nq = round_up(f_.seq_q, 16);
     Buffers b{};
     b.k_panels = base;
-    b.v_panels = b.k_panels + seq_k_padded_ * f_.dim;
-    b.k_rows = b.v_panels + seq_k_padded_ * f_.dim;
-    b.dk_acc = b.k_rows + seq_k_padded_ * dim_padded_;
+    b.v_panels = b.k_panels + kv_panel_floats();
+    b.k_rows = b.v_panels + kv_panel_floats();
+    b.dk_acc = b.k_rows + k_row_floats();
     b.dv_acc = b.dk_acc + seq_k_padded_ * dim_padded_;
     b.q_rows = b.dv_acc + seq_k_padded_ * dim_padded_;
     b.do_rows = b.q_rows + nq * dim_padded_;
@@ -119,15 +160,24 @@ class FlashBackward {
   void kv_head(int64_t b, int64_t h_kv, const Buffers& buf) const {
     const T* k_head = static_cast<const T*>(f_.k) + b * f_.k_strides.batch + h_kv * f_.k_strides.head;
     const T* v_head = static_cast<const T*>(f_.v) + b * f_.v_strides.batch + h_kv * f_.v_strides.head;
-    for (int64_t panel = 0; panel < seq_k_padded_ / kPanel; ++panel) {
-      pack_k_panel<Isa>(k_head, f_.k_strides.row, f_.seq_k, f_.dim, panel, buf.k_panels);
-      pack_k_panel<Isa>(v_head, f_.v_strides.row, f_.seq_k, f_.dim, panel, buf.v_panels);
-    }
-    for (int64_t j = 0; j < seq_k_padded_; ++j) {
-      if (j < f_.seq_k) {
-        widen_row(f_.k, f_.k_strides, b, h_kv, j, buf.k_rows + j * dim_padded_);
-      } else {
-        std::fill(buf.k_rows + j * dim_padded_, buf.k_rows + (j + 1) * dim_padded_, 0.0f);
+    if constexpr (kPairs) {
+      for (int64_t panel = 0; panel < seq_k_padded_ / kPanel; ++panel) {
+        pack_k_pairs<Isa>(k_head, f_.k_strides.row, f_.seq_k, f_.dim, panel, buf.k_pairs);
+        pack_k_pairs<Isa>(v_head, f_.v_strides.row, f_.seq_k, f_.dim, panel, buf.v_pairs);
+        pack_v_pairs<Isa>(k_head, f_.k_strides.row, f_.seq_k, f_.dim, seq_k_padded_, dim_padded_, panel,
+                          buf.k_strips);
+      }
+    } else {
+      for (int64_t panel = 0; panel < seq_k_padded_ / kPanel; ++panel) {
+        pack_k_panel<Isa>(k_head, f_.k_strides.row, f_.seq_k, f_.dim, panel, buf.k_panels);
+        pack_k_panel<Isa>(v_head, f_.v_strides.row, f_.seq_k, f_.dim, panel, buf.v_panels);
+      }
+      for (int64_t j = 0; j < seq_k_padded_; ++j) {
+        if (j < f_.seq_k) {
+          widen_row(f_.k, f_.k_strides, b, h_kv, j, buf.k_rows + j * dim_padded_);
+        } else {
+          std::fill(buf.k_rows + j * dim_padded_, buf.k_rows + (j + 1) * dim_padded_, 0.0f);
+        }
       }
     }
     std::fill(buf.dk_acc, buf.dk_acc + seq_k_padded_ * dim_padded_, 0.0f);
@@ -159,6 +209,15 @@ class FlashBackward {
       float* do_row = buf.do_rows + i * dim_padded_;
       widen_row(f_.q, f_.q_strides, b, h_q, i, q_row);
       widen_row(p_.dout, p_.dout_strides, b, h_q, i, do_row);
+      if constexpr (kPairs) {
+        const T* q = static_cast<const T*>(f_.q) + b * f_.q_strides.batch + h_q * f_.q_strides.head + i * f_.q_strides.row;
+        const T* dout = static_cast<const T*>(p_.dout) + b * p_.dout_strides.batch + h_q * p_.dout_strides.head +
+                        i * p_.dout_strides.row;
+        for (int64_t d = 0; d < pair_ld_; ++d) {
+          buf.q_pairs[i * pair_ld_ + d] = element_or_zero(q, d, f_.dim);
+          buf.do_pairs[i * pair_ld_ + d] = element_or_zero(dout, d, f_.dim);
+        }
+      }
       const T* o = static_cast<const T*>(p_.o) + b * p_.o_strides.batch + h_q * p_.o_strides.head + i * p_.o_strides.row;
       float delta = 0.0f;
       for (int64_t d = 0; d < f_.dim; ++d) delta += do_row[d] * to_float(o[d]);
@@ -198,9 +257,19 @@ class FlashBackward {
     for (int r0 = 0; r0 < rows; r0 += kTileRows) {
       with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
         for (int64_t c = 0; c < cols; c += kPanel) {
-          const int64_t panel_offset = (key_begin + c) / kPanel * dim * kPanel;
-          qk_tile<Isa, R>(q_rows + r0 * ld, ld, buf.k_panels + panel_offset, dim, buf.p + r0 * s_ld + c, s_ld);
-          qk_tile<Isa, R>(do_rows + r0 * ld, ld, buf.v_panels + panel_offset, dim, buf.dp + r0 * s_ld + c, s_ld);
+          if constexpr (kPairs) {
+            const int64_t panel_offset = (key_begin + c) / kPanel * pair_ld_ * kPanel;
+            const bfloat16* q_pairs = buf.q_pairs + (q_begin + r0) * pair_ld_;
+            const bfloat16* do_pairs = buf.do_pairs + (q_begin + r0) * pair_ld_;
+            qk_tile_pairs<Isa, R>(q_pairs, pair_ld_, buf.k_pairs + panel_offset, pair_ld_ / 2, 1.0f,
+                                  buf.p + r0 * s_ld + c, s_ld);
+            qk_tile_pairs<Isa, R>(do_pairs, pair_ld_, buf.v_pairs + panel_offset, pair_ld_ / 2, 1.0f,
+                                  buf.dp + r0 * s_ld + c, s_ld);
+          } else {
+            const int64_t panel_offset = (key_begin + c) / kPanel * dim * kPanel;
+            qk_tile<Isa, R>(q_rows + r0 * ld, ld, buf.k_panels + panel_offset, dim, buf.p + r0 * s_ld + c, s_ld);
+            qk_tile<Isa, R>(do_rows + r0 * ld, ld, buf.v_panels + panel_offset, dim, buf.dp + r0 * s_ld + c, s_ld);
+          }
         }
       });
     }
@@ -237,6 +306,11 @@ class FlashBackward {
       }
       std::fill(p_row + j, p_row + cols, 0.0f);
       std::fill(ds_row + j, ds_row + cols, 0.0f);
+      if constexpr (kPairs) {
+        for (int64_t c = 0; c < cols; c += 2 * W) {
+          Isa::store_bf16(buf.ds_pairs + r * s_ld + c, Isa::loadu(ds_row + c), Isa::loadu(ds_row + c + W));
+        }
+      }
     }
 
     // The three products sum only over the (query, key) pairs that see each other (pv_tile_seen): a
@@ -261,7 +335,14 @@ class FlashBackward {
       auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
       with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {
-          pv_tile_seen<Isa, R, 2>(buf.dp + r0 * s_ld, s_ld, 1, nullptr, k_rows + d, ld, seen, dq_acc + r0 * ld + d, ld);
+          if constexpr (kPairs) {
+            const bfloat16* k_strip = buf.k_strips + ((d / kPanel) * seq_k_padded_ + key_begin) * kPanel;
+            pv_tile_pairs_seen<Isa, R>(buf.ds_pairs + r0 * s_ld, buf.dp + r0 * s_ld, s_ld, nullptr, k_strip, seen,
+                                       dq_acc + r0 * ld + d, ld);
+          } else {
+            pv_tile_seen<Isa, R, 2>(buf.dp + r0 * s_ld, s_ld, 1, nullptr, k_rows + d, ld, seen, dq_acc + r0 * ld + d,
+                                    ld);
+          }
         }
       });
     }
@@ -271,6 +352,7 @@ class FlashBackward {
   FwdParams f_;
   int64_t dim_padded_;
   int64_t seq_k_padded_;
+  int64_t pair_ld_;  // pair products: the length of a bf16 row of Q, dO (D rounded up to even)
   float scale_log2_;
 };
 
