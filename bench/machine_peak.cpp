@@ -151,13 +151,6 @@ std::string cpu_model_name() {
 
 }  // namespace
 
-double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass, double forward_share) {
-  if (!bf16) return peak.peak_flops_fp32;
-  if (pass == "fwd") return peak.peak_flops_bf16;
-  if (pass == "bwd") return peak.peak_flops_bf16_backward;
-  return 1.0 / (forward_share / peak.peak_flops_bf16 + (1.0 - forward_share) / peak.peak_flops_bf16_backward);
-}
-
 MachinePeak measure_machine_peak(int threads) {
   MachinePeak peak;
   peak.threads = threads;
@@ -178,13 +171,8 @@ MachinePeak measure_machine_peak(int threads) {
   peak.widest_fma_flops = widest > active ? fma_at(widest) : peak.peak_flops_fp32;
   // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
   peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
-  // The kernel table (src/cpu/dispatch.cpp): on AVX512-BF16 the bf16 forward multiplies by vdpbf16ps,
-  // and the backward does for three of its five products (s, dp, dq; dv and dk by fp32 FMA): its
-  // ceiling is the rate of 3 parts at the dot product's peak and 2 at FMA's.
-  const bool pairs = active >= CpuIsa::kAvx512Bf16 && peak.native_bf16;
-  peak.peak_flops_bf16 = pairs ? peak.bf16_dot_flops : peak.peak_flops_fp32;
-  peak.peak_flops_bf16_backward =
-      pairs ? 5.0 / (3.0 / peak.bf16_dot_flops + 2.0 / peak.peak_flops_fp32) : peak.peak_flops_fp32;
+  // The kernel table (src/cpu/dispatch.cpp): on AVX512-BF16 the bf16 products are vdpbf16ps.
+  peak.peak_flops_bf16 = active >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : peak.peak_flops_fp32;
   peak.read_bw = measure_read_bw(threads, has_avx2);
   return peak;
 }

@@ -17,13 +17,12 @@ std::string format_machine(const MachinePeak& peak) {
       (peak.native_bf16 ? fmt::format(", bf16 vdpbf16ps {:.1f}", peak.bf16_dot_flops / 1e9) : std::string());
   return fmt::format(
       "machine: {} | {} threads | kernels: {}\n"
-      "ceiling of the kernels' unit: fp32 FMA at {} width {:.1f} GFLOP/s; bf16 {} (fwd+bwd rows: both passes at "
-      "their units' peaks); DRAM read {:.1f} GB/s; for reference: {} GFLOP/s\n",
+      "ceiling of the kernels' units: fp32 FMA on the {} kernels' vectors {:.1f} GFLOP/s; bf16 rows {}; "
+      "DRAM read {:.1f} GB/s; for reference: {} GFLOP/s\n",
       peak.cpu_name, peak.threads, peak.isa, peak.isa, peak.peak_flops_fp32 / 1e9,
       peak.peak_flops_bf16 != peak.peak_flops_fp32
-          ? fmt::format("forward vdpbf16ps {:.1f}, backward {:.1f} GFLOP/s (3 of its 5 products vdpbf16ps, 2 FMA)",
-                        peak.peak_flops_bf16 / 1e9, peak.peak_flops_bf16_backward / 1e9)
-          : std::string("widened to fp32"),
+          ? fmt::format("vdpbf16ps {:.1f} GFLOP/s (their products' unit)", peak.peak_flops_bf16 / 1e9)
+          : std::string("the same (bf16 widened to fp32)"),
       peak.read_bw / 1e9, reference);
 }
 
@@ -85,7 +84,6 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                     {"isa", peak.isa},
                     {"peak_flops_fp32", peak.peak_flops_fp32},
                     {"peak_flops_bf16", peak.peak_flops_bf16},
-                    {"peak_flops_bf16_backward", peak.peak_flops_bf16_backward},
                     {"native_bf16", peak.native_bf16},
                     {"widest_fma_flops", peak.widest_fma_flops},
                     {"bf16_dot_flops", peak.bf16_dot_flops},

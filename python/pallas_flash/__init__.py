@@ -1,8 +1,9 @@
-"""Pallas-Flash's TPU backend: FlashAttention-2 Pallas kernels for the TPU v5e.
+"""Pallas-Flash for JAX: FlashAttention-2 Pallas kernels for the TPU v5e, and on CPU the project's C++
+kernels through the XLA FFI.
 
-On a TPU the kernels are compiled by Mosaic; on CPU they run in Pallas' TPU interpret mode (slow,
-for checking); elsewhere the reference path runs. A later backend may route CPU calls to the C++
-kernels (through the XLA FFI) behind the same functions.
+On a TPU the kernels are compiled by Mosaic; on CPU the C++ kernels run (pallas_flash.cpu_kernels;
+interpret=True runs the Pallas kernels in TPU interpret mode instead, to check them); elsewhere the
+jax.numpy reference path runs.
 """
 
 from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode

@@ -1,5 +1,6 @@
 """The Pallas split-KV decode kernel (TPU interpret mode) over contiguous and paged caches, the append
-that feeds it, and its 2x2-mesh sharding, against the reference over each sequence's visible cache."""
+that feeds it, and its 2x2-mesh sharding, against the reference over each sequence's visible cache.
+Tests marked both_cpu_kernels run again on the C++ decode (the CPU path through the XLA FFI)."""
 
 import jax
 import jax.numpy as jnp

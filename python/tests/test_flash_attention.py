@@ -1,5 +1,6 @@
 """flash_attention's Pallas TPU kernels, run in TPU interpret mode on the CPU, against the
-reference in float32: forward (O and LSE) and gradients."""
+reference in float32: forward (O and LSE) and gradients. Tests marked both_cpu_kernels run again on
+the C++ kernels (the CPU path through the XLA FFI)."""
 
 import dataclasses
 import math

@@ -18,12 +18,13 @@
 // and dQ, dK are scaled by `scale` once at the end. Nothing of size Nq x Nk is ever held: the extra
 // memory is O((Nq + Nk) * D) per thread.
 //
-// With bf16 pair products (Isa::kBf16Dot, bf16 inputs), the three products whose operands are bf16
-// as given or whose mask is a range of the inner index per output row take vdpbf16ps pairs
-// (tiles_bf16.hpp): s = q x k^T and dp = do x v^T from the inputs' bf16 rows, and dq += ds x k with ds
-// rounded to bf16 (as FlashAttention-2 rounds it on GPUs). dv and dk stay fp32 FMA: their inner index
-// is the query row, and a mask that varies along it and across the output's lanes could not keep a
-// masked pair's 0 * inf out of a pair product.
+// With bf16 pair products (Isa::kBf16Dot, bf16 inputs) the products take vdpbf16ps pairs
+// (tiles_bf16.hpp): s = q x k^T and dp = do x v^T from the inputs' bf16 rows, dq += ds x k with ds
+// rounded to bf16 (as FlashAttention-2 rounds P and dS on GPUs), and on tile pairs where every query
+// row sees every key, dv += p^T x do and dk += ds^T x q, reducing over pairs of query rows. On the
+// other tiles (the causal diagonal, ragged ends, rows that see nothing) dv and dk stay fp32 FMA: their
+// mask varies along the query rows and across the keys, and a pair product could not keep a masked
+// pair's 0 * inf (a dO or Q row holding inf) out of the keys that row does not see.
 #pragma once
 
 #include <omp.h>
@@ -103,13 +104,19 @@ class FlashBackward {
     bfloat16* q_pairs;   // [Nq][2 * D_pairs], one query head in bf16
     bfloat16* do_pairs;  // [Nq][2 * D_pairs]
     bfloat16* ds_pairs;  // [kBlockQ][kBlockK] dS rounded to bf16
+    bfloat16* q_strips;   // [D_padded / kPanel][Nq_padded / 2][kPanel][2]: Q by pairs of rows, for dk
+    bfloat16* do_strips;  // the same of dO, for dv
+    bfloat16* p_by_rows;  // [kBlockQ / 2][kBlockK][2]: P's rows interleaved in pairs (interleave_rows)
+    bfloat16* ds_by_rows; // the same of dS
   };
+
+  int64_t seq_q_padded() const { return round_up(f_.seq_q, kPanel); }
 
   int64_t pair_workspace() const {
     if constexpr (!kPairs) return 0;
     const int64_t nq = round_up(f_.seq_q, 16);
     return 2 * seq_k_padded_ * pair_ld_ + seq_k_padded_ * dim_padded_ + 2 * round_up(nq * pair_ld_, 32) +
-           kBlockQ * kBlockK;
+           3 * kBlockQ * kBlockK + 2 * seq_q_padded() * dim_padded_;
   }
 
   void carve_pairs(bfloat16* base, Buffers& b) const {
@@ -120,6 +127,10 @@ class FlashBackward {
     b.q_pairs = b.k_strips + seq_k_padded_ * dim_padded_;
     b.do_pairs = b.q_pairs + round_up(nq * pair_ld_, 32);
     b.ds_pairs = b.do_pairs + round_up(nq * pair_ld_, 32);
+    b.q_strips = b.ds_pairs + kBlockQ * kBlockK;
+    b.do_strips = b.q_strips + seq_q_padded() * dim_padded_;
+    b.p_by_rows = b.do_strips + seq_q_padded() * dim_padded_;
+    b.ds_by_rows = b.p_by_rows + kBlockQ * kBlockK;
   }
 
   // The fp32 copies of K and V (none with pair products, which use the bf16 ones instead).
@@ -211,6 +222,7 @@ class FlashBackward {
       widen_row(p_.dout, p_.dout_strides, b, h_q, i, do_row);
       if constexpr (kPairs) {
         const T* q = static_cast<const T*>(f_.q) + b * f_.q_strides.batch + h_q * f_.q_strides.head + i * f_.q_strides.row;
+        // (row i of the bf16 copies; the strips by pairs of rows are packed below)
         const T* dout = static_cast<const T*>(p_.dout) + b * p_.dout_strides.batch + h_q * p_.dout_strides.head +
                         i * p_.dout_strides.row;
         for (int64_t d = 0; d < pair_ld_; ++d) {
@@ -226,6 +238,15 @@ class FlashBackward {
           p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + i * p_.lse_strides.row] * std::numbers::log2e_v<float>;
     }
     std::fill(buf.dq_acc, buf.dq_acc + f_.seq_q * dim_padded_, 0.0f);
+    if constexpr (kPairs) {
+      const T* q_head = static_cast<const T*>(f_.q) + b * f_.q_strides.batch + h_q * f_.q_strides.head;
+      const T* do_head = static_cast<const T*>(p_.dout) + b * p_.dout_strides.batch + h_q * p_.dout_strides.head;
+      for (int64_t panel = 0; panel < seq_q_padded() / kPanel; ++panel) {
+        pack_v_pairs<Isa>(q_head, f_.q_strides.row, f_.seq_q, f_.dim, seq_q_padded(), dim_padded_, panel, buf.q_strips);
+        pack_v_pairs<Isa>(do_head, p_.dout_strides.row, f_.seq_q, f_.dim, seq_q_padded(), dim_padded_, panel,
+                          buf.do_strips);
+      }
+    }
 
     for (int64_t key_begin = 0; key_begin < f_.seq_k; key_begin += kBlockK) {
       const int64_t key_end = std::min(key_begin + kBlockK, f_.seq_k);
@@ -318,7 +339,26 @@ class FlashBackward {
     // dv += p^T x do and dk += ds^T x q: output rows are keys, the inner sum runs over query rows.
     float* dv_acc = buf.dv_acc + key_begin * ld;
     float* dk_acc = buf.dk_acc + key_begin * ld;
-    for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
+    bool every_pair_seen = rows % 2 == 0;
+    for (int r = 0; r < rows && every_pair_seen; ++r) every_pair_seen = keys_seen(r) == keys;
+    if constexpr (kPairs) {
+      if (every_pair_seen) {
+        interleave_rows<Isa>(buf.p, s_ld, rows, cols, buf.p_by_rows);
+        interleave_rows<Isa>(buf.dp, s_ld, rows, cols, buf.ds_by_rows);
+        for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
+          with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
+            for (int64_t d = 0; d < ld; d += kPanel) {
+              const int64_t strip = ((d / kPanel) * seq_q_padded() + q_begin) * kPanel;
+              pv_tile_pairs<Isa, R>(buf.p_by_rows + 2 * k0, 2, 2 * cols, nullptr, buf.do_strips + strip, rows / 2,
+                                    dv_acc + k0 * ld + d, ld);
+              pv_tile_pairs<Isa, R>(buf.ds_by_rows + 2 * k0, 2, 2 * cols, nullptr, buf.q_strips + strip, rows / 2,
+                                    dk_acc + k0 * ld + d, ld);
+            }
+          });
+        }
+      }
+    }
+    for (int64_t k0 = 0; k0 < keys && !(kPairs && every_pair_seen); k0 += kTileRows) {
       auto seen_by = [&](int r) { return std::pair<int64_t, int64_t>{first_seeing(k0 + r), rows}; };
       with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {

@@ -39,6 +39,13 @@ struct Avx512Bf16 : Avx512 {
   static void store_bf16(bfloat16* p, vec lo, vec hi) {
     _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
   }
+  // 16 pairs (first[i], second[i]) rounded to bf16: two rows interleaved into pairs.
+  static void store_bf16_pairs(bfloat16* p, vec first, vec second) {
+    const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, halves));
+  }
 };
 
 }  // namespace pflash::cpu

@@ -81,10 +81,11 @@ inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_pan
   }
 }
 
-// acc[Rows][2W] = acc * alpha (skipped when null) + p[Rows][2 * key_pairs] x v over key_pairs pairs of a
-// V strip (v_strip points at the first pair), p in bf16.
+// acc[Rows][2W] = acc * alpha (skipped when null) + p x v over key_pairs pairs of a V strip (v_strip
+// points at the first pair), p in bf16 with the pair (r, j) at p + r * p_rs + j * p_cs: p_cs = 2 for
+// rows of p itself, p_rs = 2 for interleaved pairs of rows (interleave_rows: the backward's P^T, dS^T).
 template <class Isa, int Rows>
-inline void pv_tile_pairs(const bfloat16* p, int64_t p_ld, const float* alpha, const bfloat16* v_strip,
+inline void pv_tile_pairs(const bfloat16* p, int64_t p_rs, int64_t p_cs, const float* alpha, const bfloat16* v_strip,
                           int64_t key_pairs, float* acc, int64_t acc_ld) {
   using V = typename Isa::vec;
   using P = typename Isa::pairs;
@@ -104,7 +105,7 @@ inline void pv_tile_pairs(const bfloat16* p, int64_t p_ld, const float* alpha, c
     const P b1 = Isa::load_pairs(v_strip + j2 * 4 * W + 2 * W);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const P a = Isa::broadcast_pair(p + r * p_ld + 2 * j2);
+      const P a = Isa::broadcast_pair(p + r * p_rs + j2 * p_cs);
       c0[r] = Isa::dot_pairs(c0[r], a, b0);
       c1[r] = Isa::dot_pairs(c1[r], a, b1);
     }
@@ -147,13 +148,26 @@ inline void pv_tile_pairs_seen(const bfloat16* p, const float* p_fp32, int64_t p
   }
   shared_first = round_up(shared_first, 2);
   shared_end = std::max(shared_first, shared_end & ~int64_t{1});
-  pv_tile_pairs<Isa, Rows>(p + shared_first, p_ld, alpha, v_strip + shared_first * 2 * Isa::kWidth,
+  pv_tile_pairs<Isa, Rows>(p + shared_first, p_ld, 2, alpha, v_strip + shared_first * 2 * Isa::kWidth,
                            (shared_end - shared_first) / 2, acc, acc_ld);
   for (int r = 0; r < Rows; ++r) {
     const auto [first, end] = seen(r);
     const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
     if (first < before) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, first, before, acc + r * acc_ld);
     if (after < end) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, after, end, acc + r * acc_ld);
+  }
+}
+
+// out[(i / 2) * 2 * cols + 2 * j + (i % 2)] = bf16(m[i][j]) for rows i < rows (even) and columns
+// j < cols (a multiple of the vector width) of a row-major fp32 m: pairs of consecutive rows
+// interleaved, so that pv_tile_pairs reads m^T with its reduction over m's rows.
+template <class Isa>
+inline void interleave_rows(const float* m, int64_t m_ld, int64_t rows, int64_t cols, bfloat16* out) {
+  for (int64_t i = 0; i < rows; i += 2) {
+    bfloat16* dst = out + i * cols;
+    for (int64_t j = 0; j < cols; j += Isa::kWidth) {
+      Isa::store_bf16_pairs(dst + 2 * j, Isa::loadu(m + i * m_ld + j), Isa::loadu(m + (i + 1) * m_ld + j));
+    }
   }
 }
 
