@@ -22,6 +22,7 @@ void flash_backward_avx512_bf16(detail::BwdParams params);
 void flash_decode_portable(detail::DecodeParams params);
 void flash_decode_avx2(detail::DecodeParams params);
 void flash_decode_avx512(detail::DecodeParams params);
+void flash_decode_avx512_bf16(detail::DecodeParams params);
 
 // The split count for params.num_splits == 0 (decode_plan.cpp).
 int choose_decode_splits(const detail::DecodeParams& params);

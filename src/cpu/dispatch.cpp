@@ -16,10 +16,9 @@ struct KernelSet {
   void (*decode)(detail::DecodeParams);
 };
 
-// AVX512-BF16: the bf16 forward's and backward's products are vdpbf16ps pairs; the decode is the
-// AVX-512 one (bf16 widened to fp32: it is bound by reading the cache, not by its products).
+// AVX512-BF16: the bf16 products are vdpbf16ps pairs (the forward's and backward's; the decode's scores).
 constexpr KernelSet kKernelSets[] = {
-    {CpuIsa::kAvx512Bf16, flash_forward_avx512_bf16, flash_backward_avx512_bf16, flash_decode_avx512},
+    {CpuIsa::kAvx512Bf16, flash_forward_avx512_bf16, flash_backward_avx512_bf16, flash_decode_avx512_bf16},
     {CpuIsa::kAvx512, flash_forward_avx512, flash_backward_avx512, flash_decode_avx512},
     {CpuIsa::kAvx2, flash_forward_avx2, flash_backward_avx2, flash_decode_avx2},
     {CpuIsa::kPortable, flash_forward_portable, flash_backward_portable, flash_decode_portable},

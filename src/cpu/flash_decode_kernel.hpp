@@ -10,6 +10,11 @@
 //   acc      = acc * alpha + p x v_block
 // The split writes O = acc / row_sum and its LSE: straight to the output when there is one split,
 // else to a partial buffer that merge_row combines exactly once every split is done.
+//
+// With bf16 pair products (Isa::kBf16Dot), a bf16 query against a bf16 cache computes the scores by
+// vdpbf16ps along D from the unscaled query (qk_rows_tile_pairs); p x v stays fp32 FMA (its pairs
+// would run along positions, two cache rows interleaved per pair). One token (T = 1) is bound by
+// reading the cache either way; the pairs matter for several tokens, where the products are the cost.
 #pragma once
 
 #include <omp.h>
@@ -17,11 +22,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <numbers>
+#include <type_traits>
 
 #include "core/params.hpp"
 #include "core/workspace.hpp"
 #include "core/merge_row.hpp"
 #include "cpu/tiles.hpp"
+#include "cpu/tiles_bf16.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -64,11 +71,14 @@ class FlashDecode {
   // for the last tile's overhang.
   static constexpr int kRowTile = 4;
   static constexpr int64_t kScoresLd = kBlockKeys + 8;
+  static constexpr bool kPairs = Isa::kBf16Dot && std::is_same_v<TC, bfloat16>;
 
   explicit FlashDecode(DecodeParams p)
       : p_(p),
         rows_(p.group_size() * p.query_tokens),
         acc_ld_(round_up(p.dim, W)),
+        q_pair_ld_(round_up(p.dim, 2 * W)),
+        pairs_(kPairs && p.dtype == DType::kBFloat16),
         scale_log2_(p.scale * std::numbers::log2e_v<float>) {}
 
   void run() {
@@ -109,13 +119,15 @@ class FlashDecode {
     float* row_max;  // [rows], log2 units
     float* row_sum;  // [rows]
     float* alpha;    // [rows]
+    bfloat16* q_pairs;  // pair products: [rows][q_pair_ld], the query rows unscaled, zero-padded
   };
 
   static constexpr int64_t kPointerFloats = 2 * kBlockKeys * sizeof(void*) / sizeof(float);
 
   int64_t scratch_floats() const {
     const int64_t rows = round_up(rows_, 16);
-    return kPointerFloats + round_up(rows * p_.dim, 16) + rows * kScoresLd + rows * acc_ld_ + 3 * rows;
+    return kPointerFloats + round_up(rows * p_.dim, 16) + rows * kScoresLd + rows * acc_ld_ + 3 * rows +
+           (pairs_ ? rows * q_pair_ld_ / 2 : 0);
   }
 
   Scratch carve(float* base) const {
@@ -129,6 +141,7 @@ class FlashDecode {
     s.row_max = s.acc + rows * acc_ld_;
     s.row_sum = s.row_max + rows;
     s.alpha = s.row_sum + rows;
+    s.q_pairs = reinterpret_cast<bfloat16*>(s.alpha + rows);
     return s;
   }
 
@@ -157,8 +170,13 @@ class FlashDecode {
 
     for (int64_t r = 0; r < rows_; ++r) {
       const int64_t h_q = h_kv * p_.group_size() + r / p_.query_tokens, t = r % p_.query_tokens;
-      load_row_scaled(p_.q, p_.dtype, b * p_.q_strides.batch + h_q * p_.q_strides.head + t * p_.q_strides.row, dim,
-                      scale_log2_, s.q_tile + r * dim);
+      const int64_t q_offset = b * p_.q_strides.batch + h_q * p_.q_strides.head + t * p_.q_strides.row;
+      if (pairs_) {
+        const bfloat16* q_row = static_cast<const bfloat16*>(p_.q) + q_offset;
+        for (int64_t d = 0; d < q_pair_ld_; ++d) s.q_pairs[r * q_pair_ld_ + d] = element_or_zero(q_row, d, dim);
+      } else {
+        load_row_scaled(p_.q, p_.dtype, q_offset, dim, scale_log2_, s.q_tile + r * dim);
+      }
       s.row_max[r] = kNegInf;
       s.row_sum[r] = 0.0f;
     }
@@ -191,6 +209,13 @@ class FlashDecode {
           }
           for (int64_t r0 = 0; r0 < rows_; r0 += kRowTile) {
             with_tile_rows<kRowTile>(static_cast<int>(std::min<int64_t>(kRowTile, rows_ - r0)), [&]<int R>() {
+              if constexpr (kPairs) {
+                if (pairs_) {
+                  qk_rows_tile_pairs<Isa, R>(s.q_pairs + r0 * q_pair_ld_, q_pair_ld_, k_rows, dim, scale_log2_,
+                                             scores + r0 * kScoresLd, kScoresLd);
+                  return;
+                }
+              }
               qk_rows_tile<Isa, R>(s.q_tile + r0 * dim, dim, k_rows, dim, scores + r0 * kScoresLd, kScoresLd);
             });
           }
@@ -312,6 +337,8 @@ class FlashDecode {
   DecodeParams p_;
   int64_t rows_;
   int64_t acc_ld_;
+  int64_t q_pair_ld_;
+  bool pairs_;  // pair products for this call: a bf16 query (the cache's dtype is TC)
   float scale_log2_;
 };
 

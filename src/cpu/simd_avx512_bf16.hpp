@@ -20,6 +20,11 @@ struct Avx512Bf16 : Avx512 {
   using pairs = __m512i;  // 16 lanes of (bf16, bf16)
 
   static pairs load_pairs(const bfloat16* p) { return _mm512_load_si512(p); }
+  // 32 bf16 from anywhere; the first n (< 32) only, the rest zero, for the masked form.
+  static pairs loadu_pairs(const bfloat16* p) { return _mm512_loadu_si512(p); }
+  static pairs loadu_pairs(const bfloat16* p, std::int64_t n) {
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((std::uint64_t{1} << n) - 1), p);
+  }
   // Both elements of one pair (p[0], p[1]) in every lane.
   static pairs broadcast_pair(const bfloat16* p) {
     std::int32_t bits;

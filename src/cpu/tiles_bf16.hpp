@@ -81,6 +81,34 @@ inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_pan
   }
 }
 
+// qk_rows_tile (tiles.hpp) with pair products: scores[Rows][0..3) = (q[Rows][D] x k[3 keys][D]^T) * scale
+// for bf16 query rows zero-padded to a multiple of 2W (q_ld) and bf16 key rows read in place (the
+// decode's cache): the dot products run along D in pairs, 2W elements an instruction; scores[r][3]
+// is written 0, as there.
+template <class Isa, int Rows>
+inline void qk_rows_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* const (&k)[3], int64_t dim, float scale,
+                               float* scores, int64_t s_ld) {
+  using V = typename Isa::vec;
+  using P = typename Isa::pairs;
+  constexpr int W2 = 2 * Isa::kWidth;
+  V c[Rows][3];
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) c[r][0] = c[r][1] = c[r][2] = Isa::zero();
+  for (int64_t d = 0; d < dim; d += W2) {
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; ++j) {
+      const P kv = d + W2 <= dim ? Isa::loadu_pairs(k[j] + d) : Isa::loadu_pairs(k[j] + d, dim - d);
+#pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) c[r][j] = Isa::dot_pairs(c[r][j], Isa::loadu_pairs(q + r * q_ld + d), kv);
+    }
+  }
+  const V s = Isa::set1(scale);
+#pragma GCC unroll 16
+  for (int r = 0; r < Rows; ++r) {
+    Isa::store_sums4(scores + r * s_ld, Isa::mul(c[r][0], s), Isa::mul(c[r][1], s), Isa::mul(c[r][2], s), Isa::zero());
+  }
+}
+
 // acc[Rows][2W] = acc * alpha (skipped when null) + p x v over key_pairs pairs of a V strip (v_strip
 // points at the first pair), p in bf16 with the pair (r, j) at p + r * p_rs + j * p_cs: p_cs = 2 for
 // rows of p itself, p_rs = 2 for interleaved pairs of rows (interleave_rows: the backward's P^T, dS^T).
