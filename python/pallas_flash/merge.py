@@ -8,6 +8,9 @@ no key) contributes nothing; a row where every partial is -inf gives O = 0, LSE 
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from pallas_flash import cpu_kernels
@@ -17,9 +20,14 @@ from pallas_flash.backend import kernel_mode
 def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool | None = None):
     """o_parts [..., P, ..., D] and lse_parts [..., P, ...] with the partials along `axis` (of the LSE;
     the same axis of O). Returns (O in float32, LSE). On CPU (interpret None) the C++ merge runs through
-    the XLA FFI, elsewhere (and with interpret=True) this jax.numpy form."""
+    the XLA FFI, elsewhere (and with interpret=True) this jax.numpy form. Differentiable either way
+    (ring attention trains through it): the C++ merge's gradient is that of the jax.numpy form."""
     if kernel_mode(interpret) == "cpu":
-        return cpu_kernels.merge(o_parts, lse_parts, axis)
+        return _merge_cpu(o_parts, lse_parts, axis)
+    return _merge_jnp(o_parts, lse_parts, axis)
+
+
+def _merge_jnp(o_parts, lse_parts, axis: int):
     lse_parts = lse_parts.astype(jnp.float32)
     row_max = jnp.max(lse_parts, axis=axis, keepdims=True)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -29,3 +37,21 @@ def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool
     o = jnp.sum(o_parts.astype(jnp.float32) * (weights / safe_total)[..., None], axis=axis)
     lse = jnp.where(total > 0, shift + jnp.log(safe_total), -jnp.inf)
     return o, jnp.squeeze(lse, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _merge_cpu(o_parts, lse_parts, axis):
+    return cpu_kernels.merge(o_parts, lse_parts, axis)
+
+
+def _merge_cpu_fwd(o_parts, lse_parts, axis):
+    return cpu_kernels.merge(o_parts, lse_parts, axis), (o_parts, lse_parts)
+
+
+def _merge_cpu_bwd(axis, residuals, cotangents):
+    # The merge is a few KiB per row set: recomputing it in jax.numpy for its VJP costs nothing.
+    _, vjp = jax.vjp(lambda o, lse: _merge_jnp(o, lse, axis), *residuals)
+    return vjp(cotangents)
+
+
+_merge_cpu.defvjp(_merge_cpu_fwd, _merge_cpu_bwd)

@@ -145,3 +145,21 @@ def test_the_environment_variable_is_checked(monkeypatch):
         backend.kernel_mode(None)
     monkeypatch.setenv("PALLAS_FLASH_CPU_KERNELS", "interpret")
     assert backend.kernel_mode(None) == "interpret"
+
+
+def test_the_merge_is_differentiable_as_the_jax_numpy_one():
+    parts = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 4, 16))
+    lse_parts = 4 * jax.random.normal(jax.random.PRNGKey(4), (3, 5, 4)).at[1, 2, 3].set(-jnp.inf)
+    weights = jax.random.normal(jax.random.PRNGKey(5), (5, 4, 16))
+
+    def loss(interpret):
+        def f(o, lse):
+            merged, merged_lse = pf.merge_attention_states(o, lse, axis=0, interpret=interpret)
+            return jnp.sum(merged * weights) + jnp.sum(jnp.where(jnp.isfinite(merged_lse), merged_lse, 0.0))
+        return f
+
+    got = jax.jit(jax.grad(loss(None), argnums=(0, 1)))(parts, lse_parts)
+    want = jax.grad(loss(True), argnums=(0, 1))(parts, lse_parts)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert "pallas_flash_merge" in jax.jit(jax.value_and_grad(loss(None))).lower(parts, lse_parts).as_text()
