@@ -410,9 +410,11 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     ignores those rows). A Python int is one length for every sequence, known at trace time: the
     kernel reads no length from SMEM (the v5e compiler's static profile reads scalar-prefetch values
     as 0, so it is how decode is profiled). The cache is split into num_splits ranges (default:
-    default_num_splits) decoded independently and merged exactly.
+    default_num_splits; on CPU, the C++ decode's own choice from the threads and lengths) decoded
+    independently and merged exactly.
     Bad shapes, page sizes and heads raise ValueError; lengths past the capacity and page ids outside
-    the pool too, wherever their values are known (not under jit). Returns O [B, Hq, T, D], or
+    the pool too, wherever their values are known (not under jit; on CPU the C++ decode checks them at
+    run time under jit too, raising JaxRuntimeError). Returns O [B, Hq, T, D], or
     (O, LSE [B, Hq, T]) with return_lse.
     """
     name = "flash_decode"
