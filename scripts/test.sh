@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite in Release, then again under AddressSanitizer and
 # UndefinedBehaviorSanitizer, then the fuzzer over the argument checks (scripts/fuzz.sh), then the
-# Python TPU backend. PFLASH_QUICK=1 (local use; CI runs everything) skips the sanitizer build and the
-# fuzzer; PFLASH_SKIP_PYTHON=1 skips the Python environment and its tests.
+# Python suite (both CPU paths and the v5e compiles). PFLASH_QUICK=1 (local use; CI runs everything)
+# skips the sanitizer build and the fuzzer; PFLASH_SKIP_PYTHON=1 skips the Python environment and its
+# tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -31,6 +32,6 @@ if [[ "${PFLASH_SKIP_PYTHON:-0}" == 1 ]]; then
   echo "== Python: skipped (PFLASH_SKIP_PYTHON=1)"
   exit 0
 fi
-echo "== Python: TPU backend (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh; compiled for a v5e by libtpu)"
+echo "== Python: pallas_flash (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh, and compiled for a v5e by libtpu; the C++ kernels through the XLA FFI)"
 cd python
 JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest -q -rs
