@@ -33,9 +33,10 @@ def _merge_jnp(o_parts, lse_parts, axis: int):
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.exp(lse_parts - shift)  # exp(-inf) = 0 for empty partials
     total = jnp.sum(weights, axis=axis, keepdims=True)
-    safe_total = jnp.where(total > 0, total, 1.0)
+    seen = total != 0  # a NaN partial makes the row NaN (O and LSE), not empty
+    safe_total = jnp.where(seen, total, 1.0)
     o = jnp.sum(o_parts.astype(jnp.float32) * (weights / safe_total)[..., None], axis=axis)
-    lse = jnp.where(total > 0, shift + jnp.log(safe_total), -jnp.inf)
+    lse = jnp.where(seen, shift + jnp.log(safe_total), -jnp.inf)
     return o, jnp.squeeze(lse, axis=axis)
 
 

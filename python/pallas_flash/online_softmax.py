@@ -74,9 +74,10 @@ def update_state(s, v, row_max_ref, row_sum_ref, acc_ref, *, first: bool = False
 
 def finish_state(row_max_ref, row_sum_ref, acc_ref):
     """(O, LSE) in fp32, the LSE in natural log and replicated over 128 lanes. Rows that saw no key:
-    O = 0, LSE = -inf (not 0/0)."""
+    O = 0, LSE = -inf (not 0/0); a row that saw a NaN: O = LSE = NaN (a NaN sum is not "nothing seen",
+    so that a merge of partials cannot drop it)."""
     row_sum = row_sum_ref[...]
-    seen = row_sum > 0.0
+    seen = row_sum != 0.0
     safe_sum = jnp.where(seen, row_sum, 1.0)
     o = acc_ref[...] * lanes(1.0 / safe_sum, acc_ref.shape[1])
     return o, jnp.where(seen, (row_max_ref[...] + jnp.log2(safe_sum)) * LN_2, NEG_INF)

@@ -25,7 +25,7 @@ def masked_attention(scores, v):
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(scores - shift)
     row_sum = jnp.sum(probs, axis=-1)
-    seen = row_sum > 0
+    seen = row_sum != 0  # NaN (a NaN seen) is not "nothing seen": O and LSE stay NaN
     safe_sum = jnp.where(seen, row_sum, 1.0)
     out = jnp.einsum("...qk,...kd->...qd", probs, v.astype(jnp.float32), precision="highest") / safe_sum[..., None]
     return out, jnp.where(seen, shift[..., 0] + jnp.log(safe_sum), -jnp.inf)

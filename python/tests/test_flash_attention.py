@@ -224,3 +224,19 @@ def test_off_tpu_and_cpu_the_reference_path_runs(monkeypatch):
     ref_o, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
     assert rel_l2(o, ref_o) < 1e-6
     assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.both_cpu_kernels
+def test_a_nan_reaches_exactly_the_rows_that_see_it():
+    # A NaN in query row 3 makes row 3 NaN and no other; a NaN in key 210 makes the causal rows that see
+    # it (210 onwards) NaN and no other. (A NaN or inf in V at a key a row does not see still reaches
+    # that row in the Pallas kernels when the key shares its key block: 0 x NaN in the MXU product, as in
+    # FlashAttention's GPU kernels and PyTorch's; the C++ kernels keep it out, test_cpu_kernels.py.)
+    q, k, v, _ = random_inputs(Shape(1, 1, 1, 256, 256, 64))
+    for name, (a, b), nan_rows in [("q row 3", (q.at[0, 0, 3].set(jnp.nan), k), [3]),
+                                   ("k key 210", (q, k.at[0, 0, 210].set(jnp.nan)), list(range(210, 256)))]:
+        o, lse = flash_attention(a, b, v, causal=True, return_lse=True)
+        o, lse = np.asarray(o)[0, 0], np.asarray(lse)[0, 0]
+        assert np.flatnonzero(np.isnan(o).any(axis=-1)).tolist() == nan_rows, name
+        assert np.flatnonzero(np.isnan(lse)).tolist() == nan_rows, name
+        assert np.all(np.isfinite(np.delete(o, nan_rows, axis=0))), name

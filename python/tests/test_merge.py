@@ -40,3 +40,15 @@ def test_merge_is_stable_for_large_lse():
     o, lse = merge_attention_states(jnp.ones((2, 1, 4)), jnp.array([[1e4], [1e4]]))
     np.testing.assert_allclose(o, np.ones((1, 4)))
     np.testing.assert_allclose(lse, [1e4 + np.log(2.0)])
+
+
+@pytest.mark.both_cpu_kernels
+def test_a_nan_partial_makes_its_row_nan_not_empty():
+    # Row 0: one NaN partial (a split that saw a NaN) among finite ones; row 1: finite and empty parts.
+    o_parts = jnp.ones((3, 2, 1, 4))
+    lse_parts = jnp.array([[[0.5], [1.0]], [[jnp.nan], [-jnp.inf]], [[2.0], [-jnp.inf]]])
+    o, lse = merge_attention_states(o_parts, lse_parts)
+    o, lse = np.asarray(o), np.asarray(lse)
+    assert np.isnan(lse[0, 0]) and np.all(np.isnan(o[0, 0]))
+    np.testing.assert_allclose(lse[1, 0], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(o[1, 0], 1.0, rtol=1e-6)
