@@ -221,8 +221,8 @@ class FlashBackward {
       widen_row(f_.q, f_.q_strides, b, h_q, i, q_row);
       widen_row(p_.dout, p_.dout_strides, b, h_q, i, do_row);
       if constexpr (kPairs) {
+        // Row i of the bf16 copies (for s and dp); the strips by pairs of rows are packed below.
         const T* q = static_cast<const T*>(f_.q) + b * f_.q_strides.batch + h_q * f_.q_strides.head + i * f_.q_strides.row;
-        // (row i of the bf16 copies; the strips by pairs of rows are packed below)
         const T* dout = static_cast<const T*>(p_.dout) + b * p_.dout_strides.batch + h_q * p_.dout_strides.head +
                         i * p_.dout_strides.row;
         for (int64_t d = 0; d < pair_ld_; ++d) {
@@ -339,10 +339,11 @@ class FlashBackward {
     // dv += p^T x do and dk += ds^T x q: output rows are keys, the inner sum runs over query rows.
     float* dv_acc = buf.dv_acc + key_begin * ld;
     float* dk_acc = buf.dk_acc + key_begin * ld;
-    bool every_pair_seen = rows % 2 == 0;
-    for (int r = 0; r < rows && every_pair_seen; ++r) every_pair_seen = keys_seen(r) == keys;
+    // Pair products over pairs of query rows where every row of the block sees every key of it.
+    bool pairs_tile = kPairs && rows % 2 == 0;
+    for (int r = 0; r < rows && pairs_tile; ++r) pairs_tile = keys_seen(r) == keys;
     if constexpr (kPairs) {
-      if (every_pair_seen) {
+      if (pairs_tile) {
         interleave_rows<Isa>(buf.p, s_ld, rows, cols, buf.p_by_rows);
         interleave_rows<Isa>(buf.dp, s_ld, rows, cols, buf.ds_by_rows);
         for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
@@ -358,7 +359,7 @@ class FlashBackward {
         }
       }
     }
-    for (int64_t k0 = 0; k0 < keys && !(kPairs && every_pair_seen); k0 += kTileRows) {
+    for (int64_t k0 = 0; k0 < keys && !pairs_tile; k0 += kTileRows) {
       auto seen_by = [&](int r) { return std::pair<int64_t, int64_t>{first_seeing(k0 + r), rows}; };
       with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {

@@ -183,6 +183,31 @@ inline void pv_tile(const float* p, int64_t p_rs, int64_t p_cs, const float* alp
   }
 }
 
+// The range of the inner index that all of rows 0..Rows-1 see ([first, end) = seen(r) each), empty
+// (first == end) when they share none.
+template <int Rows, class Seen>
+inline std::pair<int64_t, int64_t> shared_seen(Seen seen) {
+  int64_t shared_first = 0, shared_end = INT64_MAX;
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    shared_first = std::max(shared_first, first);
+    shared_end = std::min(shared_end, end);
+  }
+  return {shared_first, std::max(shared_end, shared_first)};
+}
+
+// Calls add(r, from, to) for each row's part of seen(r) outside [shared_first, shared_end): the
+// inner indices the shared tile did not take, before it and after it.
+template <int Rows, class Seen, class Add>
+inline void add_unshared(Seen seen, int64_t shared_first, int64_t shared_end, Add add) {
+  for (int r = 0; r < Rows; ++r) {
+    const auto [first, end] = seen(r);
+    const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
+    if (first < before) add(r, first, before);
+    if (after < end) add(r, after, end);
+  }
+}
+
 // pv_tile where output row r sums only over its own range [first, end) = seen(r) of the inner index:
 // a (row, column) pair outside it contributes exactly nothing, not 0 * v (NaN for a v of inf or NaN),
 // which is how every kernel applies a mask to its products. The rows share the range all of them see
@@ -191,27 +216,13 @@ inline void pv_tile(const float* p, int64_t p_rs, int64_t p_cs, const float* alp
 template <class Isa, int Rows, int Vecs, class T, class Seen>
 inline void pv_tile_seen(const float* p, int64_t p_rs, int64_t p_cs, const float* alpha, const T* v, int64_t v_ld,
                          Seen seen, float* acc, int64_t acc_ld) {
-  int64_t shared_first = 0, shared_end = INT64_MAX;
-  for (int r = 0; r < Rows; ++r) {
-    const auto [first, end] = seen(r);
-    shared_first = std::max(shared_first, first);
-    shared_end = std::min(shared_end, end);
-  }
-  shared_end = std::max(shared_end, shared_first);
+  const auto [shared_first, shared_end] = shared_seen<Rows>(seen);
   pv_tile<Isa, Rows, Vecs>(p + shared_first * p_cs, p_rs, p_cs, alpha, v + shared_first * v_ld, v_ld,
                            shared_end - shared_first, acc, acc_ld);
-  for (int r = 0; r < Rows; ++r) {
-    const auto [first, end] = seen(r);
-    const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
-    if (first < before) {
-      pv_tile<Isa, 1, Vecs>(p + r * p_rs + first * p_cs, p_rs, p_cs, nullptr, v + first * v_ld, v_ld, before - first,
-                            acc + r * acc_ld, acc_ld);
-    }
-    if (after < end) {
-      pv_tile<Isa, 1, Vecs>(p + r * p_rs + after * p_cs, p_rs, p_cs, nullptr, v + after * v_ld, v_ld, end - after,
-                            acc + r * acc_ld, acc_ld);
-    }
-  }
+  add_unshared<Rows>(seen, shared_first, shared_end, [&](int r, int64_t from, int64_t to) {
+    pv_tile<Isa, 1, Vecs>(p + r * p_rs + from * p_cs, p_rs, p_cs, nullptr, v + from * v_ld, v_ld, to - from,
+                          acc + r * acc_ld, acc_ld);
+  });
 }
 
 // Turns one row of scores (log2 units, masked entries -inf; cols a multiple of the vector width)

@@ -168,22 +168,14 @@ inline void pv_keys_single(const float* p_row, const bfloat16* v_strip, int64_t 
 template <class Isa, int Rows, class Seen>
 inline void pv_tile_pairs_seen(const bfloat16* p, const float* p_fp32, int64_t p_ld, const float* alpha,
                                const bfloat16* v_strip, Seen seen, float* acc, int64_t acc_ld) {
-  int64_t shared_first = 0, shared_end = INT64_MAX;
-  for (int r = 0; r < Rows; ++r) {
-    const auto [first, end] = seen(r);
-    shared_first = std::max(shared_first, first);
-    shared_end = std::min(shared_end, end);
-  }
-  shared_first = round_up(shared_first, 2);
-  shared_end = std::max(shared_first, shared_end & ~int64_t{1});
+  const auto [seen_first, seen_end] = shared_seen<Rows>(seen);
+  const int64_t shared_first = round_up(seen_first, 2);  // whole pairs only
+  const int64_t shared_end = std::max(shared_first, seen_end & ~int64_t{1});
   pv_tile_pairs<Isa, Rows>(p + shared_first, p_ld, 2, alpha, v_strip + shared_first * 2 * Isa::kWidth,
                            (shared_end - shared_first) / 2, acc, acc_ld);
-  for (int r = 0; r < Rows; ++r) {
-    const auto [first, end] = seen(r);
-    const int64_t before = std::min(shared_first, end), after = std::max(shared_end, first);
-    if (first < before) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, first, before, acc + r * acc_ld);
-    if (after < end) pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, after, end, acc + r * acc_ld);
-  }
+  add_unshared<Rows>(seen, shared_first, shared_end, [&](int r, int64_t from, int64_t to) {
+    pv_keys_single<Isa>(p_fp32 + r * p_ld, v_strip, from, to, acc + r * acc_ld);
+  });
 }
 
 // out[(i / 2) * 2 * cols + 2 * j + (i % 2)] = bf16(m[i][j]) for rows i < rows (even) and columns
