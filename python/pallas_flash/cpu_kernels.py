@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_flash.attention_vjp import attention_vjp
+
 LIBRARY_NAME = "libpallas_flash_xla.so"
 # The module's handler symbols, registered under the same names as FFI targets.
 _TARGETS = ("pallas_flash_attention_forward", "pallas_flash_attention_backward", "pallas_flash_decode",
@@ -76,41 +78,31 @@ def _shape(x, dtype=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention: a custom_vjp whose forward saves (q, k, v, o, lse) and whose backward is the C++ backward.
+# Attention: the custom_vjp of attention_vjp, with the C++ forward (saving O and the LSE) and backward.
 
 
-def _forward(q, k, v, causal: bool, scale: float):
+def _forward(static, q, k, v):
+    causal, scale = static
     _require()
     lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
     call = jax.ffi.ffi_call("pallas_flash_attention_forward", (_shape(q), lse_shape), vmap_method="broadcast_all")
     return call(q, k, v, causal=bool(causal), softmax_scale=np.float32(scale))
 
 
-def _backward(q, k, v, o, lse, do, causal: bool, scale: float):
+def _backward(static, q, k, v, o, lse, do):
+    causal, scale = static
     _require()
     call = jax.ffi.ffi_call("pallas_flash_attention_backward", (_shape(q), _shape(k), _shape(v)),
                             vmap_method="broadcast_all")
     return call(q, k, v, o, lse, do.astype(q.dtype), causal=bool(causal), softmax_scale=np.float32(scale))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+_attention = attention_vjp(_forward, _backward)
+
+
 def attention(q, k, v, causal: bool, scale: float):
     """(O in q's dtype, LSE [B, Hq, Nq] f32) for [B, H, N, D] q, k, v of one dtype (fp32 or bf16)."""
-    return _forward(q, k, v, causal, scale)
-
-
-def _attention_fwd(q, k, v, causal, scale):
-    o, lse = _forward(q, k, v, causal, scale)
-    return (o, lse), (q, k, v, o, lse)
-
-
-def _attention_bwd(causal, scale, residuals, cotangents):
-    q, k, v, o, lse = residuals
-    do, _ = cotangents  # LSE is an output for callers, not differentiated through
-    return _backward(q, k, v, o, lse, do, causal, scale)
-
-
-attention.defvjp(_attention_fwd, _attention_bwd)
+    return _attention((causal, scale), q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------

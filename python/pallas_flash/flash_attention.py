@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_flash import cpu_kernels
+from pallas_flash.attention_vjp import attention_vjp
 from pallas_flash.backend import kernel_mode
 from pallas_flash.online_softmax import (LANES, LOG2_E, NEG_INF, finish_state, init_state, lanes, replicated_to_row,
                                          row_to_replicated, stat_shape, update_state)
@@ -565,23 +566,9 @@ def _dq(problem: _Problem, blocks: BlockSizes, q, k, v, do, lse, delta):
 # custom_vjp over the aligned arrays
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash_aligned(problem, blocks, q, k, v):
-    return _forward(problem, blocks, q, k, v)
-
-
-def _flash_aligned_fwd(problem, blocks, q, k, v):
-    o, lse = _forward(problem, blocks, q, k, v)
-    return (o, lse), (q, k, v, o, lse)
-
-
-def _flash_aligned_bwd(problem, blocks, residuals, cotangents):
-    q, k, v, o, lse = residuals
-    do, _ = cotangents  # LSE is an output for callers, not differentiated through
-    return _backward(problem, blocks, q, k, v, o, lse, do)
-
-
-_flash_aligned.defvjp(_flash_aligned_fwd, _flash_aligned_bwd)
+# static: (problem, blocks)
+_flash_aligned = attention_vjp(lambda static, q, k, v: _forward(*static, q, k, v),
+                               lambda static, q, k, v, o, lse, do: _backward(*static, q, k, v, o, lse, do))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -663,7 +650,7 @@ def flash_attention(q, k, v, *, causal: bool = False, sm_scale: float | None = N
     if nk != seq_k:
         k = jnp.pad(k, ((0, 0), (0, 0), (0, nk - seq_k), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, 0), (0, nk - seq_k), (0, 0)))
-    o, lse = _flash_aligned(problem, blocks, q, k, v)
+    o, lse = _flash_aligned((problem, blocks), q, k, v)
     if nq != seq_q:
         o, lse = o[:, :, :seq_q], lse[:, :, :seq_q]
     return (o, lse) if return_lse else o

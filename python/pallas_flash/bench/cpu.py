@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 import pallas_flash as pf
 from pallas_flash import cpu_kernels
-from pallas_flash.bench import measure
+from pallas_flash.bench import cases, measure
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -60,11 +60,6 @@ def _pflash_cli(path, batch, heads, seq, dim, dtype, causal, pass_, repeats):
             return None
         rows = json.load(open(out))["results"]
         return rows[0]["median_s"] if rows and rows[0]["status"] == "ok" else None
-
-
-def _flops(batch, heads, seq, dim, causal, pass_):
-    fwd = 4.0 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
-    return fwd * (3.5 if pass_ == "fwd+bwd" else 1.0)  # the backward is 2.5 forwards of products
 
 
 def parse_args(argv=None):
@@ -109,10 +104,11 @@ def main(argv=None):
           f"median of up to {args.repeats} repeats after warm-up")
     rows = []
 
-    def row(name, pass_, seconds, flops_shape=shape, note=""):
-        flops = _flops(*flops_shape, causal, pass_) if flops_shape else None
+    def row(name, pass_, seconds, row_shape=shape, note=""):
+        batch, heads, seq, dim = row_shape
+        flops = cases.Case("cpu", pass_, batch, heads, heads, seq, seq, dim, args.dtype, causal).flops()
         rate = flops / seconds / 1e12 if seconds and flops else None
-        rows.append({"impl": name, "pass": pass_, "shape": list(flops_shape), "median_s": seconds, "tflops": rate,
+        rows.append({"impl": name, "pass": pass_, "shape": list(row_shape), "median_s": seconds, "tflops": rate,
                      "note": note})
         rate_text = f"{rate:8.3f} TFLOP/s" if rate else ""
         print(f"  {name:<34} {pass_:<8} {seconds * 1e3:10.2f} ms {rate_text}  {note}", flush=True)
