@@ -34,7 +34,7 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   params.v = v.view();
   params.o = o.mutable_view();
   params.lse = MutableTensorView::contiguous(lse.data(), DType::kFloat32, {config.batch, config.heads, config.seq_q});
-  params.causal = config.causal;
+  params.mask.causal = config.causal;
   params.num_threads = options.threads;
   params.block_q = options.block_q;
   params.block_k = options.block_k;
@@ -58,7 +58,7 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
     grads.dq = dq->mutable_view();
     grads.dk = dk->mutable_view();
     grads.dv = dv->mutable_view();
-    grads.causal = config.causal;
+    grads.mask.causal = config.causal;
     grads.num_threads = options.threads;
   }
 

@@ -31,8 +31,10 @@ void flash_attention_forward_backward(const AttentionParams& forward, TensorView
   backward.dq = dq;
   backward.dk = dk;
   backward.dv = dv;
-  backward.causal = forward.causal;
+  backward.mask = forward.mask;
   backward.softmax_scale = forward.softmax_scale;
+  backward.logits_soft_cap = forward.logits_soft_cap;
+  backward.sinks = forward.sinks;
   backward.num_threads = forward.num_threads;
 
   // Validate both passes before either writes anything; the LSE goes to the caller's buffer or ours.

@@ -20,7 +20,7 @@ int main() {
   p.k = pflash::TensorView::contiguous(k.data(), pflash::DType::kFloat32, {1, 1, kRows, kDim});
   p.v = pflash::TensorView::contiguous(v.data(), pflash::DType::kFloat32, {1, 1, kRows, kDim});
   p.o = pflash::MutableTensorView::contiguous(o.data(), pflash::DType::kFloat32, {1, 1, kRows, kDim});
-  p.causal = true;
+  p.mask.causal = true;
   pflash::flash_attention_forward(p);
 
   double worst = 0.0;

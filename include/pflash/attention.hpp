@@ -1,6 +1,9 @@
 // Exact scaled-dot-product attention, FlashAttention-2 style:
-//   O = softmax(Q K^T * scale + mask) V,   LSE = log(sum_j exp(Q K^T * scale + mask))
-// computed block by block with an online softmax, never materialising the Nq x Nk scores.
+//   S = cap(Q K^T * scale),  O = softmax(S + mask, sinks) V,  LSE = log(sum_j exp(S_j + mask_j) + exp(sink))
+// computed block by block with an online softmax, never materialising the Nq x Nk scores. The mask is
+// pflash/mask.hpp's (causal, sliding window, chunks, segment ids, lengths); cap(s) = c * tanh(s / c)
+// with logits_soft_cap c > 0 (Gemma 2), the identity otherwise; a sink is one logit per query head
+// that joins every row's denominator and nothing else (gpt-oss).
 //
 // NaN, on every instruction set, forward, backward and decode alike (FlashAttention's and PyTorch's
 // rule): a row whose query, or a key or value it sees, holds a NaN gets O = NaN and LSE = NaN, and
@@ -11,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "pflash/mask.hpp"
 #include "pflash/tensor.hpp"
 
 namespace pflash {
@@ -24,10 +28,12 @@ struct AttentionParams {
   MutableTensorView o;   // [B, Hq, Nq, D], same dtype as q
   MutableTensorView lse; // optional (data == nullptr: not written): [B, Hq, Nq] float32, natural log
 
-  // Causal masking aligned to the bottom-right corner: query i sees keys j <= i + Nk - Nq
-  // (FlashAttention >= 2.1). Rows that see no key get O = 0 and LSE = -inf.
-  bool causal = false;
+  // Which keys each query sees (pflash/mask.hpp; mask.causal: bottom-right aligned by default, query i
+  // sees keys j <= i + Nk - Nq). Rows that see no key get O = 0 and LSE = -inf.
+  AttentionMask mask;
   std::optional<float> softmax_scale;  // default 1/sqrt(D)
+  float logits_soft_cap = 0.0f;        // > 0: cap the scaled scores at +-logits_soft_cap (tanh)
+  TensorView sinks;                    // optional [Hq] fp32 logits; the LSE includes them
 
   // Tiling: 0 chooses automatically.
   int block_q = 0;
@@ -52,16 +58,19 @@ struct AttentionBackwardParams {
   MutableTensorView dk;   // [B, Hkv, Nk, D]
   MutableTensorView dv;   // [B, Hkv, Nk, D]; all of q, k, v, o, dout, dq, dk, dv share one dtype
 
-  bool causal = false;                 // must match the forward
+  AttentionMask mask;                  // must match the forward
   std::optional<float> softmax_scale;  // must match the forward; default 1/sqrt(D)
+  float logits_soft_cap = 0.0f;        // must match the forward
+  TensorView sinks;                    // the forward's sinks, needed only for dsinks (the LSE holds them)
+  MutableTensorView dsinks;            // optional [Hq] fp32: d loss / d sinks, summed over the batch
   int num_threads = 0;                 // 0: all threads; clamped as in AttentionParams
 };
 
 void flash_attention_backward(const AttentionBackwardParams& params);
 
 // One training step's attention: the forward (writing forward.o, and forward.lse when given, else
-// an internal LSE buffer), then the backward for dout, writing dq, dk, dv. The backward takes
-// causal, softmax_scale and num_threads from `forward`.
+// an internal LSE buffer), then the backward for dout, writing dq, dk, dv. The backward takes the
+// mask, softmax_scale, soft cap, sinks and num_threads from `forward`.
 void flash_attention_forward_backward(const AttentionParams& forward, TensorView dout, MutableTensorView dq,
                                       MutableTensorView dk, MutableTensorView dv);
 

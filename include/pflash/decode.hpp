@@ -15,6 +15,7 @@
 #include <span>
 
 #include "pflash/kv_cache.hpp"
+#include "pflash/mask.hpp"
 #include "pflash/tensor.hpp"
 
 namespace pflash {
@@ -34,6 +35,15 @@ struct DecodeParams {
   // held elsewhere. The query tokens are still the sequence's last T positions, so token t sees window
   // position j when j <= seq_lens[b] + positions_after[b] - T + t. Empty: nothing follows ([B] otherwise).
   std::span<const std::int32_t> positions_after;
+
+  // A sliding window: token t sees only the window_left positions before its own (and its own);
+  // the cache is read only there. kUnboundedWindow: the whole sequence.
+  std::int64_t window_left = kUnboundedWindow;
+  // Chunked attention: token t sees only the positions of its own chunk of chunk_size (0: none).
+  // Positions are the cache's rows, so not with positions_after (a shard's rows are not positions).
+  std::int64_t chunk_size = 0;
+  float logits_soft_cap = 0.0f;  // > 0: as in AttentionParams
+  TensorView sinks;              // optional [Hq] fp32, as in AttentionParams (applied once, after the splits' merge)
 
   int num_splits = 0;   // ranges per sequence: 0 chooses from the thread count and the lengths
   int num_threads = 0;  // 0: all threads; more than the machine runs: clamped (resolve_num_threads)

@@ -6,6 +6,7 @@
 #include "pflash/dtype.hpp"
 #include "pflash/error.hpp"
 #include "pflash/kv_cache.hpp"
+#include "pflash/mask.hpp"
 #include "pflash/merge.hpp"
 #include "pflash/naive.hpp"
 #include "pflash/runtime.hpp"

@@ -85,10 +85,42 @@ std::span<const std::int32_t> int32_values(const ffi::Buffer<ffi::S32>& buffer) 
 }
 
 // ------------------------------------------------------------------------------------------------
+// The mask and score options of an attention call: the geometry as attributes, segment ids
+// ([.., B, Nq] and [.., B, Nk] int32) and sinks ([Hq] f32) as operands, read when present.
+
+struct MaskAttrs {  // every attribute of an attention call (XLA's FFI takes them all as one dictionary)
+  float softmax_scale;
+  bool causal;
+  std::int64_t window_left, window_right, chunk_size, query_offset;
+  float logits_soft_cap;
+  bool segments, sinks;
+};
+
+pflash::AttentionMask mask_of(const MaskAttrs& a, const ffi::Buffer<ffi::S32>& q_ids,
+                              const ffi::Buffer<ffi::S32>& kv_ids) {
+  pflash::AttentionMask mask;
+  mask.causal = a.causal;
+  mask.window_left = a.window_left;
+  mask.window_right = a.window_right;
+  mask.chunk_size = a.chunk_size;
+  mask.query_offset = a.query_offset;
+  if (a.segments) {
+    mask.q_segment_ids = int32_values(q_ids);
+    mask.kv_segment_ids = int32_values(kv_ids);
+  }
+  return mask;
+}
+
+pflash::TensorView sinks_of(const MaskAttrs& a, const ffi::AnyBuffer& sinks) {
+  return a.sinks ? input(sinks, 1, "sinks") : pflash::TensorView{};
+}
+
+// ------------------------------------------------------------------------------------------------
 // Attention forward: q [.., B, Hq, Nq, D], k, v [.., B, Hkv, Nk, D] -> o (q's dtype), lse [.., B, Hq, Nq] f32.
 
-ffi::Error attention_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
-                             ffi::Result<ffi::AnyBuffer> lse, bool causal, float softmax_scale) {
+ffi::Error attention_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_ids,
+                             ffi::Buffer<ffi::S32> kv_ids, ffi::AnyBuffer sinks, ffi::Result<ffi::AnyBuffer> o,
+                             ffi::Result<ffi::AnyBuffer> lse, MaskAttrs mask) {
   return guarded("flash_attention", [&] {
     pflash::AttentionParams params;
     params.q = input(q, 4, "q");
@@ -96,17 +128,20 @@ ffi::Error attention_forward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer 
     params.v = input(v, 4, "v");
     params.o = output(o, 4, "o");
     params.lse = output(lse, 3, "lse");
-    params.causal = causal;
-    params.softmax_scale = softmax_scale;
+    params.mask = mask_of(mask, q_ids, kv_ids);
+    params.logits_soft_cap = mask.logits_soft_cap;
+    params.sinks = sinks_of(mask, sinks);
+    params.softmax_scale = mask.softmax_scale;
     pflash::flash_attention_forward(params);
   });
 }
 
-// Attention backward: the forward's q, k, v, o, lse and dO -> dq, dk, dv (the inputs' dtype).
-ffi::Error attention_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
-                              ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
-                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, bool causal,
-                              float softmax_scale) {
+// Attention backward: the forward's q, k, v, o, lse and dO -> dq, dk, dv (the inputs' dtype). The
+// sinks' gradient is computed by the caller from O and the LSE.
+ffi::Error attention_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_ids,
+                              ffi::Buffer<ffi::S32> kv_ids, ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                              ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                              ffi::Result<ffi::AnyBuffer> dv, MaskAttrs mask) {
   return guarded("flash_attention (backward)", [&] {
     pflash::AttentionBackwardParams params;
     params.q = input(q, 4, "q");
@@ -118,8 +153,9 @@ ffi::Error attention_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
     params.dq = output(dq, 4, "dq");
     params.dk = output(dk, 4, "dk");
     params.dv = output(dv, 4, "dv");
-    params.causal = causal;
-    params.softmax_scale = softmax_scale;
+    params.mask = mask_of(mask, q_ids, kv_ids);
+    params.logits_soft_cap = mask.logits_soft_cap;
+    params.softmax_scale = mask.softmax_scale;
     pflash::flash_attention_backward(params);
   });
 }
@@ -128,9 +164,10 @@ ffi::Error attention_backward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
 // [num_pages, Hkv, page_size, D] with block_table [B, pages_per_seq]; seq_lens and positions_after [.., B].
 // o [.., B, Hq, T, D] and lse [.., B, Hq, T] in fp32 (partials a merge may still combine).
 ffi::Error decode(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> seq_lens,
-                  ffi::Buffer<ffi::S32> positions_after, ffi::Buffer<ffi::S32> block_table,
+                  ffi::Buffer<ffi::S32> positions_after, ffi::Buffer<ffi::S32> block_table, ffi::AnyBuffer sinks,
                   ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float softmax_scale,
-                  std::int32_t num_splits, bool paged) {
+                  std::int32_t num_splits, bool paged, std::int64_t window_left, std::int64_t chunk_size,
+                  float logits_soft_cap, bool has_sinks) {
   return guarded("flash_decode", [&] {
     pflash::DecodeParams params;
     params.q = input(q, 4, "q");
@@ -142,6 +179,10 @@ ffi::Error decode(ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cac
     params.o = output(o, 4, "o");
     params.lse = output(lse, 3, "lse");
     params.softmax_scale = softmax_scale;
+    params.window_left = window_left;
+    params.chunk_size = chunk_size;
+    params.logits_soft_cap = logits_soft_cap;
+    if (has_sinks) params.sinks = input(sinks, 1, "sinks");
     params.num_splits = num_splits;
     pflash::flash_decode(params);
   });
@@ -171,29 +212,41 @@ ffi::Error merge(ffi::AnyBuffer o_parts, ffi::AnyBuffer lse_parts, ffi::Result<f
 
 }  // namespace
 
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(MaskAttrs, xla::ffi::StructMember<float>("softmax_scale"),
+                                      xla::ffi::StructMember<bool>("causal"),
+                                      xla::ffi::StructMember<std::int64_t>("window_left"),
+                                      xla::ffi::StructMember<std::int64_t>("window_right"),
+                                      xla::ffi::StructMember<std::int64_t>("chunk_size"),
+                                      xla::ffi::StructMember<std::int64_t>("query_offset"),
+                                      xla::ffi::StructMember<float>("logits_soft_cap"),
+                                      xla::ffi::StructMember<bool>("segments"), xla::ffi::StructMember<bool>("sinks"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pallas_flash_attention_forward, attention_forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("causal")
-                                  .Attr<float>("softmax_scale"));
+                                  .Attrs<MaskAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pallas_flash_attention_backward, attention_backward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<bool>("causal")
-                                  .Attr<float>("softmax_scale"));
+                                  .Attrs<MaskAttrs>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pallas_flash_decode, decode,
                               ffi::Ffi::Bind()
@@ -203,11 +256,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(pallas_flash_decode, decode,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("softmax_scale")
                                   .Attr<std::int32_t>("num_splits")
-                                  .Attr<bool>("paged"));
+                                  .Attr<bool>("paged")
+                                  .Attr<std::int64_t>("window_left")
+                                  .Attr<std::int64_t>("chunk_size")
+                                  .Attr<float>("logits_soft_cap")
+                                  .Attr<bool>("has_sinks"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(pallas_flash_merge, merge,
                               ffi::Ffi::Bind()

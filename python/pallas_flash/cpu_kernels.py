@@ -81,39 +81,65 @@ def _shape(x, dtype=None):
 # Attention: the custom_vjp of attention_vjp, with the C++ forward (saving O and the LSE) and backward.
 
 
-def _forward(static, q, k, v):
-    causal, scale = static
+def _mask_attrs(static):
+    """The FFI attributes of an attention call's mask and score options (MaskAttrs in xla_ffi.cpp)."""
+    mask, scale, soft_cap, segments, sinks = static
+    left, right = mask.window
+    return dict(softmax_scale=np.float32(scale), causal=bool(mask.causal),
+                window_left=np.int64(-1 if left is None else left), window_right=np.int64(-1 if right is None else right),
+                chunk_size=np.int64(mask.chunk or 0), query_offset=np.int64(mask.q_position - mask.k_position),
+                logits_soft_cap=np.float32(soft_cap or 0.0), segments=bool(segments), sinks=bool(sinks))
+
+
+def _mask_operands(q, segment_ids, sinks):
+    """Segment ids and sinks as operands (one-element placeholders when absent: the FFI reads them only
+    when its attributes say they are there)."""
+    if segment_ids is None:
+        segment_ids = (jnp.zeros((1,), jnp.int32),) * 2
+    sinks = jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
+    return segment_ids[0], segment_ids[1], sinks
+
+
+def _forward(static, q, k, v, sinks, segment_ids):
     _require()
     lse_shape = jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)
-    call = jax.ffi.ffi_call("pallas_flash_attention_forward", (_shape(q), lse_shape), vmap_method="broadcast_all")
-    return call(q, k, v, causal=bool(causal), softmax_scale=np.float32(scale))
+    # Sinks are one logit per head for the whole call: a vmapped call with sinks maps sequentially.
+    call = jax.ffi.ffi_call("pallas_flash_attention_forward", (_shape(q), lse_shape),
+                            vmap_method="sequential" if sinks is not None else "broadcast_all")
+    return call(q, k, v, *_mask_operands(q, segment_ids, sinks), **_mask_attrs(static))
 
 
-def _backward(static, q, k, v, o, lse, do):
-    causal, scale = static
+def _backward(static, q, k, v, segment_ids, o, lse, do):
     _require()
+    q_ids, kv_ids, _ = _mask_operands(q, segment_ids, None)
     call = jax.ffi.ffi_call("pallas_flash_attention_backward", (_shape(q), _shape(k), _shape(v)),
                             vmap_method="broadcast_all")
-    return call(q, k, v, o, lse, do.astype(q.dtype), causal=bool(causal), softmax_scale=np.float32(scale))
+    attrs = _mask_attrs(static) | {"sinks": False}  # the LSE holds them: the backward needs no sinks
+    return call(q, k, v, q_ids, kv_ids, o, lse, do.astype(q.dtype), **attrs)
 
 
 _attention = attention_vjp(_forward, _backward)
 
 
-def attention(q, k, v, causal: bool, scale: float):
-    """(O in q's dtype, LSE [B, Hq, Nq] f32) for [B, H, N, D] q, k, v of one dtype (fp32 or bf16)."""
-    return _attention((causal, scale), q, k, v)
+def attention(q, k, v, mask, scale: float, *, segment_ids=None, soft_cap=None, sinks=None):
+    """(O in q's dtype, LSE [B, Hq, Nq] f32) for [B, H, N, D] q, k, v of one dtype (fp32 or bf16), with
+    the mask (mask.Mask: the C++ kernels take its geometry as pflash::AttentionMask), segment ids
+    (q_ids [B, Nq], kv_ids [B, Nk] int32), a soft cap and sinks [Hq]."""
+    static = (mask, scale, soft_cap, segment_ids is not None, sinks is not None)
+    return _attention(static, q, k, v, sinks, segment_ids)
 
 
 # --------------------------------------------------------------------------------------------------
 # Decode and merge
 
 
-def decode(q, k_cache, v_cache, seq_lens, positions_after, page_table, *, scale: float, num_splits: int):
+def decode(q, k_cache, v_cache, seq_lens, positions_after, page_table, *, scale: float, num_splits: int,
+           window: int | None = None, chunk: int | None = None, soft_cap: float | None = None, sinks=None):
     """O [B, Hq, T, D] f32 and LSE [B, Hq, T] of q's last T positions over a cache holding seq_lens[b]
     positions of sequence b, with positions_after[b] more held elsewhere (pflash::DecodeParams).
     page_table None: contiguous [B, Hkv, C, D]; else pools [num_pages, Hkv, page_size, D] and page_table
-    [B, pages_per_seq]. num_splits 0: the library's choice."""
+    [B, pages_per_seq]. num_splits 0: the library's choice. window: the positions before each token it
+    sees (None: all); chunk, soft_cap, sinks as in pflash::DecodeParams."""
     _require()
     batch = q.shape[0]
     seq_lens = jnp.broadcast_to(jnp.asarray(seq_lens, jnp.int32), (batch,))
@@ -122,9 +148,13 @@ def decode(q, k_cache, v_cache, seq_lens, positions_after, page_table, *, scale:
     table = page_table.astype(jnp.int32) if paged else jnp.zeros((1,), jnp.int32)
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))
     # A page id names a page of one pool: a vmapped paged decode cannot fold into one call.
-    call = jax.ffi.ffi_call("pallas_flash_decode", out, vmap_method="sequential" if paged else "broadcast_all")
-    return call(q, k_cache, v_cache, seq_lens, positions_after, table, softmax_scale=np.float32(scale),
-                num_splits=np.int32(num_splits), paged=paged)
+    vmap = "sequential" if paged or sinks is not None else "broadcast_all"
+    call = jax.ffi.ffi_call("pallas_flash_decode", out, vmap_method=vmap)
+    sink_operand = jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
+    return call(q, k_cache, v_cache, seq_lens, positions_after, table, sink_operand, softmax_scale=np.float32(scale),
+                num_splits=np.int32(num_splits), paged=paged, window_left=np.int64(-1 if window is None else window),
+                chunk_size=np.int64(chunk or 0), logits_soft_cap=np.float32(soft_cap or 0.0),
+                has_sinks=sinks is not None)
 
 
 def merge(o_parts, lse_parts, axis: int):

@@ -72,15 +72,24 @@ def update_state(s, v, row_max_ref, row_sum_ref, acc_ref, *, first: bool = False
         acc_ref[...] = lanes(alpha, dim) * acc_ref[...] + pv
 
 
-def finish_state(row_max_ref, row_sum_ref, acc_ref):
+def finish_state(row_max_ref, row_sum_ref, acc_ref, sink=None):
     """(O, LSE) in fp32, the LSE in natural log and replicated over 128 lanes. Rows that saw no key:
     O = 0, LSE = -inf (not 0/0); a row that saw a NaN: O = LSE = NaN (a NaN sum is not "nothing seen",
-    so that a merge of partials cannot drop it)."""
-    row_sum = row_sum_ref[...]
+    so that a merge of partials cannot drop it). sink: a logit in log2 units (a scalar) that joins
+    every row's denominator and nothing else, as a partial state O = 0, LSE = sink (a row that saw no
+    key then gets O = 0 and LSE = the sink's)."""
+    row_max, row_sum, acc = row_max_ref[...], row_sum_ref[...], acc_ref[...]
+    if sink is not None:
+        sink_max = jnp.maximum(row_max, sink)
+        shift = jnp.where(sink_max == NEG_INF, 0.0, sink_max)  # a -inf sink on a row that saw nothing
+        alpha = jnp.exp2(row_max - shift)  # row_max = -inf gives 0; NaN stays NaN
+        row_sum = alpha * row_sum + jnp.exp2(sink - shift)
+        acc = acc * lanes(alpha, acc.shape[1])
+        row_max = shift
     seen = row_sum != 0.0
     safe_sum = jnp.where(seen, row_sum, 1.0)
-    o = acc_ref[...] * lanes(1.0 / safe_sum, acc_ref.shape[1])
-    return o, jnp.where(seen, (row_max_ref[...] + jnp.log2(safe_sum)) * LN_2, NEG_INF)
+    o = acc * lanes(1.0 / safe_sum, acc.shape[1])
+    return o, jnp.where(seen, (row_max + jnp.log2(safe_sum)) * LN_2, NEG_INF)
 
 
 # Row statistics live in HBM lane-dense, one row of N values per head ([B, H, N]): an (N, 1) column

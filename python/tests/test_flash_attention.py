@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_flash import BlockSizes, flash_attention, padding_bytes, reference_attention
-from pallas_flash.flash_attention import _diagonal_key_sub_blocks, _Problem
+from pallas_flash.mask import Mask
+from pallas_flash.tiles import Problem, key_sub_block_patterns
 from pallas_flash.planner import fuses_dq
 from shapes import FORWARD_SHAPES, GRAD_SHAPES, Shape
 
@@ -134,26 +135,40 @@ def test_backward_sub_blocks_and_diagonal_patterns(shape, blocks, fuse_dq):
     assert_gradients_match(shape, True, dataclasses.replace(blocks, fuse_dq=fuse_dq))
 
 
+@pytest.mark.parametrize("window", [(None, 0), (300, 0), (200, 100), (0, 0), (None, None), (1000, None)],
+                         ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("block_q, block_k, keys, offset",
                          [(1024, 1024, 256, 0), (256, 512, 128, 0), (384, 256, 128, 384), (512, 256, 128, -256),
                           (128, 256, 128, 77)])
-def test_diagonal_key_sub_blocks_cover_exactly_the_visible_scores(block_q, block_k, keys, offset):
-    # Every visible (key, query) pair of every diagonal tile is computed once; a sub-block is marked
-    # masked iff it computes a pair that is not visible; tiles below the first pattern are all visible.
-    problem = _Problem(seq_q=4096, seq_k=4096 + offset, sm_scale=1.0, causal=True, group=1, interpret=True)
-    patterns = _diagonal_key_sub_blocks(problem, block_q, block_k, keys)
+def test_key_sub_block_patterns_cover_exactly_the_visible_scores(block_q, block_k, keys, offset, window):
+    # Every visible (key, query) pair of every tile an edge of the band crosses is computed once; a
+    # sub-block is marked masked iff it computes a pair that is not visible; the deltas between the
+    # patterns' are exactly the tiles that are all visible (the full range).
+    mask = Mask(window=window, q_position=offset)
+    problem = Problem(seq_q=4096, seq_k=4096 + offset, sm_scale=1.0, mask=mask, group=1, interpret=True)
+    patterns, full = key_sub_block_patterns(problem, block_q, block_k, keys, 4096, 4096 + offset)
     rows, cols = np.arange(block_k)[:, None], np.arange(block_q)[None, :]
+    lo, hi = mask.band
     deltas = [d for d, _ in patterns]
-    assert deltas == sorted(deltas) and np.all(cols >= rows + (deltas[0] - math.gcd(block_q, block_k)))
+    assert deltas == sorted(deltas)
     for d, sub_blocks in patterns:
-        visible = cols >= rows + d
+        rel = d + rows - cols  # key position - query position
+        visible = np.ones_like(rel, bool)
+        if lo is not None:
+            visible &= rel >= lo
+        if hi is not None:
+            visible &= rel <= hi
         assert visible.any() and not visible.all()
         computed = np.zeros_like(visible, dtype=int)
-        for key_from, n, col_from, masked in sub_blocks:
-            assert col_from % 128 == 0
-            computed[key_from:key_from + n, col_from:] += 1
-            assert masked == (not visible[key_from:key_from + n, col_from:].all())
+        for key_from, n, col_from, col_to, masked in sub_blocks:
+            assert col_from % 128 == 0 and (col_to % 128 == 0 or col_to == block_q)
+            computed[key_from:key_from + n, col_from:col_to] += 1
+            assert masked == (not visible[key_from:key_from + n, col_from:col_to].all())
         assert computed.max() == 1 and np.all(computed[visible] == 1)
+        assert full is None or not full[0] <= d <= full[1]
+    if full is not None:
+        for d in (full[0], full[1]):
+            assert mask.band_kind(d, block_q, block_k) == "full"
 
 
 def test_block_q_compute_must_divide_block_q():

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/mask.hpp"
 #include "pflash/attention.hpp"
 #include "pflash/decode.hpp"
 #include "pflash/kv_cache.hpp"
@@ -36,19 +37,19 @@ struct FwdParams {
   HeadStrides q_strides, k_strides, v_strides, o_strides, lse_strides;
 
   float scale = 1.0f;
-  bool causal = false;
+  MaskParams mask;        // which keys each query row sees
+  float soft_cap = 0.0f;  // > 0: scores s become soft_cap * tanh(s / soft_cap) (scaled scores, natural units)
+  const float* sinks = nullptr;  // [Hq] logits in each row's denominator; may be null
   int block_q = 0;  // 0: the backend chooses
   int block_k = 0;
   int num_threads = 1;
 
   std::int64_t group_size() const { return heads_q / heads_kv; }
-  // Bottom-right causal alignment: query row i sees keys j <= i + causal_offset().
-  std::int64_t causal_offset() const { return seq_k - seq_q; }
 };
 
 // The backward pass: the forward's problem plus the tensors the backward reads and writes.
 struct BwdParams {
-  FwdParams fwd;  // q, k, v, sizes, strides, scale, causal, threads (fwd.o, fwd.lse: unused)
+  FwdParams fwd;  // q, k, v, sizes, strides, scale, mask, soft cap, sinks, threads (fwd.o, fwd.lse: unused)
   const void* o = nullptr;
   const void* dout = nullptr;
   const float* lse = nullptr;
@@ -56,6 +57,7 @@ struct BwdParams {
   void* dk = nullptr;
   void* dv = nullptr;
   HeadStrides o_strides, dout_strides, lse_strides, dq_strides, dk_strides, dv_strides;
+  float* dsinks = nullptr;  // [Hq], with fwd.sinks; may be null
 };
 
 // A validated KV cache: element strides of its k and v views ([B or page, Hkv, row, D]), and the
@@ -96,6 +98,11 @@ struct DecodeParams {
   HeadStrides q_strides, o_strides, lse_strides;
   CacheParams cache;
   const std::int32_t* positions_after = nullptr;  // [B] positions past the cache's window; null: none
+  // Token t of sequence b sits at position seq_lens[b] + positions_after[b] - T + t (cache row j at j)
+  // and sees the positions the geometry gives it (causal; a left window, a chunk).
+  MaskGeometry geometry;
+  float soft_cap = 0.0f;
+  const float* sinks = nullptr;  // [Hq]; may be null
 
   std::int64_t batch = 0;
   std::int64_t heads_q = 0;
@@ -109,6 +116,13 @@ struct DecodeParams {
   int num_threads = 1;
 
   std::int64_t group_size() const { return heads_q / heads_kv; }
+  // The most positions one sequence's query tokens see together: a window or chunk bounds them.
+  std::int64_t max_positions_read() const {
+    std::int64_t n = max_seq_len;
+    if (geometry.lo != -kNoBound) n = std::min(n, -geometry.lo + query_tokens);
+    if (geometry.chunk > 0) n = std::min(n, 2 * geometry.chunk);
+    return n;
+  }
 };
 
 // append_kv: T new rows per (sequence, KV head), written at positions seq_lens[b] + t.

@@ -7,6 +7,7 @@
 
 #include "core/checker.hpp"
 #include "core/params.hpp"
+#include "core/validate_mask.hpp"
 #include "pflash/error.hpp"
 #include "pflash/runtime.hpp"
 
@@ -21,7 +22,8 @@ constexpr const char* kLseDtype = "an LSE is fp32";
 
 // q, k, v and the scalar options every attention pass shares; fills everything but the outputs.
 FwdParams check_problem(const Checker& check, const TensorView& q, const TensorView& k, const TensorView& v,
-                        std::optional<float> softmax_scale, bool causal, int num_threads) {
+                        std::optional<float> softmax_scale, const AttentionMask& mask, float logits_soft_cap,
+                        const TensorView& sinks, int num_threads) {
   check.tensor("q", q, 4, kQLayout);
   check.tensor("k", k, 4, kKvLayout);
   check.tensor("v", v, 4, kKvLayout);
@@ -60,7 +62,9 @@ FwdParams check_problem(const Checker& check, const TensorView& q, const TensorV
   p.k_strides = head_strides(k);
   p.v_strides = head_strides(v);
   p.scale = softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
-  p.causal = causal;
+  p.mask = check_mask(check, mask, batch, seq_q, seq_k);
+  p.soft_cap = check_soft_cap(check, logits_soft_cap);
+  p.sinks = check_sinks(check, sinks, heads_q);
   p.num_threads = resolve_num_threads(num_threads);
   return p;
 }
@@ -69,8 +73,8 @@ FwdParams check_problem(const Checker& check, const TensorView& q, const TensorV
 
 FwdParams make_fwd_params(const AttentionParams& params, const char* function_name) {
   const Checker check(function_name);
-  FwdParams p = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal,
-                              params.num_threads);
+  FwdParams p = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.mask,
+                              params.logits_soft_cap, params.sinks, params.num_threads);
   const bool has_lse = !params.lse.empty();
   check.output("o", params.o, p.dtype, kOneDtype, {p.batch, p.heads_q, p.seq_q, p.dim}, kQLayout, "(the shape of q)",
                {{"q", params.q}, {"k", params.k}, {"v", params.v}});
@@ -98,7 +102,8 @@ FwdParams make_fwd_params(const AttentionParams& params, const char* function_na
 BwdParams make_bwd_params(const AttentionBackwardParams& params, const char* function_name) {
   const Checker check(function_name);
   BwdParams p;
-  p.fwd = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.causal, params.num_threads);
+  p.fwd = check_problem(check, params.q, params.k, params.v, params.softmax_scale, params.mask, params.logits_soft_cap,
+                        params.sinks, params.num_threads);
   const FwdParams& f = p.fwd;
   // The inputs the forward produced.
   check.shaped_like("o", params.o, f.dtype, kOneDtype, {f.batch, f.heads_q, f.seq_q, f.dim}, kQLayout, "(the shape of q)");
@@ -119,6 +124,15 @@ BwdParams make_bwd_params(const AttentionBackwardParams& params, const char* fun
   if (overlaps(params.dq, params.dk)) check.fail("dk", "memory disjoint from 'dq'", "an overlap");
   if (overlaps(params.dq, params.dv)) check.fail("dv", "memory disjoint from 'dq'", "an overlap");
   if (overlaps(params.dk, params.dv)) check.fail("dv", "memory disjoint from 'dk'", "an overlap");
+  if (!params.dsinks.empty()) {
+    if (params.sinks.empty()) check.fail("dsinks", "the forward's sinks in 'sinks' (dsinks needs them)", "no sinks");
+    check.output("dsinks", params.dsinks, DType::kFloat32, "sink gradients are fp32", {f.heads_q}, "[Hq]",
+                 "(one per query head)", inputs);
+    for (const auto& [name, out] : {std::pair<const char*, TensorView>{"dq", params.dq}, {"dk", params.dk}, {"dv", params.dv}}) {
+      if (overlaps(params.dsinks, out)) check.fail("dsinks", std::string("memory disjoint from '") + name + "'", "an overlap");
+    }
+    p.dsinks = static_cast<float*>(params.dsinks.data);
+  }
 
   p.o = params.o.data;
   p.dout = params.dout.data;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/checker.hpp"
+#include "core/validate_mask.hpp"
 #include "core/params.hpp"
 #include "core/validate_decode.hpp"
 #include "pflash/error.hpp"
@@ -157,6 +158,14 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     }
   }
   check_common(check, params.softmax_scale, params.num_threads);
+  if (params.chunk_size != 0 && !params.positions_after.empty()) {
+    check.fail("chunk_size", "0 when positions_after is given (a shard's rows are not the sequence's positions)",
+               std::to_string(params.chunk_size));
+  }
+  const MaskGeometry geometry = check_geometry(check, /*causal=*/true, params.window_left, kUnboundedWindow,
+                                               params.chunk_size, 0);
+  const float soft_cap = check_soft_cap(check, params.logits_soft_cap);
+  const float* sinks = check_sinks(check, params.sinks, heads_q);
   if (params.num_splits < 0 || params.num_splits > kMaxDecodeSplits) {
     check.fail("num_splits", "0 (automatic) or 1.." + std::to_string(kMaxDecodeSplits), std::to_string(params.num_splits));
   }
@@ -179,6 +188,9 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
   p.dim = dim;
   for (std::int32_t length : params.cache.seq_lens) p.max_seq_len = std::max<std::int64_t>(p.max_seq_len, length);
   p.scale = params.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(dim)));
+  p.geometry = geometry;
+  p.soft_cap = soft_cap;
+  p.sinks = sinks;
   p.num_splits = params.num_splits;  // 0: the backend chooses
   p.num_threads = resolve_num_threads(params.num_threads);
   return p;

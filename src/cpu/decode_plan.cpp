@@ -21,7 +21,7 @@ int choose_decode_splits(const detail::DecodeParams& p) {
   const std::int64_t items = p.batch * p.heads_kv;
   const std::int64_t threads = std::max(p.num_threads, 1);
   const std::int64_t max_splits =
-      std::clamp<std::int64_t>(p.max_seq_len / kMinSplitKeys, 1, kMaxDecodeSplits);
+      std::clamp<std::int64_t>(p.max_positions_read() / kMinSplitKeys, 1, kMaxDecodeSplits);
   int best = 1;
   double best_balance = 0.0;
   for (std::int64_t splits = 1; splits <= max_splits; ++splits) {

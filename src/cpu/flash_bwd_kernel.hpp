@@ -63,6 +63,7 @@ class FlashBackward {
   explicit FlashBackward(BwdParams p)
       : p_(p),
         f_(p.fwd),
+        ranges_(f_.mask, f_.batch, f_.seq_q, f_.seq_k),
         dim_padded_(round_up(f_.dim, kPanel)),
         seq_k_padded_(round_up(f_.seq_k, kPanel)),
         pair_ld_(2 * dim_pairs(f_.dim)),
@@ -74,12 +75,21 @@ class FlashBackward {
     const int64_t per_thread = workspace_floats(), pairs_per_thread = pair_workspace();
     detail::Workspace<float> workspace(static_cast<std::size_t>(per_thread * threads));
     detail::Workspace<bfloat16> pair_workspace(static_cast<std::size_t>(pairs_per_thread * threads));
+    // d sink of each (batch, query head), summed over the batch in a fixed order below.
+    detail::Workspace<float> sink_parts(static_cast<std::size_t>(p_.dsinks != nullptr ? f_.batch * f_.heads_q : 0));
 #pragma omp parallel num_threads(threads)
     {
       Buffers buf = carve(workspace.data() + per_thread * omp_get_thread_num());
       if constexpr (kPairs) carve_pairs(pair_workspace.data() + pairs_per_thread * omp_get_thread_num(), buf);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < tasks; ++task) kv_head(task / f_.heads_kv, task % f_.heads_kv, buf);
+      for (int64_t task = 0; task < tasks; ++task) kv_head(task / f_.heads_kv, task % f_.heads_kv, buf, sink_parts.data());
+    }
+    if (p_.dsinks != nullptr) {
+      for (int64_t h = 0; h < f_.heads_q; ++h) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < f_.batch; ++b) sum += sink_parts.data()[b * f_.heads_q + h];
+        p_.dsinks[h] = -sum;
+      }
     }
   }
 
@@ -168,7 +178,7 @@ class FlashBackward {
     std::fill(dst + f_.dim, dst + dim_padded_, 0.0f);
   }
 
-  void kv_head(int64_t b, int64_t h_kv, const Buffers& buf) const {
+  void kv_head(int64_t b, int64_t h_kv, const Buffers& buf, float* sink_parts) const {
     const T* k_head = static_cast<const T*>(f_.k) + b * f_.k_strides.batch + h_kv * f_.k_strides.head;
     const T* v_head = static_cast<const T*>(f_.v) + b * f_.v_strides.batch + h_kv * f_.v_strides.head;
     if constexpr (kPairs) {
@@ -194,7 +204,7 @@ class FlashBackward {
     std::fill(buf.dk_acc, buf.dk_acc + seq_k_padded_ * dim_padded_, 0.0f);
     std::fill(buf.dv_acc, buf.dv_acc + seq_k_padded_ * dim_padded_, 0.0f);
 
-    for (int64_t g = 0; g < f_.group_size(); ++g) query_head(b, h_kv * f_.group_size() + g, buf);
+    for (int64_t g = 0; g < f_.group_size(); ++g) query_head(b, h_kv * f_.group_size() + g, buf, sink_parts);
 
     for (int64_t j = 0; j < f_.seq_k; ++j) {
       T* dk = static_cast<T*>(p_.dk) + b * p_.dk_strides.batch + h_kv * p_.dk_strides.head + j * p_.dk_strides.row;
@@ -208,13 +218,7 @@ class FlashBackward {
     }
   }
 
-  // Keys visible to query row i: [0, visible_keys(i)).
-  int64_t visible_keys(int64_t i) const {
-    if (!f_.causal) return f_.seq_k;
-    return std::clamp<int64_t>(i + f_.causal_offset() + 1, 0, f_.seq_k);
-  }
-
-  void query_head(int64_t b, int64_t h_q, const Buffers& buf) const {
+  void query_head(int64_t b, int64_t h_q, const Buffers& buf, float* sink_parts) const {
     for (int64_t i = 0; i < f_.seq_q; ++i) {
       float* q_row = buf.q_rows + i * dim_padded_;
       float* do_row = buf.do_rows + i * dim_padded_;
@@ -237,6 +241,13 @@ class FlashBackward {
       buf.lse_log2[i] =
           p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + i * p_.lse_strides.row] * std::numbers::log2e_v<float>;
     }
+    if (p_.dsinks != nullptr) {
+      // d sink = -sum_i exp(sink - LSE_i) * D_i: the sink's share of each row's denominator times D_i.
+      const float sink = f_.sinks[h_q] * std::numbers::log2e_v<float>;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < f_.seq_q; ++i) sum += std::exp2(sink - buf.lse_log2[i]) * buf.delta[i];
+      sink_parts[b * f_.heads_q + h_q] = sum;
+    }
     std::fill(buf.dq_acc, buf.dq_acc + f_.seq_q * dim_padded_, 0.0f);
     if constexpr (kPairs) {
       const T* q_head = static_cast<const T*>(f_.q) + b * f_.q_strides.batch + h_q * f_.q_strides.head;
@@ -250,10 +261,17 @@ class FlashBackward {
 
     for (int64_t key_begin = 0; key_begin < f_.seq_k; key_begin += kBlockK) {
       const int64_t key_end = std::min(key_begin + kBlockK, f_.seq_k);
-      // Causal: query blocks whose every row ends before this key block never see it.
-      const int64_t first_row = f_.causal ? std::clamp<int64_t>(key_begin - f_.causal_offset(), 0, f_.seq_q) : 0;
-      for (int64_t q_begin = first_row / kBlockQ * kBlockQ; q_begin < f_.seq_q; q_begin += kBlockQ) {
-        tile_pair(q_begin, std::min(q_begin + kBlockQ, f_.seq_q), key_begin, key_end, buf);
+      // Only the query blocks holding a row that sees a key of this block.
+      int64_t rows_first = f_.seq_q, rows_end = 0;
+      for (int64_t j = key_begin; j < key_end; ++j) {
+        const detail::Range rows = ranges_.rows_of_key(b, j);
+        if (!rows.empty()) {
+          rows_first = std::min(rows_first, rows.first);
+          rows_end = std::max(rows_end, rows.end);
+        }
+      }
+      for (int64_t q_begin = rows_first / kBlockQ * kBlockQ; q_begin < rows_end; q_begin += kBlockQ) {
+        tile_pair(b, q_begin, std::min(q_begin + kBlockQ, f_.seq_q), key_begin, key_end, buf);
       }
     }
 
@@ -265,7 +283,7 @@ class FlashBackward {
   }
 
   // The five products of one (query block, key block) pair.
-  void tile_pair(int64_t q_begin, int64_t q_end, int64_t key_begin, int64_t key_end, const Buffers& buf) const {
+  void tile_pair(int64_t b, int64_t q_begin, int64_t q_end, int64_t key_begin, int64_t key_end, const Buffers& buf) const {
     const int rows = static_cast<int>(q_end - q_begin);
     const int64_t keys = key_end - key_begin;
     const int64_t cols = round_up(keys, kPanel);
@@ -295,14 +313,17 @@ class FlashBackward {
       });
     }
 
-    // Row r of the block sees its keys [0, keys_seen(r)); key j is seen by its rows [first_seeing(j), rows).
-    // A row that saw no key in the forward (LSE = -inf) has no gradient.
-    auto keys_seen = [&](int64_t r) -> int64_t {
-      return buf.lse_log2[q_begin + r] == kNegInf ? 0
-                                                  : std::clamp<int64_t>(visible_keys(q_begin + r) - key_begin, 0, keys);
+    // Row r of the block sees its keys keys_seen(r) = [first, end) of the block; key j is seen by its
+    // rows seen_by_rows(j). A row that saw no key in the forward (LSE = -inf) has no gradient.
+    const detail::Range block_keys{key_begin, key_end}, block_rows{q_begin, q_end};
+    auto keys_seen = [&](int64_t r) -> std::pair<int64_t, int64_t> {
+      if (buf.lse_log2[q_begin + r] == kNegInf) return {0, 0};
+      const detail::Range range = ranges_.keys_of_row(b, q_begin + r).intersect(block_keys);
+      return {range.first - key_begin, range.end - key_begin};
     };
-    auto first_seeing = [&](int64_t j) -> int64_t {
-      return f_.causal ? std::clamp<int64_t>(key_begin + j - f_.causal_offset() - q_begin, 0, rows) : 0;
+    auto seen_by_rows = [&](int64_t j) -> std::pair<int64_t, int64_t> {
+      const detail::Range range = ranges_.rows_of_key(b, key_begin + j).intersect(block_rows);
+      return {range.first - q_begin, range.end - q_begin};
     };
 
     // p = exp2(s * scale * log2(e) - lse * log2(e)) where visible, else 0; ds = p * (dp - D_i).
@@ -313,18 +334,45 @@ class FlashBackward {
       float* p_row = buf.p + r * s_ld;
       float* ds_row = buf.dp + r * s_ld;
       const float lse = buf.lse_log2[i];
-      const int64_t visible = keys_seen(r);
+      const auto [first, end] = keys_seen(r);
       const V shift = Isa::set1(lse), delta = Isa::set1(buf.delta[i]);
-      int64_t j = 0;
-      for (; j + W <= visible; j += W) {
-        const V prob = Isa::exp2(Isa::sub(Isa::mul(Isa::loadu(p_row + j), scale), shift));
-        Isa::storeu(p_row + j, prob);
-        Isa::storeu(ds_row + j, Isa::mul(prob, Isa::sub(Isa::loadu(ds_row + j), delta)));
+      std::fill(p_row, p_row + first, 0.0f);
+      std::fill(ds_row, ds_row + first, 0.0f);
+      int64_t j = first;
+      if (f_.soft_cap > 0.0f) {
+        // p = exp2(cap(s) - lse) and dS = p * (dP - D) * cap'(s), the scores capped in log2 units.
+        for (int64_t c = first; c < end; ++c) p_row[c] *= scale_log2_;
+        soft_cap_row<Isa>(p_row, first, end, f_.soft_cap);
+        const V inv_cap2 = Isa::set1(1.0f / (f_.soft_cap * std::numbers::log2e_v<float>)), one = Isa::set1(1.0f);
+        for (; j + W <= end; j += W) {
+          const V capped = Isa::loadu(p_row + j), t = Isa::mul(capped, inv_cap2);
+          const V prob = Isa::exp2(Isa::sub(capped, shift));
+          Isa::storeu(p_row + j, prob);
+          Isa::storeu(ds_row + j, Isa::mul(Isa::mul(prob, Isa::sub(Isa::loadu(ds_row + j), delta)),
+                                           Isa::sub(one, Isa::mul(t, t))));
+        }
+        for (; j < end; ++j) {
+          const float slope = soft_cap_slope(p_row[j], f_.soft_cap);
+          p_row[j] = std::exp2(p_row[j] - lse);
+          ds_row[j] = p_row[j] * (ds_row[j] - buf.delta[i]) * slope;
+        }
+      } else {
+        for (; j + W <= end; j += W) {
+          const V prob = Isa::exp2(Isa::sub(Isa::mul(Isa::loadu(p_row + j), scale), shift));
+          Isa::storeu(p_row + j, prob);
+          Isa::storeu(ds_row + j, Isa::mul(prob, Isa::sub(Isa::loadu(ds_row + j), delta)));
+        }
+        for (; j < end; ++j) {
+          p_row[j] = std::exp2(p_row[j] * scale_log2_ - lse);
+          ds_row[j] = p_row[j] * (ds_row[j] - buf.delta[i]);
+        }
       }
-      for (; j < visible; ++j) {
-        p_row[j] = std::exp2(p_row[j] * scale_log2_ - lse);
-        ds_row[j] = p_row[j] * (ds_row[j] - buf.delta[i]);
+      if (ranges_.elementwise()) {  // ids that recur apart: the other segments' keys inside the range
+        for (int64_t c = first; c < end; ++c) {
+          if (!ranges_.same_segment(b, i, key_begin + c)) p_row[c] = ds_row[c] = 0.0f;
+        }
       }
+      j = std::max(first, end);
       std::fill(p_row + j, p_row + cols, 0.0f);
       std::fill(ds_row + j, ds_row + cols, 0.0f);
       if constexpr (kPairs) {
@@ -340,8 +388,8 @@ class FlashBackward {
     float* dv_acc = buf.dv_acc + key_begin * ld;
     float* dk_acc = buf.dk_acc + key_begin * ld;
     // Pair products over pairs of query rows where every row of the block sees every key of it.
-    bool pairs_tile = kPairs && rows % 2 == 0;
-    for (int r = 0; r < rows && pairs_tile; ++r) pairs_tile = keys_seen(r) == keys;
+    bool pairs_tile = kPairs && rows % 2 == 0 && !ranges_.elementwise();
+    for (int r = 0; r < rows && pairs_tile; ++r) pairs_tile = keys_seen(r) == std::pair<int64_t, int64_t>{0, keys};
     if constexpr (kPairs) {
       if (pairs_tile) {
         interleave_rows<Isa>(buf.p, s_ld, rows, cols, buf.p_by_rows);
@@ -360,7 +408,7 @@ class FlashBackward {
       }
     }
     for (int64_t k0 = 0; k0 < keys && !pairs_tile; k0 += kTileRows) {
-      auto seen_by = [&](int r) { return std::pair<int64_t, int64_t>{first_seeing(k0 + r), rows}; };
+      auto seen_by = [&](int r) { return seen_by_rows(k0 + r); };
       with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {
           pv_tile_seen<Isa, R, 2>(buf.p + k0, 1, s_ld, nullptr, do_rows + d, ld, seen_by, dv_acc + k0 * ld + d, ld);
@@ -373,7 +421,7 @@ class FlashBackward {
     float* dq_acc = buf.dq_acc + q_begin * ld;
     const float* k_rows = buf.k_rows + key_begin * ld;
     for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-      auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
+      auto seen = [&](int r) { return keys_seen(r0 + r); };
       with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
         for (int64_t d = 0; d < ld; d += kPanel) {
           if constexpr (kPairs) {
@@ -391,6 +439,7 @@ class FlashBackward {
 
   BwdParams p_;
   FwdParams f_;
+  detail::RowRanges ranges_;
   int64_t dim_padded_;
   int64_t seq_k_padded_;
   int64_t pair_ld_;  // pair products: the length of a bf16 row of Q, dO (D rounded up to even)

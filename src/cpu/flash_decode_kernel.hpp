@@ -89,8 +89,8 @@ class FlashDecode {
     detail::Workspace<float> scratch(static_cast<std::size_t>(per_thread * threads));
     // Partial results of every split, [B * Hq * T][splits][D] and [B * Hq * T][splits].
     const int64_t out_rows = p_.batch * p_.heads_q * p_.query_tokens;
-    detail::Workspace<float> o_parts(static_cast<std::size_t>(splits > 1 ? out_rows * splits * p_.dim : 0));
-    detail::Workspace<float> lse_parts(static_cast<std::size_t>(splits > 1 ? out_rows * splits : 0));
+    detail::Workspace<float> o_parts(static_cast<std::size_t>(splits > 1 ? out_rows * parts() * p_.dim : 0));
+    detail::Workspace<float> lse_parts(static_cast<std::size_t>(splits > 1 ? out_rows * parts() : 0));
 
 #pragma omp parallel num_threads(threads)
     {
@@ -146,27 +146,38 @@ class FlashDecode {
   }
 
   // Rows are (head g of the group, token t), t fastest. Token t of a sequence of length L (of which
-  // `after` positions lie past this cache's window) is position L + after - T + t and sees positions
-  // [0, L + after - T + t + 1) of the window.
-  int64_t visible_end(int64_t row, int64_t b, int64_t seq_len) const {
+  // `after` positions lie past this cache's rows) sits at position L + after - T + t and sees the
+  // positions of [0, L) the geometry gives it: causal, and a window or chunk.
+  detail::Range visible(int64_t row, int64_t b, int64_t seq_len) const {
     const int64_t after = p_.positions_after != nullptr ? p_.positions_after[b] : 0;
-    return std::clamp<int64_t>(seq_len + after - p_.query_tokens + row % p_.query_tokens + 1, 0, seq_len);
+    return p_.geometry.keys_at(seq_len + after - p_.query_tokens + row % p_.query_tokens, seq_len);
   }
 
-  // Positions [begin, end) of split `split` of a sequence of length seq_len: equal ranges, rounded
-  // to whole 64-position blocks so that ranges start on page boundaries for pages of up to 64.
-  void split_range(int64_t seq_len, int64_t split, int64_t& begin, int64_t& end) const {
-    const int64_t chunk = round_up(ceil_div(seq_len, p_.num_splits), 64);
-    begin = std::min(seq_len, split * chunk);
-    end = std::min(seq_len, begin + chunk);
+  // Positions [begin, end) of split `split` of the positions [first, last) a sequence's tokens see:
+  // equal ranges from a whole 64-position block, rounded to whole blocks so that ranges start on
+  // page boundaries for pages of up to 64.
+  void split_range(detail::Range seen, int64_t split, int64_t& begin, int64_t& end) const {
+    if (seen.empty()) {
+      begin = end = 0;
+      return;
+    }
+    const int64_t start = seen.first / 64 * 64;
+    const int64_t chunk = round_up(ceil_div(seen.end - start, p_.num_splits), 64);
+    begin = std::min(seen.end, std::max(seen.first, start + split * chunk));
+    end = std::min(seen.end, start + (split + 1) * chunk);
   }
 
   void decode_item(int64_t b, int64_t h_kv, int64_t split, const Scratch& s, float* o_parts, float* lse_parts) const {
     const detail::CacheParams& cache = p_.cache;
     const int64_t seq_len = cache.seq_lens[b];
     const int64_t dim = p_.dim;
+    detail::Range seen{seq_len, 0};  // the positions any row sees: only those are read
+    for (int64_t r = 0; r < rows_; ++r) {
+      const detail::Range range = visible(r, b, seq_len);
+      if (!range.empty()) seen = {std::min(seen.first, range.first), std::max(seen.end, range.end)};
+    }
     int64_t range_begin = 0, range_end = 0;
-    split_range(seq_len, split, range_begin, range_end);
+    split_range(seen, split, range_begin, range_end);
 
     for (int64_t r = 0; r < rows_; ++r) {
       const int64_t h_q = h_kv * p_.group_size() + r / p_.query_tokens, t = r % p_.query_tokens;
@@ -225,10 +236,14 @@ class FlashDecode {
 
       // Mask what a row may not see (and the padding to a whole vector), then the softmax step.
       const int64_t cols_padded = round_up(cols, W);
+      const detail::Range block{key_begin, key_end};
       for (int64_t r = 0; r < rows_; ++r) {
         float* row = s.scores + r * kScoresLd;
-        const int64_t visible = std::clamp<int64_t>(visible_end(r, b, seq_len) - key_begin, 0, cols);
-        std::fill(row + visible, row + cols_padded, kNegInf);
+        const detail::Range range = visible(r, b, seq_len).intersect(block);
+        const int64_t first = range.first - key_begin, end = range.end - key_begin;
+        if (p_.soft_cap > 0.0f) soft_cap_row<Isa>(row, first, end, p_.soft_cap);
+        std::fill(row, row + first, kNegInf);
+        std::fill(row + std::max(first, end), row + cols_padded, kNegInf);
         online_softmax_row<Isa>(row, cols_padded, s.row_max[r], s.row_sum[r], s.alpha[r]);
       }
 
@@ -242,7 +257,8 @@ class FlashDecode {
         const float* p_run = s.scores + (pos - key_begin);
         for (int64_t r0 = 0; r0 < rows_; r0 += kRowTile) {
           auto seen = [&](int r) {
-            return std::pair<int64_t, int64_t>{0, std::clamp<int64_t>(visible_end(r0 + r, b, seq_len) - pos, 0, run)};
+            const detail::Range range = visible(r0 + r, b, seq_len).intersect({pos, pos + run});
+            return std::pair<int64_t, int64_t>{range.first - pos, range.end - pos};
           };
           with_tile_rows<kRowTile>(static_cast<int>(std::min<int64_t>(kRowTile, rows_ - r0)), [&]<int R>() {
             pv_rows<R>(p_run + r0 * kScoresLd, first_run ? s.alpha + r0 : nullptr, v_run, seen, s.acc + r0 * acc_ld_);
@@ -253,12 +269,15 @@ class FlashDecode {
       }
     }
 
-    // O = acc / row_sum (0 for a row that saw nothing here) and its LSE.
+    // O = acc / row_sum (0 for a row that saw nothing here) and its LSE. Sinks join once: here with one
+    // split, else in merge_splits.
     const int64_t splits = p_.num_splits;
     for (int64_t r = 0; r < rows_; ++r) {
       const int64_t h_q = h_kv * p_.group_size() + r / p_.query_tokens, t = r % p_.query_tokens;
-      const float inv_sum = inverse_row_sum(s.row_sum[r]);
-      const float lse = finish_lse(s.row_max[r], s.row_sum[r]);
+      float row_max = s.row_max[r], row_sum = s.row_sum[r], alpha = 1.0f;
+      if (splits == 1 && p_.sinks != nullptr) alpha = fold_sink(row_max, row_sum, p_.sinks[h_q] * std::numbers::log2e_v<float>);
+      const float inv_sum = inverse_row_sum(row_sum) * alpha;
+      const float lse = finish_lse(row_max, row_sum);
       if (splits == 1) {
         store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, p_.o, p_.o_dtype,
                          b * p_.o_strides.batch + h_q * p_.o_strides.head + t * p_.o_strides.row);
@@ -267,8 +286,8 @@ class FlashDecode {
         }
       } else {
         const int64_t out_row = (b * p_.heads_q + h_q) * p_.query_tokens + t;
-        store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, o_parts, DType::kFloat32, (out_row * splits + split) * dim);
-        lse_parts[out_row * splits + split] = lse;
+        store_row_scaled(s.acc + r * acc_ld_, dim, inv_sum, o_parts, DType::kFloat32, (out_row * parts() + split) * dim);
+        lse_parts[out_row * parts() + split] = lse;
       }
     }
   }
@@ -318,11 +337,18 @@ class FlashDecode {
     }
   }
 
-  void merge_splits(int64_t out_row, const float* o_parts, const float* lse_parts) const {
+  // Partials per output row: one per split, and a sink's (O = 0, LSE = the sink) when there are sinks.
+  int64_t parts() const { return p_.num_splits + (p_.sinks != nullptr ? 1 : 0); }
+
+  void merge_splits(int64_t out_row, float* o_parts, float* lse_parts) const {
     const int64_t t = out_row % p_.query_tokens, h_q = out_row / p_.query_tokens % p_.heads_q,
                   b = out_row / (p_.query_tokens * p_.heads_q);
-    const int64_t splits = p_.num_splits, dim = p_.dim;
-    const float* parts = o_parts + out_row * splits * dim;
+    const int64_t splits = parts(), dim = p_.dim;
+    float* parts = o_parts + out_row * splits * dim;
+    if (p_.sinks != nullptr) {
+      std::fill(parts + (splits - 1) * dim, parts + splits * dim, 0.0f);
+      lse_parts[out_row * splits + splits - 1] = p_.sinks[h_q];
+    }
     float* lse = p_.lse != nullptr
                      ? p_.lse + b * p_.lse_strides.batch + h_q * p_.lse_strides.head + t * p_.lse_strides.row
                      : nullptr;

@@ -52,6 +52,7 @@ struct Scratch {
   float* alpha;    // [block_q], exp2(old row_max - new row_max)
   bfloat16* q_pairs;  // pair products: [block_q][2 * D_pairs], the query rows in bf16, unscaled
   bfloat16* p_pairs;  // pair products: [block_q][block_k], the probabilities rounded to bf16
+  detail::Range* row_keys;  // [block_q]: the keys each row sees
 };
 
 template <class Isa, class T>
@@ -62,7 +63,7 @@ class FlashForward {
   static constexpr bool kPairs = Isa::kBf16Dot && std::is_same_v<T, bfloat16>;
   using Packed = std::conditional_t<kPairs, bfloat16, float>;  // the element type of the K/V panels
 
-  explicit FlashForward(FwdParams p) : p_(p) {
+  explicit FlashForward(FwdParams p) : p_(p), ranges_(p.mask, p.batch, p.seq_q, p.seq_k) {
     // block_k: 128 keys keeps a K block and a V block (2 x 64 KiB at D = 128) in L2 beside the
     // query tile, and makes the per-block softmax bookkeeping a few percent of the matmul work.
     block_k_ = static_cast<int>(round_up(p_.block_k > 0 ? p_.block_k : 128, kPanel));
@@ -126,7 +127,7 @@ class FlashForward {
                  const Scratch& s) const {
     const int64_t h_q = h_kv * p_.group_size() + task / num_q_blocks;
     int64_t q_block = task % num_q_blocks;
-    if (p_.causal) q_block = num_q_blocks - 1 - q_block;  // causal: the bottom blocks see most keys, hand them out first
+    if (p_.mask.geometry.causal()) q_block = num_q_blocks - 1 - q_block;  // causal: the bottom blocks see most keys, hand them out first
     const int64_t q_begin = q_block * block_q_;
     const int64_t q_end = std::min<int64_t>(q_begin + block_q_, p_.seq_q);
     query_block(static_cast<const T*>(p_.q), packed.k.data(), packed.v.data(), b, h_q, q_begin, q_end, s);
@@ -185,7 +186,13 @@ class FlashForward {
 
   int64_t scratch_floats() const {
     const int64_t bq = round_up(block_q_, 16);
-    return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq + pair_floats();
+    return round_up(bq * p_.dim, 16) + bq * block_k_ + bq * dim_padded_ + 3 * bq + pair_floats() + range_floats();
+  }
+
+  // The per-row key ranges, in floats: last in a thread's scratch, 8-byte aligned; a multiple of 16
+  // floats, so that the next thread's tiles stay 64-byte aligned.
+  int64_t range_floats() const {
+    return round_up(round_up(block_q_, 16) * static_cast<int64_t>(sizeof(detail::Range) / sizeof(float)) + 2, 16);
   }
 
   Scratch carve(float* base) const {
@@ -199,13 +206,10 @@ class FlashForward {
     s.alpha = s.row_sum + bq;
     s.q_pairs = reinterpret_cast<bfloat16*>(s.alpha + bq);
     s.p_pairs = s.q_pairs + 2 * round_up(bq * pairs_, 16);
+    float* ranges = s.alpha + bq + pair_floats();
+    ranges += (reinterpret_cast<std::uintptr_t>(ranges) / sizeof(float)) % 2;  // 8-byte alignment for int64
+    s.row_keys = reinterpret_cast<detail::Range*>(ranges);
     return s;
-  }
-
-  // Keys visible to query row i: [0, visible_keys(i)).
-  int64_t visible_keys(int64_t i) const {
-    if (!p_.causal) return p_.seq_k;
-    return std::clamp<int64_t>(i + p_.causal_offset() + 1, 0, p_.seq_k);
   }
 
   void query_block(const T* q, const Packed* k_packed, const Packed* v_packed, int64_t b, int64_t h_q, int64_t q_begin,
@@ -217,6 +221,16 @@ class FlashForward {
 
     const T* q_head = q + b * p_.q_strides.batch + h_q * p_.q_strides.head;
     const int64_t q_pair_ld = 2 * pairs_;
+    // The keys each row sees, and the span of key blocks the query block visits.
+    detail::Range* row_keys = s.row_keys;
+    int64_t keys_first = p_.seq_k, keys_end = 0;
+    for (int i = 0; i < rows; ++i) {
+      row_keys[i] = ranges_.keys_of_row(b, q_begin + i);
+      if (!row_keys[i].empty()) {
+        keys_first = std::min(keys_first, row_keys[i].first);
+        keys_end = std::max(keys_end, row_keys[i].end);
+      }
+    }
     for (int i = 0; i < rows; ++i) {
       const T* src = q_head + (q_begin + i) * p_.q_strides.row;
       if constexpr (kPairs) {
@@ -231,10 +245,9 @@ class FlashForward {
     }
     std::fill(s.acc, s.acc + rows * acc_ld, 0.0f);
 
-    // Key blocks entirely above the causal diagonal are never visited.
-    const int64_t key_end = visible_keys(q_end - 1);
-    for (int64_t key_begin = 0; key_begin < key_end; key_begin += block_k_) {
-      const int64_t cols = round_up(std::min<int64_t>(block_k_, key_end - key_begin), kPanel);
+    // Only the key blocks some row sees are visited (from a panel boundary: the packed K and V).
+    for (int64_t key_begin = keys_first / kPanel * kPanel; key_begin < keys_end; key_begin += block_k_) {
+      const int64_t cols = round_up(std::min<int64_t>(block_k_, keys_end - key_begin), kPanel);
 
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
@@ -251,15 +264,29 @@ class FlashForward {
         });
       }
 
-      // Only blocks that cross the diagonal or the end of the keys need a mask. Row i of the block
-      // sees its keys [0, keys_seen(i)).
-      const bool all_visible = key_begin + cols <= visible_keys(q_begin);
-      auto keys_seen = [&](int64_t i) {
-        return all_visible ? cols : std::clamp<int64_t>(visible_keys(q_begin + i) - key_begin, 0, cols);
+      // Row i of the block sees its keys [first, end) = keys_seen(i) of the block's columns; only blocks
+      // an edge of some row's range crosses (or the end of the keys) need a mask.
+      const detail::Range block{key_begin, key_begin + cols};
+      bool all_visible = !ranges_.elementwise();
+      for (int i = 0; i < rows && all_visible; ++i) all_visible = row_keys[i].first <= block.first && row_keys[i].end >= block.end;
+      auto keys_seen = [&](int64_t i) -> std::pair<int64_t, int64_t> {
+        if (all_visible) return {0, cols};
+        const detail::Range r = row_keys[i].intersect(block);
+        return {r.first - key_begin, r.end - key_begin};
       };
       for (int i = 0; i < rows; ++i) {
         float* row = s.scores + i * s_ld;
-        if (!all_visible) std::fill(row + keys_seen(i), row + cols, kNegInf);
+        const auto [first, end] = keys_seen(i);
+        if (p_.soft_cap > 0.0f) soft_cap_row<Isa>(row, first, end, p_.soft_cap);
+        if (!all_visible) {
+          std::fill(row, row + first, kNegInf);
+          std::fill(row + std::max(first, end), row + cols, kNegInf);
+          if (ranges_.elementwise()) {
+            for (int64_t j = first; j < end; ++j) {
+              if (!ranges_.same_segment(b, q_begin + i, key_begin + j)) row[j] = kNegInf;
+            }
+          }
+        }
         online_softmax_row<Isa>(row, cols, s.row_max[i], s.row_sum[i], s.alpha[i]);
         if constexpr (kPairs) {
           bfloat16* p_row = s.p_pairs + i * s_ld;
@@ -272,7 +299,7 @@ class FlashForward {
       // acc = acc * alpha + p x v, each row over the keys it sees (pv_tile_seen: a masked key adds
       // nothing, not 0 * v).
       for (int r0 = 0; r0 < rows; r0 += kTileRows) {
-        auto seen = [&](int r) { return std::pair<int64_t, int64_t>{0, keys_seen(r0 + r)}; };
+        auto seen = [&](int r) { return keys_seen(r0 + r); };
         with_tile_rows<kTileRows>(std::min(kTileRows, rows - r0), [&]<int R>() {
           for (int64_t strip = 0; strip < dim_padded_ / kPanel; ++strip) {
             const Packed* v_strip = v_packed + (strip * seq_k_padded_ + key_begin) * kPanel;
@@ -289,21 +316,24 @@ class FlashForward {
     }
 
     T* o_head = static_cast<T*>(p_.o) + b * p_.o_strides.batch + h_q * p_.o_strides.head;
+    const float sink = p_.sinks != nullptr ? p_.sinks[h_q] * std::numbers::log2e_v<float> : 0.0f;
     for (int i = 0; i < rows; ++i) {
       // A row that saw no key has row_sum == 0: O = 0 and LSE = -inf rather than 0/0.
-      const float row_sum = s.row_sum[i];
-      const float inv_sum = inverse_row_sum(row_sum);
+      float row_max = s.row_max[i], row_sum = s.row_sum[i];
+      const float alpha = p_.sinks != nullptr ? fold_sink(row_max, row_sum, sink) : 1.0f;
+      const float inv_sum = inverse_row_sum(row_sum) * alpha;
       T* dst = o_head + (q_begin + i) * p_.o_strides.row;
       const float* acc = s.acc + i * acc_ld;
       for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<T>(acc[d] * inv_sum);
       if (p_.lse != nullptr) {
         p_.lse[b * p_.lse_strides.batch + h_q * p_.lse_strides.head + (q_begin + i) * p_.lse_strides.row] =
-            finish_lse(s.row_max[i], row_sum);
+            finish_lse(row_max, row_sum);
       }
     }
   }
 
   FwdParams p_;
+  detail::RowRanges ranges_;
   int block_q_ = 0;
   int block_k_ = 0;
   int64_t seq_k_padded_ = 0;

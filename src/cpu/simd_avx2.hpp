@@ -32,6 +32,7 @@ struct Avx2 {
   static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
   static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
   // Accumulates which lanes of x are NaN (max() drops a NaN: it returns its second operand).
   static vec flag_nan(vec flags, vec x) { return _mm256_or_ps(flags, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }

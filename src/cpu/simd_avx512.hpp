@@ -32,6 +32,7 @@ struct Avx512 {
   static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
   static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
   // NaN lanes of x set every bit of the flag lane (itself a NaN pattern, so any_flagged is one compare).
   static vec flag_nan(vec flags, vec x) {

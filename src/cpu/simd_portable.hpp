@@ -26,6 +26,7 @@ struct Portable {
   static vec mul(vec a, vec b) { return a * b; }
   static vec add(vec a, vec b) { return a + b; }
   static vec sub(vec a, vec b) { return a - b; }
+  static vec div(vec a, vec b) { return a / b; }
   static vec max(vec a, vec b) { return std::max(a, b); }
   static vec flag_nan(vec flags, vec x) { return std::isnan(x) ? 1.0f : flags; }
   static bool any_flagged(vec flags) { return flags != 0.0f; }

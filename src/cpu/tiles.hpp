@@ -260,6 +260,41 @@ inline void online_softmax_row(float* row, int64_t cols, float& row_max, float& 
   row_max = new_max;
 }
 
+// Logit soft-capping on scores in log2 units: x -> cap2 * tanh(x / cap2), cap2 = cap * log2(e), on
+// row[from, to). tanh(y) = 1 - 2 / (e^(2y) + 1) with e^(2y) = 2^(x * 2 / cap): one exp2 and one
+// division per score; a score past the exp2's range gives exactly +-cap2, NaN stays NaN.
+template <class Isa>
+inline void soft_cap_row(float* row, int64_t from, int64_t to, float cap) {
+  using V = typename Isa::vec;
+  constexpr int W = Isa::kWidth;
+  const float cap2 = cap * 1.4426950408889634f, k = 2.0f / cap;
+  const V vk = Isa::set1(k), vcap = Isa::set1(cap2), one = Isa::set1(1.0f), two = Isa::set1(2.0f);
+  int64_t j = from;
+  for (; j + W <= to; j += W) {
+    const V e = Isa::exp2(Isa::mul(Isa::loadu(row + j), vk));
+    Isa::storeu(row + j, Isa::mul(vcap, Isa::sub(one, Isa::div(two, Isa::add(e, one)))));
+  }
+  for (; j < to; ++j) row[j] = cap2 * std::tanh(row[j] / cap2);
+}
+
+// The slope of the soft cap at a capped score c (log2 units): 1 - tanh^2 = 1 - (c / cap2)^2.
+inline float soft_cap_slope(float capped, float cap) {
+  const float t = capped / (cap * 1.4426950408889634f);
+  return 1.0f - t * t;
+}
+
+// Folds a sink (a logit in log2 units in the row's denominator, and nothing in its numerator) into a
+// finished row's running max and sum; returns the factor its accumulator takes. A row that saw no
+// key gets max = sink, sum = 1 (O = 0, LSE = the sink); a NaN row stays NaN.
+inline float fold_sink(float& row_max, float& row_sum, float sink) {
+  const float new_max = std::max(row_max, sink);  // NaN row_max stays NaN
+  if (new_max == kNegInf) return 1.0f;
+  const float alpha = std::exp2(row_max - new_max);
+  row_sum = row_sum * alpha + std::exp2(sink - new_max);
+  row_max = new_max;
+  return alpha;
+}
+
 // The natural-log LSE of a finished row (row_max in log2 units); -inf for a row that saw no key,
 // NaN for a row that saw a NaN.
 inline float finish_lse(float row_max, float row_sum) {

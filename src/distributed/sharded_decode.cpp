@@ -81,6 +81,9 @@ LocalResult decode_shard(const Mesh& mesh, const ShardedDecodeParams& params) {
   local.o = MutableTensorView::contiguous(o_part.data(), DType::kFloat32, {r.batch, r.heads_q, r.tokens, dim});
   local.lse = MutableTensorView::contiguous(lse_part.data(), DType::kFloat32, {r.batch, r.heads_q, r.tokens});
   local.softmax_scale = params.softmax_scale;
+  local.window_left = params.window_left;
+  local.logits_soft_cap = params.logits_soft_cap;
+  if (shard.shard == 0) local.sinks = params.sinks;  // merged once: a sink is a partial (O = 0, LSE = sink)
   local.positions_after = after;
   local.num_splits = params.num_splits;
   local.num_threads = params.num_threads;

@@ -21,6 +21,8 @@ namespace {
 
 using detail::FwdParams;
 using detail::HeadStrides;
+using detail::Range;
+using detail::RowRanges;
 using detail::Workspace;
 using std::int64_t;
 
@@ -123,24 +125,34 @@ void naive_forward(const FwdParams& p) {
     }
   }
 
+  // softmax over each row's visible keys (the mask's ranges; ids compared per score where segments
+  // recur apart), with the soft cap and the sinks, in place.
+  const RowRanges ranges(p.mask, p.batch, p.seq_q, p.seq_k);
   const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for num_threads(p.num_threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r % p.seq_q, h = (r / p.seq_q) % p.heads_q, b = r / (p.seq_q * p.heads_q);
     float* row = scores.data() + r * p.seq_k;
-    const int64_t visible = p.causal ? std::clamp<int64_t>(i + p.causal_offset() + 1, 0, p.seq_k) : p.seq_k;
-    std::fill(row + visible, row + p.seq_k, 0.0f);
-    const float row_max = visible > 0 ? *std::max_element(row, row + visible) : 0.0f;
-    double row_sum = 0.0;
-    for (int64_t j = 0; j < visible; ++j) {
-      row[j] = std::exp(row[j] - row_max);
+    const Range visible = ranges.keys_of_row(b, i);
+    for (int64_t j = visible.first; j < visible.end; ++j) {
+      if (p.soft_cap > 0.0f) row[j] = p.soft_cap * std::tanh(row[j] / p.soft_cap);
+      if (ranges.elementwise() && !ranges.same_segment(b, i, j)) row[j] = kNegInf;
+    }
+    float row_max = kNegInf;
+    for (int64_t j = visible.first; j < visible.end; ++j) row_max = std::max(row_max, row[j]);
+    if (p.sinks != nullptr) row_max = std::max(row_max, p.sinks[h]);
+    const float shift = row_max == kNegInf ? 0.0f : row_max;
+    double row_sum = p.sinks != nullptr ? std::exp(p.sinks[h] - shift) : 0.0;
+    for (int64_t j = 0; j < p.seq_k; ++j) {
+      row[j] = j >= visible.first && j < visible.end ? std::exp(row[j] - shift) : 0.0f;
       row_sum += row[j];
     }
-    const float inv_sum = visible > 0 ? static_cast<float>(1.0 / row_sum) : 0.0f;
-    for (int64_t j = 0; j < visible; ++j) row[j] *= inv_sum;
+    const float inv_sum = row_sum > 0.0 ? static_cast<float>(1.0 / row_sum) : 0.0f;
+    for (int64_t j = visible.first; j < visible.end; ++j) row[j] *= inv_sum;
     if (p.lse != nullptr) {
       p.lse[b * p.lse_strides.batch + h * p.lse_strides.head + i * p.lse_strides.row] =
-          visible > 0 ? row_max + static_cast<float>(std::log(row_sum)) : -std::numeric_limits<float>::infinity();
+          row_sum > 0.0 ? shift + static_cast<float>(std::log(row_sum)) : kNegInf;
     }
   }
 

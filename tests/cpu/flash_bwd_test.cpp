@@ -26,7 +26,7 @@ struct Problem {
     p.v = v.view();
     p.o = o.mutable_view();
     p.lse = lse.mutable_view();
-    p.causal = causal;
+    p.mask.causal = causal;
     return p;
   }
   AttentionBackwardParams backward(bool causal) {
@@ -40,7 +40,7 @@ struct Problem {
     p.dq = dq.mutable_view();
     p.dk = dk.mutable_view();
     p.dv = dv.mutable_view();
-    p.causal = causal;
+    p.mask.causal = causal;
     return p;
   }
   void poison_gradients() {

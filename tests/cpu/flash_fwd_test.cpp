@@ -57,7 +57,7 @@ TEST_P(FlashForward, MatchesFloat64Reference) {
   Problem pr = make_problem(c);
   const std::vector<unsigned char> q_before = pr.q.bytes(), k_before = pr.k.bytes(), v_before = pr.v.bytes();
   AttentionParams params = pr.params();
-  params.causal = c.causal;
+  params.mask.causal = c.causal;
   flash_attention_forward(params);
 
   EXPECT_EQ(pr.q.bytes(), q_before) << "q was modified";
@@ -85,7 +85,7 @@ TEST_P(FlashForwardIsa, LargeLogitsStayExact) {
     const Case c{{1, 2, 1, 67, 150, 64}, causal, DType::kFloat32};
     Problem pr = make_problem(c, /*input_stddev=*/50.0);
     AttentionParams params = pr.params();
-    params.causal = causal;
+    params.mask.causal = causal;
     flash_attention_forward(params);
     ASSERT_TRUE(pr.o.all_finite_or_neg_inf());
     const double scale = 1.0 / 8.0;
@@ -105,7 +105,7 @@ TEST_P(FlashForwardIsa, SameBitsForOneAndTwoThreadsAndAnyBlocking) {
     const Case c{shape, true, DType::kBFloat16};
     Problem pr = make_problem(c);
     AttentionParams params = pr.params();
-    params.causal = true;
+    params.mask.causal = true;
     params.num_threads = 1;
     flash_attention_forward(params);
     const std::vector<unsigned char> one_thread = pr.o.bytes(), lse_one = pr.lse.bytes();
@@ -189,12 +189,12 @@ TEST_P(FlashForwardIsa, NanPropagatesToTheRowsThatSeeItAndNoOthers) {
       }
     }
     AttentionParams params = dirty.params();
-    params.causal = true;
+    params.mask.causal = true;
     params.block_q = 16;  // several query blocks, and blocks that cross the diagonal
     params.block_k = 32;
     flash_attention_forward(params);
     params = clean.params();
-    params.causal = true;
+    params.mask.causal = true;
     params.block_q = 16;
     params.block_k = 32;
     flash_attention_forward(params);

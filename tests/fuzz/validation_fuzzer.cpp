@@ -274,7 +274,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       p.v = b.flag() ? p.k : b.like<pflash::TensorView>(p.k, 4);
       p.o = b.like<pflash::MutableTensorView>(p.q, 4);
       p.lse = b.view<pflash::MutableTensorView>(3, /*optional=*/true);
-      p.causal = b.flag();
+      p.mask.causal = b.flag();
       p.softmax_scale = b.scale();
       p.block_q = b.small_int(-2, 5000);
       p.block_k = b.small_int(-2, 5000);
@@ -302,7 +302,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       p.dq = b.like<pflash::MutableTensorView>(p.q, 4);
       p.dk = b.like<pflash::MutableTensorView>(p.k, 4);
       p.dv = b.like<pflash::MutableTensorView>(p.k, 4);
-      p.causal = b.flag();
+      p.mask.causal = b.flag();
       p.softmax_scale = b.scale();
       p.num_threads = b.threads();
       check_call([&] { pflash::flash_attention_backward(p); },
@@ -316,7 +316,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       p.v = b.like<pflash::TensorView>(p.k, 4);
       p.o = b.like<pflash::MutableTensorView>(p.q, 4);
       p.lse = b.view<pflash::MutableTensorView>(3, /*optional=*/true);
-      p.causal = b.flag();
+      p.mask.causal = b.flag();
       p.num_threads = b.threads();
       const auto dout = b.like<pflash::TensorView>(p.q, 4);
       const auto dq = b.like<pflash::MutableTensorView>(p.q, 4), dk = b.like<pflash::MutableTensorView>(p.k, 4),

@@ -32,7 +32,7 @@ struct Problem {
     p.v = v.view();
     p.o = o.mutable_view();
     p.lse = lse.mutable_view();
-    p.causal = causal;
+    p.mask.causal = causal;
     return p;
   }
 };

@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "pflash/distributed/mesh.hpp"
+#include "pflash/mask.hpp"
 #include "pflash/shard_layout.hpp"
 #include "pflash/tensor.hpp"
 
@@ -29,6 +30,9 @@ struct ShardedDecodeParams {
   MutableTensorView lse;   // optional [B, Hq, T] fp32
 
   std::optional<float> softmax_scale;  // default 1/sqrt(D)
+  std::int64_t window_left = kUnboundedWindow;  // as in flash_decode (each shard reads only the window's part)
+  float logits_soft_cap = 0.0f;                 // as in flash_decode
+  TensorView sinks;  // optional [Hq] fp32, the same on every rank: joins the merge once (shard 0's partial)
   int num_splits = 0;   // of this rank's shard, as in flash_decode
   int num_threads = 0;  // per rank; 0: all threads
   CombineAlgorithm combine = CombineAlgorithm::kAuto;

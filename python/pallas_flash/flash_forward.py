@@ -1,0 +1,167 @@
+"""The FlashAttention-2 forward kernel for the TPU (Pallas/Mosaic).
+
+Grid (B, Nq/block_q, Hq, key steps), the last axis sequential: a query block stays resident in VMEM
+while the key blocks it sees stream past (Pallas double-buffers their DMAs; tiles.py says which); the
+running max, running sum and fp32 accumulator live in VMEM scratch; O is written once at the last
+step, the LSE row of every head into one lane-dense [Hq, block_q] block that goes to HBM once per
+query block. Sinks join each row's denominator at the end, as a partial state (O = 0, LSE = sink).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_flash.mask import both, divide, negate
+from pallas_flash.online_softmax import (LANES, LOG2_E, finish_state, init_state, lanes, replicated_to_row,
+                                         stat_shape, update_state)
+from pallas_flash.planner import BlockSizes
+from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, interpret_arg,
+                                replicate_ids, score_mask, scores, segment_block_ranges, static_steps, stepped_block,
+                                visit_row_sub_blocks, when)
+
+NUM_SEGMENT_REFS = 8
+
+
+def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_steps: int):
+    """One (query block, head, key step) step. The query block is swept in sub-blocks of
+    block_q_compute rows, unrolled in one straight-line region: a sub-block's scores (256 x 512 fp32:
+    half the vector registers) are reduced and exponentiated while the MXU computes the next
+    sub-block's, where one (block_q, block_k) tile would be materialised in VMEM (twice the stores)."""
+    segment_refs, refs = (refs[:NUM_SEGMENT_REFS], refs[NUM_SEGMENT_REFS:]) if problem.segments else ((), refs)
+    q_ref, k_ref, v_ref, *refs = refs
+    if problem.segments:
+        q_ids_ref, kv_ids_ref, *refs = refs
+    if problem.sinks:
+        sinks_ref, *refs = refs
+    o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *refs = refs
+    q_ids_rep_ref = refs[0] if problem.segments else None
+
+    batch, q_block, head, step = (pl.program_id(i) for i in range(4))
+    block_q, block_k = grid.block_q, grid.block_k
+    visits = Visits(problem, grid, batch, segment_refs)
+    first, last = visits.kv_range(q_block)
+    kv_block = first + step
+    row_start, key_start = q_block * block_q, kv_block * block_k
+    segments_mixed = visits.segments_mixed(q_block, kv_block)
+
+    if problem.segments:
+        @pl.when(step == 0)
+        def _ids():  # the query block's ids as columns, once per head
+            q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
+
+    def update(c, masked, first_tile):
+        rows = pl.ds(c * block_q_compute, block_q_compute)
+        s = scores(problem, q_ref[rows, :], k_ref[...])
+        if masked:
+            same_segment = None
+            if problem.segments:
+                same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], block_k) == kv_ids_ref[...]  # noqa: E731
+            visible = score_mask(problem, row_start + c * block_q_compute, block_q_compute, key_start, block_k,
+                                 segments=same_segment, pad_keys=problem.seq_k % block_k != 0)
+            s = apply_mask(s, visible)
+        update_state(s, v_ref[...], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first_tile)
+
+    def visit(first_tile: bool):
+        # The first visited tile starts every row's state, even rows that see none of it (-inf, 0).
+        visit_row_sub_blocks(problem, grid, row_start, key_start, block_q_compute,
+                             functools.partial(update, first_tile=first_tile), keep_skipped=first_tile,
+                             segments_mixed=segments_mixed)
+
+    empty = first > last  # a query block that sees no key at all: an empty state
+    when(both(step == 0, empty), init_state, row_max_ref, row_sum_ref, acc_ref)
+    when(both(step == 0, negate(empty)), visit, True)
+    if num_steps > 1:
+        when(both(step > 0, kv_block <= last), visit, False)
+
+    @pl.when(step == num_steps - 1)
+    def _finish():
+        sink = sinks_ref[head] * LOG2_E if problem.sinks else None
+        o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref, sink=sink)
+        o_ref[...] = o.astype(o_ref.dtype)
+        lse_ref[pl.ds(head, 1), :] = replicated_to_row(lse)
+
+
+def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sinks=None):
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], all aligned; segment_ids: (q_ids [B, Nq], kv_ids [B, Nk])
+    int32, aligned; sinks [Hq] f32. Returns O and LSE [B, Hq, Nq].
+
+    Grid (B, Nq/block_q, Hq, key steps): the heads run inside a query block so that one LSE block,
+    [Hq, block_q] lane-dense, stays in VMEM while every head writes its row and goes to HBM once
+    (an [N, 1] column would take 128x its size there, in (8, 128) tiles)."""
+    batch, heads_q, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    block_q, block_k = blocks.block_q, blocks.block_k
+    grid = Grid(block_q, block_k, seq_q // block_q, seq_k // block_k)
+    num_steps, visited = static_steps(problem, grid, per_q_block=True)
+    group = problem.group
+
+    def kv_block_of(b, i, j, refs):
+        first, last = Visits(problem, grid, b, refs).kv_range(i)
+        return stepped_block(first, last, j, grid.num_kv_blocks)
+
+    def q_map(b, i, h, j, *refs):
+        return b, h, i, 0
+
+    def kv_map(b, i, h, j, *refs):
+        return b, divide(h, group), kv_block_of(b, i, j, refs), 0
+
+    def lse_map(b, i, h, j, *refs):
+        return b, 0, i
+
+    in_specs = [
+        pl.BlockSpec((None, None, block_q, dim), q_map),
+        pl.BlockSpec((None, None, block_k, dim), kv_map),
+        pl.BlockSpec((None, None, block_k, dim), kv_map),
+    ]
+    operands = [q, k, v]
+    prefetch = ()
+    scratch = [
+        pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_max
+        pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_sum
+        pltpu.VMEM((block_q, dim), jnp.float32),  # acc
+    ]
+    if problem.segments:
+        q_ids, kv_ids = segment_ids
+        prefetch = segment_block_ranges(q_ids, kv_ids, grid)
+        in_specs += [pl.BlockSpec((None, 1, block_q), lambda b, i, h, j, *refs: (b, 0, i)),
+                     pl.BlockSpec((None, 1, block_k), lambda b, i, h, j, *refs: (b, 0, kv_block_of(b, i, j, refs)))]
+        operands += [q_ids[:, None, :], kv_ids[:, None, :]]
+        scratch.append(pltpu.VMEM(stat_shape(block_q), jnp.int32))  # the query block's ids as columns
+    if problem.sinks:
+        in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
+        operands.append(sinks.astype(jnp.float32))
+
+    kernel = functools.partial(_fwd_kernel, problem=problem, grid=grid,
+                               block_q_compute=min(blocks.block_q_compute, block_q), num_steps=num_steps)
+    pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
+    kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
+    itemsize = q.dtype.itemsize
+    exps = pairs * (2 if problem.soft_cap is not None else 1)
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(batch, grid.num_q_blocks, heads_q, num_steps),
+            in_specs=in_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, block_q, dim), q_map),
+                pl.BlockSpec((None, heads_q, block_q), lse_map),
+            ],
+            scratch_shapes=scratch,
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
+        ],
+        # The LSE block is revisited by every head of a query block: the head axis is sequential.
+        compiler_params=compiler_params(("parallel", "parallel", "arbitrary", "arbitrary")),
+        interpret=interpret_arg(problem),
+        cost_estimate=cost(4 * pairs * dim, exps, itemsize * (2 * q.size + 2 * kv_rows * dim) + 4 * batch * heads_q * seq_q),
+        name="pallas_flash_fwd",
+    )(*prefetch, *operands)

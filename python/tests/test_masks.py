@@ -1,0 +1,179 @@
+"""Every mask variant and score option of flash_attention against the float64 oracle: sliding windows,
+chunks, segment ids, soft-cap, sinks and their combinations, forward (O, LSE) and gradients (q, k, v,
+sinks), on the Pallas kernels in TPU interpret mode (and, where marked, the other CPU path), at block
+sizes that make every kind of tile occur: the static band patterns, full tiles between them, the
+run-time path (padded keys, chunks across blocks) and segment ranges that skip blocks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from pallas_flash import BlockSizes, flash_attention
+from pallas_flash.mask import Mask
+from shapes import Shape
+
+SMALL = BlockSizes(128, 128, 128, 128, 128, 128, block_q_compute=128)
+MIXED = BlockSizes(256, 128, 128, 256, 256, 128, block_q_compute=128)
+
+
+def inputs(shape: Shape, seed: int, dtype=jnp.float32, q_scale=1.0):
+    rng = np.random.default_rng(seed)
+    q = q_scale * rng.standard_normal((shape.batch, shape.heads_q, shape.seq_q, shape.dim))
+    k = rng.standard_normal((shape.batch, shape.heads_kv, shape.seq_k, shape.dim))
+    v = rng.standard_normal((shape.batch, shape.heads_kv, shape.seq_k, shape.dim))
+    do = rng.standard_normal((shape.batch, shape.heads_q, shape.seq_q, shape.dim))
+    return [jnp.asarray(x, dtype) for x in (q, k, v, do)]
+
+
+def documents(rng, batch: int, length: int, lengths=None):
+    """[B, length] ids of packed documents: consecutive runs, random lengths (1 included)."""
+    rows = []
+    for _ in range(batch):
+        sizes = list(lengths) if lengths else []
+        while sum(sizes) < length:
+            sizes.append(int(rng.integers(1, max(2, length // 3))))
+        rows.append(np.repeat(np.arange(len(sizes)), sizes)[:length])
+    return np.stack(rows).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    shape: Shape
+    options: tuple  # flash_attention keyword arguments, as (key, value) pairs
+    blocks: BlockSizes = SMALL
+    segments: str | None = None  # "documents", "random", "disjoint"
+    sinks: bool = False
+    q_scale: float = 1.0
+
+    def __str__(self):
+        return self.name
+
+
+VARIANTS = [
+    Variant("window_causal_padded_keys", Shape(1, 2, 2, 300, 300, 64), (("causal", True), ("window", (64, 0)))),
+    Variant("window_causal_patterns", Shape(1, 2, 1, 512, 512, 64), (("causal", True), ("window", (100, 0))), MIXED),
+    Variant("window_two_sided", Shape(1, 2, 2, 384, 384, 32), (("window", (50, 30)),)),
+    Variant("window_of_one", Shape(1, 1, 1, 256, 256, 32), (("causal", True), ("window", (0, 0)))),
+    Variant("window_past_the_sequence", Shape(1, 2, 2, 200, 256, 32), (("causal", True), ("window", 5000))),
+    Variant("window_nq_lt_nk", Shape(1, 4, 2, 100, 390, 64), (("causal", True), ("window", (64, 0)))),
+    Variant("window_nq_gt_nk", Shape(1, 2, 2, 384, 128, 32), (("causal", True), ("window", (30, 0)))),
+    Variant("chunk_aligned", Shape(1, 2, 2, 512, 512, 32), (("causal", True), ("chunk", 256)), MIXED),
+    Variant("chunk_across_blocks", Shape(1, 2, 2, 300, 300, 32), (("causal", True), ("chunk", 100))),
+    Variant("chunk_full_nq_ne_nk", Shape(1, 2, 1, 200, 384, 32), (("chunk", 64),)),
+    Variant("documents_causal", Shape(2, 2, 2, 512, 512, 64), (("causal", True),), segments="documents"),
+    Variant("documents_window", Shape(1, 4, 1, 384, 384, 32), (("causal", True), ("window", (40, 0))), MIXED,
+            segments="documents"),
+    Variant("segments_random", Shape(1, 2, 2, 256, 300, 32), (), segments="random"),
+    Variant("segments_disjoint", Shape(1, 2, 2, 256, 256, 32), (("causal", True),), segments="disjoint"),
+    Variant("soft_cap", Shape(1, 2, 2, 300, 300, 64), (("causal", True), ("logits_soft_cap", 4.0)), q_scale=4.0),
+    Variant("soft_cap_full", Shape(1, 2, 1, 256, 256, 32), (("logits_soft_cap", 2.5),), MIXED, q_scale=4.0),
+    Variant("sinks", Shape(1, 4, 2, 200, 200, 64), (("causal", True),), sinks=True),
+    Variant("sinks_nq_gt_nk", Shape(1, 2, 2, 256, 100, 32), (("causal", True),), sinks=True),
+    Variant("everything", Shape(1, 4, 1, 384, 384, 96),
+            (("causal", True), ("window", (100, 0)), ("logits_soft_cap", 3.0)), MIXED, segments="documents", sinks=True,
+            q_scale=3.0),
+]
+
+
+def run_variant(variant: Variant, seed: int, blocks=None):
+    shape = variant.shape
+    q, k, v, do = inputs(shape, seed, q_scale=variant.q_scale)
+    options = dict(variant.options)
+    rng = np.random.default_rng(seed + 1)
+    segment_ids = None
+    if variant.segments == "documents":
+        ids = documents(rng, shape.batch, shape.seq_q)
+        segment_ids = (ids, ids)
+    elif variant.segments == "random":
+        segment_ids = (rng.integers(0, 3, (shape.batch, shape.seq_q)).astype(np.int32),
+                       rng.integers(0, 3, (shape.batch, shape.seq_k)).astype(np.int32))
+    elif variant.segments == "disjoint":  # q segment 9 has no keys; kv segment 7 no queries
+        q_ids = documents(rng, shape.batch, shape.seq_q, lengths=[100, 1, 50])
+        kv_ids = q_ids.copy()
+        q_ids[:, 120:180] = 9
+        kv_ids[:, 200:] = 7
+        segment_ids = (q_ids, kv_ids)
+    sinks = jnp.asarray(rng.standard_normal(shape.heads_q) + 1.0, jnp.float32) if variant.sinks else None
+    if segment_ids is not None:
+        options["segment_ids"] = tuple(jnp.asarray(x) for x in segment_ids)
+    mask = Mask.bottom_right(shape.seq_q, shape.seq_k, causal=options.get("causal", False),
+                             window=_edges(options.get("window")), chunk=options.get("chunk"))
+    want = oracle.attention(q, k, v, mask, segment_ids=segment_ids, soft_cap=options.get("logits_soft_cap"),
+                            sinks=sinks, do=do)
+
+    def loss(q, k, v, sinks):
+        o = flash_attention(q, k, v, sinks=sinks, block_sizes=blocks or variant.blocks, **options)
+        return jnp.sum(o * do)
+
+    o, lse = flash_attention(q, k, v, sinks=sinks, block_sizes=blocks or variant.blocks, return_lse=True, **options)
+    argnums = (0, 1, 2, 3) if sinks is not None else (0, 1, 2)
+    grads = jax.grad(loss, argnums)(q, k, v, sinks)
+    return (o, lse, grads), want
+
+
+def _edges(window):
+    if window is None:
+        return (None, None)
+    return (window, window) if isinstance(window, int) else window
+
+
+def check(result, want, fwd_tol=1e-5, grad_tol=1e-4):
+    (o, lse, grads), want = result, want
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert oracle.rel_err(o, want["o"]) < fwd_tol
+    oracle.assert_lse_close(lse, want["lse"])
+    for name, got in zip(("dq", "dk", "dv", "dsinks"), grads):
+        assert oracle.rel_err(got, want[name]) < grad_tol, name
+
+
+@pytest.mark.both_cpu_kernels
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_variant_matches_the_float64_oracle(variant):
+    check(*run_variant(variant, seed=hash(variant.name) % 2**31))
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[1], VARIANTS[11], VARIANTS[7]], ids=str)
+def test_variant_with_dq_in_its_own_kernel(variant):
+    blocks = dataclasses.replace(variant.blocks, fuse_dq=False)
+    check(*run_variant(variant, seed=7, blocks=blocks))
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[10], VARIANTS[14], VARIANTS[16]], ids=str)
+def test_variant_at_planned_blocks(variant):
+    check(*run_variant(dataclasses.replace(variant, blocks=None), seed=11))
+
+
+def test_bf16_window_and_soft_cap():
+    shape = Shape(1, 2, 2, 256, 256, 64)
+    q, k, v, _ = inputs(shape, 3, jnp.bfloat16, q_scale=3.0)
+    o = flash_attention(q, k, v, causal=True, window=(60, 0), logits_soft_cap=5.0, block_sizes=SMALL)
+    want = oracle.attention(q, k, v, Mask.bottom_right(256, 256, causal=True, window=(60, 0)), soft_cap=5.0)
+    assert o.dtype == jnp.bfloat16 and oracle.rel_err(o, want["o"]) < 2e-2
+
+
+def test_the_reference_path_takes_every_variant(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    check(*run_variant(VARIANTS[-1], seed=5))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": -1}, "argument 'window': expected edges that are ints >= 0"),
+    ({"window": (1, 2, 3)}, "argument 'window': expected None, an int or a pair"),
+    ({"chunk": 0}, "argument 'chunk': expected None or an int > 0"),
+    ({"logits_soft_cap": 0.0}, "argument 'logits_soft_cap': expected None or a finite number > 0"),
+    ({"logits_soft_cap": -3.0}, "argument 'logits_soft_cap'"),
+    ({"sinks": jnp.zeros(3)}, r"argument 'sinks': expected floats of shape \(2,\)"),
+    ({"segment_ids": jnp.zeros((1, 7), jnp.int32)}, r"argument 'segment_ids': expected q ids of integers, shape \(1, 8\)"),
+    ({"segment_ids": jnp.zeros((1, 8), jnp.float32)}, "argument 'segment_ids': expected q ids of integers"),
+    ({"segment_ids": (jnp.zeros((1, 8), jnp.int32),) * 3}, "argument 'segment_ids': expected one"),
+    ({"mask": Mask(), "causal": True}, "expected either mask or causal/window/chunk"),
+])
+def test_bad_variant_arguments_raise_before_anything_runs(kwargs, message):
+    q = jnp.zeros((1, 2, 8, 16))
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, q, q, **kwargs)
