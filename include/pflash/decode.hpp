@@ -40,7 +40,7 @@ struct DecodeParams {
   // the cache is read only there. kUnboundedWindow: the whole sequence.
   std::int64_t window_left = kUnboundedWindow;
   // Chunked attention: token t sees only the positions of its own chunk of chunk_size (0: none).
-  // Positions are the cache's rows, so not with positions_after (a shard's rows are not positions).
+  // Positions are the cache's rows, so not with positions_after > 0 (a shard's rows are not positions).
   std::int64_t chunk_size = 0;
   float logits_soft_cap = 0.0f;  // > 0: as in AttentionParams
   TensorView sinks;              // optional [Hq] fp32, as in AttentionParams (applied once, after the splits' merge)

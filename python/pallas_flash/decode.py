@@ -33,8 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_flash import cpu_kernels
 from pallas_flash.backend import kernel_mode
+from pallas_flash.flash_attention import check_variants
+from pallas_flash.mask import Mask, divide, soft_cap
 from pallas_flash.merge import merge_attention_states
-from pallas_flash.online_softmax import LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
+from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
 from pallas_flash.planner import vmem_budget_bytes
 from pallas_flash.reference import masked_attention
 
@@ -104,8 +106,28 @@ def default_num_splits(num_blocks: int) -> int:
     return max(1, min(8, num_blocks // 8))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeRules:
+    """What a decode's tokens see beyond causality, and how their scores are shaped: a left window
+    (positions before a token's own), a chunk, the soft cap (natural units)."""
+
+    window: int | None = None
+    chunk: int | None = None
+    soft_cap: float | None = None
+
+    @property
+    def mask(self) -> Mask:
+        """The geometry over positions (a token's and a cache row's alike)."""
+        return Mask(causal=True, window=(self.window, None), chunk=self.chunk)
+
+    def span(self, query_tokens: int) -> int | None:
+        """The most positions a sequence's tokens see together (None: unbounded)."""
+        spans = [n + query_tokens for n in (self.window, self.chunk) if n is not None]
+        return min(spans) if spans else None
+
+
 def _decode_kernel(*refs, layout: CacheLayout, scale: float, query_tokens: int, blocks_per_split: int,
-                   static_end: int | None, page_offset: bool):
+                   static_end: int | None, page_offset: bool, rules: DecodeRules):
     if static_end is None:
         ends_ref, *refs = refs
     if page_offset:  # a device's first page in a sharded pool: its table holds global page ids
@@ -117,20 +139,39 @@ def _decode_kernel(*refs, layout: CacheLayout, scale: float, query_tokens: int, 
     end = ends_ref[b] if static_end is None else static_end
     visible = jnp.clip(end, 0, layout.capacity)  # positions the queries may see
     block_k, rows = layout.block_k, q_ref.shape[1]
-    num_blocks = lax.div(visible + (block_k - 1), jnp.int32(block_k))
+    windowed = rules.span(query_tokens) is not None
+    # Block j holds positions [base + j * block_k, +block_k): base is 0, or with a window or chunk the
+    # first position any token sees, aligned down to a page (paged) or 128 rows (contiguous), so that
+    # only the window's pages (rows) are fetched.
+    base = 0
+    if windowed:
+        low_position, _ = rules.mask.key_range(end - query_tokens, end - 1, layout.capacity)
+        align = layout.page_size if layout.paged else min(LANES, block_k)
+        base = divide(jnp.maximum(low_position, 0), align) * align
+    num_blocks = divide(jnp.maximum(visible - base, 0) + (block_k - 1), block_k)
     first = split * blocks_per_split
     count = jnp.clip(num_blocks - first, 0, blocks_per_split)  # this step's blocks, per head
+
+    def origin(block):
+        """(fetched_from, first_position) of a block: a contiguous block that would run past the
+        cache is fetched from capacity - block_k, its rows below first_position already counted."""
+        start = base + block * block_k
+        if windowed and not layout.paged:
+            return jnp.minimum(start, layout.capacity - block_k), start
+        return start, start
 
     def copies(h, block, slot):
         """[(needed, DMA)] of block `block` of head h into `slot`: one per cache block, or one per page
         (pages past the sequence's length are not fetched: their table entries need not be pages)."""
         pairs = ((k_hbm, k_buf), (v_hbm, v_buf))
         if not layout.paged:
-            return [(True, pltpu.make_async_copy(src.at[b, h, pl.ds(block * block_k, block_k)], dst.at[slot],
+            fetched_from, _ = origin(block)
+            return [(True, pltpu.make_async_copy(src.at[b, h, pl.ds(fetched_from, block_k)], dst.at[slot],
                                                  sems.at[kind, slot])) for kind, (src, dst) in enumerate(pairs)]
         result = []
+        base_page = 0 if not windowed else divide(base, layout.page_size)
         for p in range(layout.pages_per_block):
-            index = block * layout.pages_per_block + p
+            index = base_page + block * layout.pages_per_block + p
             page = table_ref[b, jnp.minimum(index, layout.pages_per_seq - 1)]
             if page_offset:
                 page = page - offset_ref[0]
@@ -171,13 +212,22 @@ def _decode_kernel(*refs, layout: CacheLayout, scale: float, query_tokens: int, 
             each_copy(h, block, slot, "wait")
             s = lax.dot_general(q_ref[h], k_buf[slot], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             s = s * (scale * LOG2_E)  # log2 units: the online softmax works in exp2
-            # Row r is query token t = r % T at position end - T + t: it sees keys up to that position.
+            if rules.soft_cap is not None:
+                cap = rules.soft_cap * LOG2_E
+                s = cap * jnp.tanh(s * (1.0 / cap))
+            # Row r is query token t = r % T at position end - T + t: it sees keys up to that position
+            # (and within its window and chunk).
+            fetched_from, first_position = origin(block)
             token = lax.rem(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), jnp.int32(query_tokens))
-            col = block * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-            s = jnp.where(col <= jnp.minimum(end - query_tokens + token, visible - 1), s, NEG_INF)
+            col = fetched_from + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            position = end - query_tokens + token
+            seen = col <= jnp.minimum(position, visible - 1)
+            if windowed:
+                seen &= rules.mask.visible(position, col) & (col >= first_position)
+            s = jnp.where(seen, s, NEG_INF)
             # Rows past the length hold whatever the slot held (a page not fetched, a stale block):
             # a select, so that no NaN there reaches the accumulator through 0 * NaN.
-            key = block * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            key = fetched_from + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             v = jnp.where(key < visible, v_buf[slot], jnp.zeros((), v_buf.dtype))
             update_state(s, v, row_max_ref, row_sum_ref, acc_ref)
             return carry
@@ -191,7 +241,8 @@ def _decode_kernel(*refs, layout: CacheLayout, scale: float, query_tokens: int, 
     lax.fori_loop(0, layout.heads_kv, head, 0)
 
 
-def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits, interpret, page_offset=None):
+def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits, interpret, page_offset=None,
+                     rules: DecodeRules = DecodeRules()):
     """Partials over splits: O [B, splits, Hkv, group*T, D] f32 and LSE [B, splits, Hkv, group*T, 1].
     end: per sequence, the position after its last query token in this cache's coordinates: an
     int32 [B] array read by scalar prefetch, or a Python int for every sequence, known at trace time.
@@ -204,8 +255,12 @@ def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits,
     group = heads_q // layout.heads_kv
     rows = group * query_tokens
     q_rows = q.reshape(batch, layout.heads_kv, rows, dim)  # heads of a group are adjacent: a free reshape
-    splits = min(num_splits, layout.num_blocks)
-    blocks_per_split = -(-layout.num_blocks // splits)
+    # The blocks a sequence's tokens may see: all of them, or a window's or chunk's worth (+1: the span
+    # may start inside a block).
+    span = rules.span(query_tokens)
+    blocks = layout.num_blocks if span is None else min(layout.num_blocks, -(-span // layout.block_k) + 1)
+    splits = min(num_splits, blocks)
+    blocks_per_split = -(-blocks // splits)
     # The page table, 2-D in SMEM (a flattened copy would be an XLA op the static profile cannot
     # follow into SMEM); a contiguous cache has none.
     table = jnp.zeros((1, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
@@ -220,8 +275,8 @@ def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits,
 
     kernel = functools.partial(_decode_kernel, layout=layout, scale=scale, query_tokens=query_tokens,
                                blocks_per_split=blocks_per_split, static_end=static_end,
-                               page_offset=page_offset is not None)
-    positions = batch * layout.capacity  # at most every cache row once (fewer for shorter sequences)
+                               page_offset=page_offset is not None, rules=rules)
+    positions = batch * blocks * layout.block_k  # at most every row it may see once (fewer for shorter sequences)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -253,7 +308,8 @@ def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits,
                                              vmem_limit_bytes=vmem_budget_bytes()),
         interpret=pltpu.InterpretParams() if interpret else False,
         cost_estimate=pl.CostEstimate(flops=4 * layout.heads_kv * rows * positions * dim,
-                                      transcendentals=layout.heads_kv * rows * positions,
+                                      transcendentals=layout.heads_kv * rows * positions * (
+                                          2 if rules.soft_cap is not None else 1),
                                       bytes_accessed=2 * layout.heads_kv * positions * dim * k_cache.dtype.itemsize
                                       + 2 * q.size * 4),
         name="pallas_flash_decode",
@@ -270,7 +326,7 @@ def _contiguous_view(cache, page_table):
     return pages.transpose(0, 2, 1, 3, 4).reshape(batch, heads, per_seq * page, dim)
 
 
-def _reference_partial(q, k_cache, v_cache, end, page_table, *, scale):
+def _reference_partial(q, k_cache, v_cache, end, page_table, *, scale, rules: DecodeRules = DecodeRules()):
     """The same contract as the kernel after its split merge, in plain jax.numpy (the path off
     TPU and CPU): O [B, Hkv, group*T, D] f32 and LSE [B, Hkv, group*T]."""
     k_cache, v_cache = _contiguous_view(k_cache, page_table), _contiguous_view(v_cache, page_table)
@@ -279,33 +335,40 @@ def _reference_partial(q, k_cache, v_cache, end, page_table, *, scale):
     rows = heads_q // heads_kv * query_tokens
     q_rows = q.reshape(batch, heads_kv, rows, dim).astype(jnp.float32)
     s = jnp.einsum("bhrd,bhkd->bhrk", q_rows, k_cache.astype(jnp.float32), precision="highest") * scale
+    s = soft_cap(s, rules.soft_cap)
     token = jnp.arange(rows)[:, None] % query_tokens
     col = jnp.arange(max_len)[None, :]
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
-    visible = col[None, None] <= (end[:, None, None, None] - query_tokens + token[None, None])
+    position = end[:, None, None, None] - query_tokens + token[None, None]
+    visible = col[None, None] <= position
+    if rules.span(query_tokens) is not None:
+        visible &= rules.mask.visible(position, col[None, None])
     v_cache = jnp.where((col[0] < jnp.clip(end, 0, max_len)[:, None])[:, None, :, None], v_cache, 0)
     return masked_attention(jnp.where(visible, s, -jnp.inf), v_cache)
 
 
-def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, page_offset=None, capacity=None):
+def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, page_offset=None, capacity=None,
+            rules: DecodeRules = DecodeRules()):
     """Attention of q over one cache (or shard), splits merged: O [B, Hkv, rows, D] f32, LSE [B, Hkv, rows].
-    A shard of `capacity` positions (the sharded decode) may see an `end` past it, or below 0."""
+    A shard of `capacity` positions (the sharded decode) may see an `end` past it, or below 0. Sinks
+    are not applied here (once per call: _with_sinks)."""
     if mode == "cpu":
         local_table = page_table if page_offset is None else page_table - page_offset
         seq_lens, after = end, 0
         if capacity is not None:  # the positions past the shard are held by the next shards
             seq_lens, after = jnp.clip(end, 0, capacity), jnp.maximum(jnp.asarray(end) - capacity, 0)
         o, lse = cpu_kernels.decode(q, k_cache, v_cache, seq_lens, after, local_table, scale=scale,
-                                    num_splits=num_splits or 0)
+                                    num_splits=num_splits or 0, window=rules.window, chunk=rules.chunk,
+                                    soft_cap=rules.soft_cap)
         batch, heads_q, query_tokens, dim = q.shape
         heads_kv = k_cache.shape[1]
         rows = heads_q // heads_kv * query_tokens
         return o.reshape(batch, heads_kv, rows, dim), lse.reshape(batch, heads_kv, rows)
     if mode == "reference":
         local_table = page_table if page_offset is None else page_table - page_offset
-        return _reference_partial(q, k_cache, v_cache, end, local_table, scale=scale)
+        return _reference_partial(q, k_cache, v_cache, end, local_table, scale=scale, rules=rules)
     o_parts, lse_parts = _decode_partials(q, k_cache, v_cache, end, page_table, scale=scale, num_splits=num_splits,
-                                          interpret=mode == "interpret", page_offset=page_offset)
+                                          interpret=mode == "interpret", page_offset=page_offset, rules=rules)
     if o_parts.shape[1] == 1:  # one split: its partial is the result (no merge pass over it)
         return o_parts[:, 0], lse_parts[:, 0, :, :, 0]
     return merge_attention_states(o_parts, lse_parts[..., 0], axis=1, interpret=mode == "interpret")
@@ -383,11 +446,28 @@ def _check_pages(name: str, page_table, lengths, page_size: int, pool_pages: ran
 # Public entry points
 
 
-def _finish(o, lse, q, return_lse):
+def _finish(o, lse, q, return_lse, sinks=None):
+    """O [B, Hq, T, D] in q's dtype (and the LSE) from the merged partials, with the sinks joined: a
+    sink is a partial (O = 0, LSE = sink) merged once, after every split and shard."""
     batch, heads_q, query_tokens, dim = q.shape
-    o = o.reshape(batch, heads_q, query_tokens, dim).astype(q.dtype)
+    o = o.reshape(batch, heads_q, query_tokens, dim)
     lse = lse.reshape(batch, heads_q, query_tokens)
+    if sinks is not None:
+        sink = jnp.asarray(sinks, jnp.float32)[None, :, None]
+        merged = jnp.logaddexp(lse, sink)
+        o = o * jnp.where(lse == NEG_INF, 0.0, jnp.exp(lse - merged))[..., None]
+        lse = merged
+    o = o.astype(q.dtype)
     return (o, lse) if return_lse else o
+
+
+def _decode_rules(name: str, q, window, chunk, logits_soft_cap, sinks) -> DecodeRules:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"{name}: argument 'window': expected None or an int >= 0 (the positions before a token "
+                         f"it sees), got {window!r}")
+    check_variants(name, q.shape[0], q.shape[1], q.shape[2], q.shape[2], chunk=chunk, logits_soft_cap=logits_soft_cap,
+                   sinks=sinks)
+    return DecodeRules(window=window, chunk=chunk, soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
 
 
 def _check_query(name: str, q):
@@ -396,7 +476,8 @@ def _check_query(name: str, q):
 
 
 def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: float | None = None,
-                 num_splits: int | None = None, return_lse: bool = False, interpret: bool | None = None):
+                 window: int | None = None, chunk: int | None = None, logits_soft_cap: float | None = None,
+                 sinks=None, num_splits: int | None = None, return_lse: bool = False, interpret: bool | None = None):
     """Decode attention: q [B, Hq, T, D] (T new tokens, 1..16) against a KV cache.
 
     - Contiguous (page_table None): k_cache, v_cache [B, Hkv, Nmax, D].
@@ -414,12 +495,16 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     independently and merged exactly.
     Bad shapes, page sizes and heads raise ValueError; lengths past the capacity and page ids outside
     the pool too, wherever their values are known (not under jit; on CPU the C++ decode checks them at
-    run time under jit too, raising JaxRuntimeError). Returns O [B, Hq, T, D], or
-    (O, LSE [B, Hq, T]) with return_lse.
+    run time under jit too, raising JaxRuntimeError).
+    - window: token t sees only the `window` positions before its own (and its own); the cache is read
+      only there (pages too). chunk: only the positions of its own chunk. logits_soft_cap, sinks [Hq]:
+      as in flash_attention (a sink joins once, after the splits' merge).
+    Returns O [B, Hq, T, D], or (O, LSE [B, Hq, T]) with return_lse.
     """
     name = "flash_decode"
     _check_cache(name, "q", q, k_cache, v_cache, page_table)
     _check_query(name, q)
+    rules = _decode_rules(name, q, window, chunk, logits_soft_cap, sinks)
     layout = _layout(k_cache, page_table)
     _check_lengths(name, lengths, q.shape[0], layout.capacity)
     if page_table is not None:
@@ -431,8 +516,8 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     mode = kernel_mode(interpret)
     if mode == "cpu":
         splits = num_splits  # None: the C++ decode's own choice (threads and lengths)
-    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode)
-    return _finish(o, lse, q, return_lse)
+    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode, rules=rules)
+    return _finish(o, lse, q, return_lse, sinks)
 
 
 def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
@@ -482,6 +567,7 @@ def _place(x, mesh, spec):
 
 
 def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None, sm_scale: float | None = None,
+                         window: int | None = None, logits_soft_cap: float | None = None, sinks=None,
                          num_splits: int | None = None, return_lse: bool = False, interpret: bool | None = None):
     """flash_decode with the cache sharded along the sequence over every device of `mesh` (a 2x2 mesh
     for a v5e-4; any shape works). Rule: with S devices in row-major mesh order, device i holds cache
@@ -492,10 +578,12 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
       (global page ids: the pages of positions [i * C/S, (i+1) * C/S) live on device i).
     Each device decodes only its shard, producing a partial (O, LSE); the partials are all-gathered
     over the mesh and merged exactly. q and lengths are replicated; the result is replicated on every
-    device."""
+    device. window, logits_soft_cap, sinks: as in flash_decode (each device reads only its part of a
+    window; the sinks join after the merge, once)."""
     name = "sharded_flash_decode"
     _check_cache(name, "q", q, k_cache, v_cache, page_table)
     _check_query(name, q)
+    rules = _decode_rules(name, q, window, None, logits_soft_cap, sinks)
     axes = tuple(mesh.axis_names)
     devices = mesh.devices.size
     layout = _layout(k_cache, page_table)
@@ -543,7 +631,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         end = shard_len if full_shards else lengths - shard * shard_len  # the queries' end in this shard
         local_table, offset = (None, None) if page_table is None else (table_shard, shard * pool_part)
         o, lse = _decode(q, k_shard, v_shard, end, local_table, scale=scale, num_splits=splits, mode=mode,
-                         page_offset=offset, capacity=shard_len)
+                         page_offset=offset, capacity=shard_len, rules=rules)
         o_all = lax.all_gather(o, axes)  # [devices, B, Hkv, rows, D]: a few KiB per device
         lse_all = lax.all_gather(lse, axes)
         return merge_attention_states(o_all, lse_all, axis=0, interpret=None if mode == "cpu" else mode == "interpret")
@@ -559,4 +647,4 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
                              out_specs=(P(), P()), check_vma=False)(q, k_cache, v_cache, lengths, table)
 
     o, lse = sharded(q, k_cache, v_cache, lengths, table)
-    return _finish(o, lse, q, return_lse)
+    return _finish(o, lse, q, return_lse, sinks)

@@ -176,20 +176,23 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_st
         if problem.segments:
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked):  # sub-blocks as in the forward
-        k, v = k_ref[...], v_ref[...]
+    def update(c, masked, cols):  # sub-blocks and their key columns as in the forward
+        col_from, width = cols[0], cols[1] - cols[0]
+        keys = slice(None) if width == block_k else pl.ds(col_from, width)
+        k, v = k_ref[keys, :], v_ref[keys, :]
         rows = pl.ds(c * block_q_compute, block_q_compute)
         s = scores(problem, q_ref[rows, :], k)
         slope = soft_cap_slope(problem, s)
         if masked:
             same_segment = None
             if problem.segments:
-                same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], block_k) == kv_ids_ref[...]  # noqa: E731
-            s = apply_mask(s, score_mask(problem, row_start + c * block_q_compute, block_q_compute, key_start, block_k,
-                                         segments=same_segment, pad_keys=problem.seq_k % block_k != 0))
-        p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], block_k))
+                same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
+            s = apply_mask(s, score_mask(problem, row_start + c * block_q_compute, block_q_compute,
+                                         key_start + col_from, width, segments=same_segment,
+                                         pad_keys=problem.seq_k % block_k != 0))
+        p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], width))
         dp = lax.dot_general(do_ref[rows, :], v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - lanes(delta_rep_ref[rows, :], block_k))
+        ds = p * (dp - lanes(delta_rep_ref[rows, :], width))
         if slope is not None:
             ds = ds * slope
         dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)

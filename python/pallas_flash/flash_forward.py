@@ -55,17 +55,19 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_s
         def _ids():  # the query block's ids as columns, once per head
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked, first_tile):
+    def update(c, masked, cols, first_tile):
         rows = pl.ds(c * block_q_compute, block_q_compute)
-        s = scores(problem, q_ref[rows, :], k_ref[...])
+        col_from, width = cols[0], cols[1] - cols[0]
+        keys = slice(None) if width == block_k else pl.ds(col_from, width)
+        s = scores(problem, q_ref[rows, :], k_ref[keys, :])
         if masked:
             same_segment = None
             if problem.segments:
-                same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], block_k) == kv_ids_ref[...]  # noqa: E731
-            visible = score_mask(problem, row_start + c * block_q_compute, block_q_compute, key_start, block_k,
+                same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
+            visible = score_mask(problem, row_start + c * block_q_compute, block_q_compute, key_start + col_from, width,
                                  segments=same_segment, pad_keys=problem.seq_k % block_k != 0)
             s = apply_mask(s, visible)
-        update_state(s, v_ref[...], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first_tile)
+        update_state(s, v_ref[keys, :], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first_tile)
 
     def visit(first_tile: bool):
         # The first visited tile starts every row's state, even rows that see none of it (-inf, 0).

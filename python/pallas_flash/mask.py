@@ -254,6 +254,16 @@ class Mask:
             patterns.append((d, kinds))
         return patterns, full
 
+    def band_columns(self, delta: int, rows: int, keys: int, lanes: int = 128) -> tuple[int, int]:
+        """(col_from, col_to): the key columns of a rows x keys tile at delta that any of its rows may
+        see by the band, rounded out to whole `lanes` (the MXU's width); (0, 0) when none."""
+        lo, hi = self.band  # column j sees row r iff lo <= delta + j - r <= hi
+        col_from = 0 if lo is None else max(0, lo - delta)
+        col_to = keys if hi is None else min(keys, rows - 1 - delta + hi + 1)
+        if col_from >= col_to:
+            return 0, 0
+        return col_from // lanes * lanes, min(keys, -(-col_to // lanes) * lanes)
+
     # ----------------------------------------------------------------------------------------------
     # Scores: the one place they are masked (and soft-capped)
 

@@ -276,35 +276,43 @@ def replicate_ids(ids_row, width: int):
 
 def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub_rows: int, update, *,
                          keep_skipped: bool = False, segments_mixed=False):
-    """Calls update(c, masked) for the sub-blocks c of `sub_rows` query rows of a visited (block_q,
-    block_k) tile (module docstring). keep_skipped: sub-blocks that see nothing are updated anyway
-    (masked): the first tile of a query block starts every row's state. segments_mixed: (traced) the
-    tile needs the segment mask, which every masked sub-block then applies."""
+    """Calls update(c, masked, cols) for the sub-blocks c of `sub_rows` query rows of a visited
+    (block_q, block_k) tile (module docstring); cols = (col_from, col_to), static: the key columns the
+    sub-block computes, in the static patterns only those some row of it may see (rounded out to 128
+    lanes: a sub-block at a window's edge or the causal diagonal skips the products of keys it cannot
+    see). keep_skipped: sub-blocks that see nothing are updated anyway (masked, on 128 columns): the
+    first tile of a query block starts every row's state. segments_mixed: (traced) the tile needs the
+    segment mask, which every masked sub-block then applies."""
     bq, bk = grid.block_q, grid.block_k
     mask = problem.mask
     sub_blocks = bq // sub_rows
     pad_keys = problem.seq_k % bk != 0
 
-    def sweep(kinds, segment_masked):
+    def sweep(d, kinds, segment_masked):
         for c in range(sub_blocks):
-            if kinds[c] != SKIP or keep_skipped:
-                update(c, kinds[c] != FULL or segment_masked)
+            if kinds[c] == FULL:
+                update(c, segment_masked, (0, bk))
+            elif kinds[c] == PARTIAL:
+                update(c, True, mask.band_columns(d - c * sub_rows, sub_rows, bk))
+            elif keep_skipped:
+                update(c, True, (0, min(bk, LANES)))
 
     if not pad_keys and mask.chunks_align(bq, bk):
         delta = key_start - row_start + mask.offset
         patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
         for d, kinds in patterns:
-            when(delta == d, functools.partial(sweep, kinds, segments_mixed is not False))
+            when(delta == d, functools.partial(sweep, d, kinds, segments_mixed is not False))
         if full is not None:
             in_full = both(delta >= full[0], delta <= full[1]) if len(patterns) else True
-            when(in_full, when_masked, segments_mixed, functools.partial(sweep, [FULL] * sub_blocks))
+            when(in_full, when_masked, segments_mixed, functools.partial(sweep, None, [FULL] * sub_blocks))
         return
     for c in range(sub_blocks):
         any_visible, needs_mask = mask.tile_flags(row_start + c * sub_rows, sub_rows, key_start, bk)
         if pad_keys:
             needs_mask = either(needs_mask, key_start + bk > problem.seq_k)
         needs_mask = either(needs_mask, segments_mixed)
-        when(True if keep_skipped else any_visible, when_masked, needs_mask, functools.partial(update, c))
+        when(True if keep_skipped else any_visible, when_masked, needs_mask,
+             lambda masked, c=c: update(c, masked, (0, bk)))
 
 
 def key_sub_block_patterns(problem: Problem, block_q: int, block_k: int, keys: int, seq_q: int, seq_k: int):

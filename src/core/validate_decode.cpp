@@ -158,8 +158,10 @@ DecodeParams make_decode_params(const pflash::DecodeParams& params, const char* 
     }
   }
   check_common(check, params.softmax_scale, params.num_threads);
-  if (params.chunk_size != 0 && !params.positions_after.empty()) {
-    check.fail("chunk_size", "0 when positions_after is given (a shard's rows are not the sequence's positions)",
+  const bool shard = std::any_of(params.positions_after.begin(), params.positions_after.end(),
+                                 [](std::int32_t after) { return after != 0; });
+  if (params.chunk_size != 0 && shard) {
+    check.fail("chunk_size", "0 when positions_after holds positions (a shard's rows are not the sequence's positions)",
                std::to_string(params.chunk_size));
   }
   const MaskGeometry geometry = check_geometry(check, /*causal=*/true, params.window_left, kUnboundedWindow,

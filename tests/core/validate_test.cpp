@@ -211,3 +211,78 @@ TEST(Validate, ErrorLeavesOutputsUntouched) {
 
 }  // namespace
 }  // namespace pflash::testing
+
+// The mask and the score options (pflash/mask.hpp), through the forward and the naive baseline.
+namespace pflash::testing {
+namespace {
+
+TEST(ValidateMask, BadGeometry) {
+  Fixture f;
+  auto p = f.params();
+  p.mask.window_left = -2;
+  expect_invalid(p, "window_left", "a window edge >= 0, or kUnboundedWindow (-1)", "-2");
+  p = f.params();
+  p.mask.window_right = -5;
+  expect_invalid(p, "window_right", "a window edge >= 0", "-5");
+  p = f.params();
+  p.mask.chunk_size = -1;
+  expect_invalid(p, "chunk_size", "0 (no chunks) or a chunk of positions > 0", "-1");
+}
+
+TEST(ValidateMask, BadSegmentIdsAndLengths) {
+  Fixture f;
+  const std::vector<std::int32_t> q_ids(2 * 8), kv_ids(2 * 10), short_ids(7), lengths{3, 11}, one_length{3};
+  auto p = f.params();
+  p.mask.q_segment_ids = q_ids;
+  expect_invalid(p, "kv_segment_ids", "segment ids for both queries and keys, or for neither", "only the other's");
+  p.mask.kv_segment_ids = short_ids;
+  expect_invalid(p, "kv_segment_ids", "one id per key row, [B * Nk] (20 values)", "7 values");
+  p = f.params();
+  p.mask.kv_lengths = lengths;
+  expect_invalid(p, "kv_lengths", "lengths in 0..10", "kv_lengths[1] = 11");
+  p = f.params();
+  p.mask.q_lengths = one_length;
+  expect_invalid(p, "q_lengths", "empty or one length per sequence (2 values)", "1 values");
+}
+
+TEST(ValidateMask, BadSoftCapAndSinks) {
+  Fixture f;
+  auto p = f.params();
+  p.logits_soft_cap = -1.0f;
+  expect_invalid(p, "logits_soft_cap", "0 (none) or a finite cap > 0", "-1");
+  p.logits_soft_cap = std::numeric_limits<float>::infinity();
+  expect_invalid(p, "logits_soft_cap", "0 (none) or a finite cap > 0", "inf");
+  HostTensor sinks(DType::kFloat32, {3, 1, 1}), bf16_sinks(DType::kBFloat16, {4, 1, 1});
+  p = f.params();
+  p.sinks = TensorView::contiguous(sinks.view().data, DType::kFloat32, {3});
+  expect_invalid(p, "sinks", "shape [4] (one logit per query head)", "[3]");
+  p.sinks = TensorView::contiguous(bf16_sinks.view().data, DType::kBFloat16, {4});
+  expect_invalid(p, "sinks", "dtype fp32 (sink logits are fp32)", "bf16");
+}
+
+TEST(ValidateMask, DsinksNeedsTheSinks) {
+  Fixture f;
+  HostTensor dout{DType::kFloat32, {2, 4, 8, 16}}, dq{DType::kFloat32, {2, 4, 8, 16}}, dk{DType::kFloat32, {2, 2, 10, 16}},
+      dv{DType::kFloat32, {2, 2, 10, 16}}, dsinks{DType::kFloat32, {4, 1, 1}};
+  AttentionBackwardParams p;
+  p.q = f.q.view();
+  p.k = f.k.view();
+  p.v = f.v.view();
+  p.o = f.o.view();
+  p.lse = f.lse.view();
+  p.dout = dout.view();
+  p.dq = dq.mutable_view();
+  p.dk = dk.mutable_view();
+  p.dv = dv.mutable_view();
+  p.dsinks = MutableTensorView::contiguous(dsinks.mutable_view().data, DType::kFloat32, {4});
+  try {
+    flash_attention_backward(p);
+    ADD_FAILURE() << "no error for dsinks without sinks";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("argument 'dsinks': expected the forward's sinks"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace pflash::testing

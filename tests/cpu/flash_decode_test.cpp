@@ -127,6 +127,65 @@ INSTANTIATE_TEST_SUITE_P(Grid, FlashDecode,
                          ::testing::Combine(::testing::ValuesIn(decode_cases()), ::testing::ValuesIn(kernel_isas())),
                          [](const auto& info) { return case_name(std::get<0>(info.param), std::get<1>(info.param)); });
 
+// The rules beyond causality: a sliding window (read only there), chunks, the soft cap and sinks (one
+// split, where the finish folds them, and several, where the merge does), contiguous and paged.
+struct VariantCase {
+  std::string name;
+  Case shape;
+  std::int64_t window_left = kUnboundedWindow, chunk_size = 0;
+  float soft_cap = 0.0f;
+  bool sinks = false;
+};
+
+std::vector<VariantCase> variant_cases() {
+  const DType bf16 = DType::kBFloat16, fp32 = DType::kFloat32;
+  return {
+      {"window", {8, 2, 1, 64, 0, {0, 5, 700}, fp32, fp32, 0}, 100},
+      {"window_paged_splits", {8, 2, 3, 64, 16, {40, 333}, bf16, bf16, 4}, 63},
+      {"window_of_one", {4, 4, 2, 32, 0, {9, 200}, fp32, fp32, 2}, 0},
+      {"chunk", {4, 1, 4, 32, 0, {3, 150, 257}, fp32, fp32, 3}, kUnboundedWindow, 64},
+      {"soft_cap", {8, 2, 2, 64, 64, {130, 511}, fp32, fp32, 0}, kUnboundedWindow, 0, 2.0f},
+      {"sinks_one_split", {8, 2, 2, 64, 0, {0, 100}, fp32, bf16, 1}, kUnboundedWindow, 0, 0.0f, true},
+      {"sinks_merged", {8, 2, 2, 64, 0, {0, 900}, fp32, fp32, 5}, kUnboundedWindow, 0, 0.0f, true},
+      {"everything", {8, 1, 3, 96, 32, {17, 600}, bf16, bf16, 3}, 128, 0, 3.0f, true},
+  };
+}
+
+class FlashDecodeVariant : public ::testing::TestWithParam<std::tuple<VariantCase, CpuIsa>> {};
+
+TEST_P(FlashDecodeVariant, MatchesFloat64Reference) {
+  const auto& [v, isa] = GetParam();
+  if (detected_cpu_isa() < isa) GTEST_SKIP() << "this CPU has no " << to_string(isa);
+  const IsaScope scope(isa);
+  auto rng = make_rng();
+  Problem pr = make_problem(v.shape, rng);
+  HostTensor sinks(DType::kFloat32, {v.shape.heads_q, 1, 1});
+  sinks.fill_normal(rng, 2.0);
+  DecodeParams p = params_for(pr, v.shape.num_splits);
+  p.window_left = v.window_left;
+  p.chunk_size = v.chunk_size;
+  p.logits_soft_cap = v.soft_cap;
+  if (v.sinks) p.sinks = TensorView::contiguous(sinks.view().data, DType::kFloat32, {v.shape.heads_q});
+  flash_decode(p);
+
+  DecodeOptions options{v.window_left, v.chunk_size, v.soft_cap, {}};
+  if (v.sinks) {
+    for (std::int64_t h = 0; h < v.shape.heads_q; ++h) options.sinks.push_back(sinks.at(h, 0, 0));
+  }
+  ASSERT_TRUE(pr.o.all_finite_or_neg_inf()) << "o not fully written, or a position past a length was read";
+  ASSERT_TRUE(pr.lse.all_finite_or_neg_inf()) << "lse not fully written";
+  const double scale = 1.0 / std::sqrt(static_cast<double>(v.shape.dim));
+  const ReferenceOutput ref = reference_decode(pr.cache, pr.q, scale, options);
+  EXPECT_LT(relative_l2_error(pr.o, ref.o), o_tolerance(v.shape));
+  expect_lse_near(pr.lse, ref.lse, 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, FlashDecodeVariant,
+                         ::testing::Combine(::testing::ValuesIn(variant_cases()), ::testing::ValuesIn(kernel_isas())),
+                         [](const auto& info) {
+                           return std::get<0>(info.param).name + "_" + std::string(to_string(std::get<1>(info.param)));
+                         });
+
 class FlashDecodeIsa : public PerIsaTest {};
 
 // Every forced split count gives the unsplit result up to the merge's rounding (fp32 throughout),

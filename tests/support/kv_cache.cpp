@@ -92,17 +92,22 @@ HostTensor slice_batch(const HostTensor& t, std::int64_t b) {
   return out;
 }
 
-ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale) {
+ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale, const DecodeOptions& opt) {
   ReferenceOutput out;
+  const std::int64_t tokens = q.shape()[2];
   for (std::int64_t b = 0; b < q.shape()[0]; ++b) {
     const HostTensor k = cache.dense_k(b), v = cache.dense_v(b), q_b = slice_batch(q, b);
-    ReferenceOutput part;
-    if (k.shape()[2] == 0) {
-      part.o.assign(static_cast<std::size_t>(q_b.numel()), 0.0);
-      part.lse.assign(static_cast<std::size_t>(q_b.numel() / q_b.shape()[3]), -INFINITY);
-    } else {
-      part = reference_attention(q_b, k, v, /*causal=*/true, scale);
-    }
+    const std::int64_t length = k.shape()[2];
+    // Token t sits at position length - T + t: causal, within the window and its chunk.
+    ReferenceMask mask;
+    mask.visible = [=](std::int64_t, std::int64_t t, std::int64_t j) {
+      const std::int64_t p = length - tokens + t;
+      if (j > p || (opt.window_left >= 0 && j < p - opt.window_left)) return false;
+      return opt.chunk_size == 0 || (p >= 0 && j / opt.chunk_size == p / opt.chunk_size);
+    };
+    mask.soft_cap = opt.soft_cap;
+    mask.sinks = opt.sinks;
+    const ReferenceOutput part = reference_attention(to_dense(q_b), to_dense(k), to_dense(v), mask, scale);
     out.o.insert(out.o.end(), part.o.begin(), part.o.end());
     out.lse.insert(out.lse.end(), part.lse.begin(), part.lse.end());
   }

@@ -69,6 +69,15 @@ HostTensor slice_batch(const HostTensor& t, std::int64_t b);
 // The float64 decode of q [B, Hq, T, D] against the cache, sequence by sequence: query token t of
 // sequence b is position L_b - T + t, the bottom-right causal alignment of reference_attention over
 // that sequence's dense K/V (an empty sequence: O = 0, LSE = -inf).
-ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale);
+// The decode's rules beyond causality (pflash::DecodeParams), for the reference.
+struct DecodeOptions {
+  std::int64_t window_left = -1;  // -1: unbounded
+  std::int64_t chunk_size = 0;
+  double soft_cap = 0.0;
+  std::vector<double> sinks;  // [Hq] or empty
+};
+
+ReferenceOutput reference_decode(const TestCache& cache, const HostTensor& q, double scale,
+                                 const DecodeOptions& options = {});
 
 }  // namespace pflash::testing

@@ -11,37 +11,41 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// Keys visible to query row i of Nq against Nk keys.
-std::int64_t visible_keys(bool causal, std::int64_t i, std::int64_t seq_q, std::int64_t seq_k) {
-  return causal ? std::clamp<std::int64_t>(i + seq_k - seq_q + 1, 0, seq_k) : seq_k;
+ReferenceMask causal_reference(bool causal, std::int64_t seq_q, std::int64_t seq_k) {
+  ReferenceMask mask;
+  if (causal) mask.visible = [=](std::int64_t, std::int64_t i, std::int64_t j) { return j <= i + seq_k - seq_q; };
+  return mask;
 }
 
-// The probabilities of one query row (zero past the visible keys) and its LSE.
-double softmax_row(const Dense& q, const Dense& k, std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t visible,
-                   double scale, std::vector<double>& p) {
+// Row i's scores (capped; -inf where hidden) into s, its probabilities into p (the sink's share
+// excluded), and its LSE (the sink included; -inf for a row that sees nothing and has no sink).
+double softmax_row(const Dense& q, const Dense& k, std::int64_t b, std::int64_t h, std::int64_t i,
+                   const ReferenceMask& mask, double scale, std::vector<double>& s, std::vector<double>& p) {
   const std::int64_t group = q.h / k.h;
-  std::fill(p.begin(), p.end(), 0.0);
-  if (visible == 0) return kNegInf;
-  double row_max = kNegInf;
-  for (std::int64_t j = 0; j < visible; ++j) {
+  double row_max = mask.sinks.empty() ? kNegInf : mask.sinks[static_cast<std::size_t>(h)];
+  for (std::int64_t j = 0; j < k.n; ++j) {
+    double& x = s[static_cast<std::size_t>(j)];
+    x = kNegInf;
+    if (mask.visible && !mask.visible(b, i, j)) continue;
     double dot = 0.0;
     for (std::int64_t d = 0; d < q.d; ++d) dot += q.at(b, h, i, d) * k.at(b, h / group, j, d);
-    p[static_cast<std::size_t>(j)] = dot * scale;
-    row_max = std::max(row_max, dot * scale);
+    x = dot * scale;
+    if (mask.soft_cap > 0.0) x = mask.soft_cap * std::tanh(x / mask.soft_cap);
+    row_max = std::max(row_max, x);
   }
-  double row_sum = 0.0;
-  for (std::int64_t j = 0; j < visible; ++j) row_sum += std::exp(p[static_cast<std::size_t>(j)] - row_max);
-  for (std::int64_t j = 0; j < visible; ++j) {
-    p[static_cast<std::size_t>(j)] = std::exp(p[static_cast<std::size_t>(j)] - row_max) / row_sum;
-  }
+  std::fill(p.begin(), p.end(), 0.0);
+  if (row_max == kNegInf) return kNegInf;
+  double row_sum = mask.sinks.empty() ? 0.0 : std::exp(mask.sinks[static_cast<std::size_t>(h)] - row_max);
+  for (std::int64_t j = 0; j < k.n; ++j) row_sum += std::exp(s[static_cast<std::size_t>(j)] - row_max);
+  for (std::int64_t j = 0; j < k.n; ++j) p[static_cast<std::size_t>(j)] = std::exp(s[static_cast<std::size_t>(j)] - row_max) / row_sum;
   return row_max + std::log(row_sum);
 }
 
 }  // namespace
 
 Dense to_dense(const HostTensor& t) {
-  const auto& s = t.shape();
-  Dense out{s[0], s[1], s[2], s.size() > 3 ? s[3] : 1, {}};
+  const auto& sh = t.shape();
+  Dense out{sh[0], sh[1], sh[2], sh.size() > 3 ? sh[3] : 1, {}};
   out.data.resize(static_cast<std::size_t>(out.b * out.h * out.n * out.d));
   for (std::int64_t i0 = 0; i0 < out.b; ++i0)
     for (std::int64_t i1 = 0; i1 < out.h; ++i1)
@@ -50,25 +54,31 @@ Dense to_dense(const HostTensor& t) {
   return out;
 }
 
-ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, bool causal, double scale) {
+ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, const ReferenceMask& mask,
+                                    double scale) {
   const std::int64_t group = q.h / k.h;
   ReferenceOutput out;
   out.o.assign(static_cast<std::size_t>(q.b * q.h * q.n * q.d), 0.0);
   out.lse.assign(static_cast<std::size_t>(q.b * q.h * q.n), kNegInf);
-  std::vector<double> p(static_cast<std::size_t>(k.n));
+  std::vector<double> s(static_cast<std::size_t>(k.n)), p(static_cast<std::size_t>(k.n));
   for (std::int64_t b = 0; b < q.b; ++b)
     for (std::int64_t h = 0; h < q.h; ++h)
       for (std::int64_t i = 0; i < q.n; ++i) {
-        const std::int64_t visible = visible_keys(causal, i, q.n, k.n);
         const std::size_t row = static_cast<std::size_t>((b * q.h + h) * q.n + i);
-        out.lse[row] = softmax_row(q, k, b, h, i, visible, scale, p);
+        out.lse[row] = softmax_row(q, k, b, h, i, mask, scale, s, p);
         for (std::int64_t d = 0; d < q.d; ++d) {
           double acc = 0.0;
-          for (std::int64_t j = 0; j < visible; ++j) acc += p[static_cast<std::size_t>(j)] * v.at(b, h / group, j, d);
+          for (std::int64_t j = 0; j < k.n; ++j) {
+            if (p[static_cast<std::size_t>(j)] != 0.0) acc += p[static_cast<std::size_t>(j)] * v.at(b, h / group, j, d);
+          }
           out.o[row * static_cast<std::size_t>(q.d) + static_cast<std::size_t>(d)] = acc;
         }
       }
   return out;
+}
+
+ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, bool causal, double scale) {
+  return reference_attention(q, k, v, causal_reference(causal, q.n, k.n), scale);
 }
 
 ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, const HostTensor& v, bool causal,
@@ -76,34 +86,42 @@ ReferenceOutput reference_attention(const HostTensor& q, const HostTensor& k, co
   return reference_attention(to_dense(q), to_dense(k), to_dense(v), causal, scale);
 }
 
-// Per query row: P (materialised), dP = dO V^T, D = rowsum(P * dP), dS = P * (dP - D);
-// dV += P^T dO, dQ = scale * dS K, dK += scale * dS^T Q.
+// Per query row: P (materialised), dP = dO V^T, D = rowsum(P * dP), dC = P * (dP - D), dS = dC * cap'(S);
+// dV += P^T dO, dQ = scale * dS K, dK += scale * dS^T Q; d sink = -sum_i exp(sink - LSE_i) D_i.
 ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, const Dense& v, const Dense& dout,
-                                                bool causal, double scale) {
+                                                const ReferenceMask& mask, double scale) {
   const std::int64_t group = q.h / k.h;
   ReferenceGradients g;
   g.dq.assign(q.data.size(), 0.0);
   g.dk.assign(k.data.size(), 0.0);
   g.dv.assign(v.data.size(), 0.0);
+  g.dsinks.assign(mask.sinks.size(), 0.0);
   const auto index = [](const Dense& t, std::int64_t b, std::int64_t h, std::int64_t n, std::int64_t d) {
     return static_cast<std::size_t>(((b * t.h + h) * t.n + n) * t.d + d);
   };
-  std::vector<double> p(static_cast<std::size_t>(k.n)), dp(static_cast<std::size_t>(k.n));
+  std::vector<double> s(static_cast<std::size_t>(k.n)), p(static_cast<std::size_t>(k.n)), dp(static_cast<std::size_t>(k.n));
   for (std::int64_t b = 0; b < q.b; ++b)
     for (std::int64_t h = 0; h < q.h; ++h)
       for (std::int64_t i = 0; i < q.n; ++i) {
-        const std::int64_t visible = visible_keys(causal, i, q.n, k.n);
-        softmax_row(q, k, b, h, i, visible, scale, p);
+        const double lse = softmax_row(q, k, b, h, i, mask, scale, s, p);
         double row_dot = 0.0;
-        for (std::int64_t j = 0; j < visible; ++j) {
+        for (std::int64_t j = 0; j < k.n; ++j) {
           double dot = 0.0;
           for (std::int64_t d = 0; d < q.d; ++d) dot += dout.at(b, h, i, d) * v.at(b, h / group, j, d);
           dp[static_cast<std::size_t>(j)] = dot;
           row_dot += p[static_cast<std::size_t>(j)] * dot;
         }
-        for (std::int64_t j = 0; j < visible; ++j) {
+        if (!mask.sinks.empty() && lse != kNegInf) {
+          g.dsinks[static_cast<std::size_t>(h)] -= std::exp(mask.sinks[static_cast<std::size_t>(h)] - lse) * row_dot;
+        }
+        for (std::int64_t j = 0; j < k.n; ++j) {
           const double pj = p[static_cast<std::size_t>(j)];
-          const double ds = pj * (dp[static_cast<std::size_t>(j)] - row_dot);
+          if (pj == 0.0) continue;
+          double ds = pj * (dp[static_cast<std::size_t>(j)] - row_dot);
+          if (mask.soft_cap > 0.0) {
+            const double t = s[static_cast<std::size_t>(j)] / mask.soft_cap;
+            ds *= 1.0 - t * t;
+          }
           for (std::int64_t d = 0; d < q.d; ++d) {
             g.dv[index(v, b, h / group, j, d)] += pj * dout.at(b, h, i, d);
             g.dq[index(q, b, h, i, d)] += scale * ds * k.at(b, h / group, j, d);
@@ -112,6 +130,11 @@ ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, 
         }
       }
   return g;
+}
+
+ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, const Dense& v, const Dense& dout,
+                                                bool causal, double scale) {
+  return reference_attention_backward(q, k, v, dout, causal_reference(causal, q.n, k.n), scale);
 }
 
 ReferenceGradients reference_attention_backward(const HostTensor& q, const HostTensor& k, const HostTensor& v,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -25,6 +26,14 @@ struct Dense {
 };
 Dense to_dense(const HostTensor& t);
 
+// What a query row sees and how its scores are shaped, for the reference: visible(b, i, j) (null: every
+// key), the soft cap c (0: none; s -> c * tanh(s / c)) and sink logits per query head (empty: none).
+struct ReferenceMask {
+  std::function<bool(std::int64_t b, std::int64_t i, std::int64_t j)> visible;
+  double soft_cap = 0.0;
+  std::vector<double> sinks;
+};
+
 struct ReferenceOutput {
   std::vector<double> o;    // [B, Hq, Nq, D] in logical order
   std::vector<double> lse;  // [B, Hq, Nq], natural log; -inf for rows that see no key
@@ -32,7 +41,13 @@ struct ReferenceOutput {
 
 struct ReferenceGradients {
   std::vector<double> dq, dk, dv;  // logical order, shapes of q, k, v
+  std::vector<double> dsinks;      // [Hq], with sinks
 };
+
+ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, const ReferenceMask& mask,
+                                    double scale);
+ReferenceGradients reference_attention_backward(const Dense& q, const Dense& k, const Dense& v, const Dense& dout,
+                                                const ReferenceMask& mask, double scale);
 
 // Bottom-right causal alignment: query i sees keys j <= i + Nk - Nq.
 ReferenceOutput reference_attention(const Dense& q, const Dense& k, const Dense& v, bool causal, double scale);
