@@ -1,5 +1,6 @@
 """Pallas-Flash for JAX: FlashAttention-2 Pallas kernels for the TPU v5e, and on CPU the project's C++
-kernels through the XLA FFI.
+kernels through the XLA FFI. dot_product_attention takes jax.nn.dot_product_attention's arguments
+([B, T, N, H]); flash_attention, flash_decode and the rest take [B, H, N, D].
 
 On a TPU the kernels are compiled by Mosaic; on CPU the C++ kernels run (pallas_flash.cpu_kernels;
 interpret=True runs the Pallas kernels in TPU interpret mode instead, to check them); elsewhere the
@@ -7,16 +8,20 @@ jax.numpy reference path runs.
 """
 
 from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode
+from pallas_flash.dot_product_attention import dot_product_attention
 from pallas_flash.flash_attention import alignment_padding, flash_attention, padding_bytes
+from pallas_flash.mask import Mask
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.planner import BlockSizes, describe_plan, plan_block_sizes
 from pallas_flash.reference import reference_attention
 
 __all__ = [
     "BlockSizes",
+    "Mask",
     "alignment_padding",
     "append_kv",
     "describe_plan",
+    "dot_product_attention",
     "flash_attention",
     "flash_decode",
     "merge_attention_states",

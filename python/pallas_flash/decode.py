@@ -61,10 +61,11 @@ class CacheLayout:
     page_size: int
     pages_per_seq: int  # contiguous: blocks per sequence
     pages_per_block: int
+    rows: int | None = None  # contiguous with blocks that do not divide it: the cache's length
 
     @property
     def capacity(self) -> int:  # positions per sequence
-        return self.pages_per_seq * self.page_size
+        return self.rows if self.rows is not None else self.pages_per_seq * self.page_size
 
     @property
     def block_k(self) -> int:
@@ -98,6 +99,28 @@ def cache_layout(cache_shape, table_shape=None) -> CacheLayout:
 
 def _layout(k_cache, page_table) -> CacheLayout:
     return cache_layout(k_cache.shape, None if page_table is None else page_table.shape)
+
+
+def windowed_layout(layout: CacheLayout, span: int) -> CacheLayout:
+    """A contiguous cache read through a window of `span` positions: blocks that split the span (plus
+    the 127 rows of aligning its start down to 128) evenly, in multiples of 128 rows, so that the
+    rows fetched exceed the window's by less than 128 per block (4096-row blocks would fetch up to
+    twice a 4096-position window). Paged caches keep their layout: their pages are fetched one by one."""
+    if layout.paged or span + LANES - 1 >= layout.capacity:
+        return layout
+    count = -(-(span + LANES - 1) // BLOCK_ROWS)
+    block = -(-(span + LANES - 1) // count // LANES) * LANES
+    return CacheLayout(False, layout.heads_kv, block, -(-layout.capacity // block), 1, rows=layout.capacity)
+
+
+def read_blocks(layout: CacheLayout, rules: "DecodeRules", query_tokens: int) -> int:
+    """The most blocks a sequence's tokens read: every block, or a window's or chunk's worth."""
+    span = rules.span(query_tokens)
+    if span is None:
+        return layout.num_blocks
+    layout = windowed_layout(layout, span)
+    align = layout.page_size if layout.paged else LANES
+    return min(layout.num_blocks, -(-(span + align - 1) // layout.block_k))
 
 
 def default_num_splits(num_blocks: int) -> int:
@@ -251,14 +274,14 @@ def _decode_partials(q, k_cache, v_cache, end, page_table, *, scale, num_splits,
     array (an XLA op's output may sit in VMEM, which the compiler's static profile cannot follow)."""
     static_end = int(end) if isinstance(end, (int, np.integer)) else None
     batch, heads_q, query_tokens, dim = q.shape
+    span = rules.span(query_tokens)
     layout = _layout(k_cache, page_table)
+    if span is not None:
+        layout = windowed_layout(layout, span)
     group = heads_q // layout.heads_kv
     rows = group * query_tokens
     q_rows = q.reshape(batch, layout.heads_kv, rows, dim)  # heads of a group are adjacent: a free reshape
-    # The blocks a sequence's tokens may see: all of them, or a window's or chunk's worth (+1: the span
-    # may start inside a block).
-    span = rules.span(query_tokens)
-    blocks = layout.num_blocks if span is None else min(layout.num_blocks, -(-span // layout.block_k) + 1)
+    blocks = read_blocks(layout, rules, query_tokens)
     splits = min(num_splits, blocks)
     blocks_per_split = -(-blocks // splits)
     # The page table, 2-D in SMEM (a flattened copy would be an XLA op the static profile cannot
@@ -510,7 +533,7 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     if page_table is not None:
         _check_pages(name, page_table, lengths, layout.page_size, range(k_cache.shape[0]))
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
-    splits = default_num_splits(layout.num_blocks) if num_splits is None else int(num_splits)
+    splits = default_num_splits(read_blocks(layout, rules, q.shape[2])) if num_splits is None else int(num_splits)
     if splits < 1:
         raise ValueError(f"{name}: expected num_splits >= 1, got {num_splits}")
     mode = kernel_mode(interpret)
@@ -610,7 +633,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         local_layout = cache_layout((q.shape[0], layout.heads_kv, shard_len, q.shape[3]))
     else:
         local_layout = cache_layout(k_cache.shape, (q.shape[0], layout.pages_per_seq // devices))
-    splits = default_num_splits(local_layout.num_blocks) if num_splits is None else int(num_splits)
+    splits = default_num_splits(read_blocks(local_layout, rules, q.shape[2])) if num_splits is None else int(num_splits)
     mode = kernel_mode(interpret)
     if mode == "cpu":
         splits = num_splits  # None: the C++ decode's own choice
