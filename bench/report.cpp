@@ -27,15 +27,15 @@ std::string format_machine(const MachinePeak& peak) {
 }
 
 std::string format_table_header() {
-  return fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
-                     "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "causal", "median", "tokens/s",
+  return fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
+                     "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "mask", "median", "tokens/s",
                      "TFLOP/s", "%peak", "extra mem", "n");
 }
 
 std::string format_row(const BenchResult& r) {
   const BenchConfig& c = r.config;
-  std::string row = fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<6} ", c.impl, c.pass, c.batch,
-                                c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.causal ? "on" : "off");
+  std::string row = fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} ", c.impl, c.pass, c.batch,
+                                c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.mask_name());
   if (r.status == "oom") {
     return row + fmt::format("OOM (needs {})", format_bytes(double(r.bytes_needed.value_or(0))));
   }
@@ -94,7 +94,9 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
     nlohmann::json row = {{"mode", "attention"}, {"impl", c.impl},       {"pass", c.pass},
                           {"batch", c.batch},      {"heads", c.heads},     {"kv_heads", c.kv_heads},
                           {"seq_q", c.seq_q},      {"seq_k", c.seq_k},     {"dim", c.dim},
-                          {"dtype", to_string(c.dtype)}, {"causal", c.causal}, {"status", r.status},
+                          {"dtype", to_string(c.dtype)}, {"causal", c.causal}, {"window", c.window},
+                          {"segments", c.segments}, {"soft_cap", c.soft_cap}, {"mask", c.mask_name()},
+                          {"status", r.status},
                           {"flops", r.flops},      {"extra_bytes", r.extra_bytes}};
     if (r.status == "ok") {
       row["median_s"] = r.median_s;

@@ -3,15 +3,67 @@
 #include <optional>
 #include <vector>
 
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <string>
+
 #include "pflash/pflash.hpp"
 #include "timing.hpp"
 
 namespace pflash::bench {
 
+std::string BenchConfig::mask_name() const {
+  std::string name = causal ? "causal" : "full";
+  if (window >= 0) name += " w" + std::to_string(window);
+  if (segments > 1) name += " seg" + std::to_string(segments);
+  if (soft_cap > 0.0f) name += " cap" + fmt::format("{:g}", soft_cap);
+  return name;
+}
+
+namespace {
+
+// The mask of a configuration (bottom-right positions, as the library's default), and its segment ids.
+AttentionMask mask_of(const BenchConfig& c, std::vector<std::int32_t>& q_ids, std::vector<std::int32_t>& kv_ids) {
+  AttentionMask mask;
+  mask.causal = c.causal;
+  mask.window_left = c.window;
+  if (c.segments > 1) {
+    const auto ids = [&](std::int64_t n) {
+      std::vector<std::int32_t> out(static_cast<std::size_t>(c.batch * n));
+      for (std::int64_t i = 0; i < c.batch * n; ++i) out[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % n * c.segments / n);
+      return out;
+    };
+    q_ids = ids(c.seq_q);
+    kv_ids = ids(c.seq_k);
+    mask.q_segment_ids = q_ids;
+    mask.kv_segment_ids = kv_ids;
+  }
+  return mask;
+}
+
+}  // namespace
+
+double visible_pairs(const BenchConfig& c) {
+  double pairs = 0.0;
+  const std::int64_t offset = c.seq_k - c.seq_q;
+  for (std::int64_t i = 0; i < c.seq_q; ++i) {
+    const std::int64_t p = offset + i;
+    std::int64_t first = 0, end = c.seq_k;
+    if (c.causal) end = std::min(end, p + 1);
+    if (c.window >= 0) first = std::max<std::int64_t>(first, p - c.window);
+    if (c.segments > 1) {  // the same document on both sides (equal lengths per side)
+      const std::int64_t doc = i * c.segments / c.seq_q;
+      first = std::max(first, (doc * c.seq_k + c.segments - 1) / c.segments);
+      end = std::min(end, ((doc + 1) * c.seq_k + c.segments - 1) / c.segments);
+    }
+    pairs += static_cast<double>(std::max<std::int64_t>(end - first, 0));
+  }
+  return pairs;
+}
+
 double attention_flops(const BenchConfig& c) {
-  const double full = 4.0 * static_cast<double>(c.batch * c.heads) * static_cast<double>(c.seq_q) *
-                      static_cast<double>(c.seq_k) * static_cast<double>(c.dim);
-  const double forward = c.causal && c.seq_q == c.seq_k ? full / 2.0 : full;
+  const double forward = 4.0 * static_cast<double>(c.batch * c.heads) * static_cast<double>(c.dim) * visible_pairs(c);
   if (c.pass == "bwd") return 2.5 * forward;
   if (c.pass == "fwd+bwd") return 3.5 * forward;
   return forward;
@@ -34,7 +86,9 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   params.v = v.view();
   params.o = o.mutable_view();
   params.lse = MutableTensorView::contiguous(lse.data(), DType::kFloat32, {config.batch, config.heads, config.seq_q});
-  params.mask.causal = config.causal;
+  std::vector<std::int32_t> q_ids, kv_ids;
+  params.mask = mask_of(config, q_ids, kv_ids);
+  params.logits_soft_cap = config.soft_cap;
   params.num_threads = options.threads;
   params.block_q = options.block_q;
   params.block_k = options.block_k;
@@ -58,7 +112,8 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
     grads.dq = dq->mutable_view();
     grads.dk = dk->mutable_view();
     grads.dv = dv->mutable_view();
-    grads.mask.causal = config.causal;
+    grads.mask = params.mask;
+    grads.logits_soft_cap = config.soft_cap;
     grads.num_threads = options.threads;
   }
 

@@ -19,6 +19,12 @@ struct BenchConfig {
   std::int64_t batch = 1, heads = 1, kv_heads = 1, seq_q = 1, seq_k = 1, dim = 64;
   DType dtype = DType::kBFloat16;
   bool causal = false;
+  std::int64_t window = -1;    // a left window (pflash::AttentionMask::window_left); -1: none
+  std::int64_t segments = 1;   // packed documents of equal length per sequence (1: one)
+  float soft_cap = 0.0f;       // logits_soft_cap; 0: none
+
+  // The mask in a word or a few: "full", "causal", "causal w4096 seg8 cap50".
+  std::string mask_name() const;
 };
 
 struct BenchOptions {
@@ -46,9 +52,12 @@ struct BenchResult {
   std::optional<std::uint64_t> bytes_needed;  // naive rows
 };
 
-// The forward: 4 * B * Hq * Nq * Nk * D, halved for causal attention when Nq == Nk (half the scores
-// are masked). The backward counts 2.5 times that (five matrix products against two, FlashAttention's
-// convention), fwd+bwd 3.5 times.
+// The (query, key) pairs the mask lets through, per batch entry and head (Nq * Nk when it masks nothing).
+double visible_pairs(const BenchConfig& config);
+
+// The forward: 4 * B * Hq * D * the visible pairs (what a kernel that skips masked work must do). The
+// backward counts 2.5 times that (five matrix products against two, FlashAttention's convention),
+// fwd+bwd 3.5 times.
 double attention_flops(const BenchConfig& config);
 
 BenchResult run_config(const BenchConfig& config, const BenchOptions& options, const MachinePeak& peak);

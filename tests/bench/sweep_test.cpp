@@ -34,10 +34,23 @@ BenchConfig config(const char* impl, bool causal, std::int64_t nq, std::int64_t 
   return c;
 }
 
-TEST(AttentionFlops, FourBHNNDHalvedForSquareCausal) {
-  EXPECT_DOUBLE_EQ(attention_flops(config("flash", false, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
-  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 300, 300)), 2.0 * 2 * 4 * 300 * 300 * 32);
-  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 100, 300)), 4.0 * 2 * 4 * 100 * 300 * 32);
+// 4 * B * Hq * D * the (query, key) pairs the mask lets through.
+TEST(AttentionFlops, FourBHDTimesTheVisiblePairs) {
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", false, 100, 300)), 4.0 * 2 * 4 * 32 * (100 * 300));
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 300, 300)), 4.0 * 2 * 4 * 32 * (300 * 301 / 2));
+  // Bottom-right: query i sees keys 0..200 + i.
+  EXPECT_DOUBLE_EQ(attention_flops(config("flash", true, 100, 300)), 4.0 * 2 * 4 * 32 * (100 * 200 + 100 * 101 / 2));
+  BenchConfig window = config("flash", true, 300, 300);
+  window.window = 9;  // rows 0..9 see i + 1 keys, the others 10
+  EXPECT_DOUBLE_EQ(visible_pairs(window), 10 * 11 / 2 + 290 * 10);
+  BenchConfig documents = config("flash", true, 300, 300);
+  documents.segments = 3;  // three causal documents of 100
+  EXPECT_DOUBLE_EQ(visible_pairs(documents), 3 * (100 * 101 / 2));
+  documents.causal = false;
+  EXPECT_DOUBLE_EQ(visible_pairs(documents), 3 * 100 * 100);
+  EXPECT_EQ(documents.mask_name(), "full seg3");
+  window.soft_cap = 50.0f;
+  EXPECT_EQ(window.mask_name(), "causal w9 cap50");
 }
 
 TEST(AttentionFlops, BackwardCountsTwoAndAHalfForwards) {

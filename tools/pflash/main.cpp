@@ -46,6 +46,9 @@ struct BenchArgs {
   std::vector<std::int64_t> dim{64};
   std::vector<std::string> dtype{"bf16"};
   std::vector<std::string> causal{"off"};
+  std::vector<std::int64_t> window{-1};
+  std::vector<std::int64_t> segments{1};
+  std::vector<float> soft_cap{0.0f};
   std::vector<std::string> impl{"flash", "naive"};
   std::vector<std::string> pass{"fwd"};
   std::string memory_budget = "16GiB";
@@ -181,6 +184,9 @@ std::vector<BenchConfig> make_configs(const BenchArgs& a) {
   for (const auto& pass : a.pass)
     for (const auto& dtype : a.dtype)
       for (const auto& causal : a.causal)
+        for (auto window : a.window)
+        for (auto segments : a.segments)
+        for (auto cap : a.soft_cap)
         for (auto b : a.batch)
           for (auto h : a.heads)
             for (auto hkv : a.kv_heads.empty() ? std::vector<std::int64_t>{h} : a.kv_heads)
@@ -199,6 +205,9 @@ std::vector<BenchConfig> make_configs(const BenchArgs& a) {
                     c.dim = d;
                     c.dtype = dtype == "fp32" ? pflash::DType::kFloat32 : pflash::DType::kBFloat16;
                     c.causal = causal == "on";
+                    c.window = window;
+                    c.segments = segments;
+                    c.soft_cap = cap;
                     configs.push_back(c);
                   }
   return configs;
@@ -222,9 +231,9 @@ int run_bench(const BenchArgs& args) {
   std::vector<pflash::bench::BenchResult> results;
   for (std::size_t i = 0; i < configs.size(); ++i) {
     const BenchConfig& c = configs[i];
-    progress.show(fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} causal={}", i + 1, configs.size(),
+    progress.show(fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} {}", i + 1, configs.size(),
                               c.impl, c.pass, c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim,
-                              pflash::to_string(c.dtype), c.causal ? "on" : "off"));
+                              pflash::to_string(c.dtype), c.mask_name()));
     results.push_back(pflash::bench::run_config(c, options, peak));
     progress.clear();
     std::cout << pflash::bench::format_row(results.back()) << std::endl;
@@ -261,6 +270,12 @@ int main(int argc, char** argv) {
   bench->add_option("--dim", args.dim, "head dims")->delimiter(',')->check(integers_from(1, 256))->capture_default_str();
   bench->add_option("--dtype", args.dtype, "bf16, fp32")->delimiter(',')->check(CLI::IsMember({"bf16", "fp32"}))->capture_default_str();
   bench->add_option("--causal", args.causal, "on, off")->delimiter(',')->check(CLI::IsMember({"on", "off"}))->capture_default_str();
+  bench->add_option("--window", args.window, "sliding windows: the positions before a query it sees (-1: none)")
+      ->delimiter(',')->check(integers_from(-1, 1 << 30))->capture_default_str();
+  bench->add_option("--segments", args.segments, "packed documents of equal length per sequence (1: none)")
+      ->delimiter(',')->check(positive)->capture_default_str();
+  bench->add_option("--softcap", args.soft_cap, "logit soft caps (0: none)")
+      ->delimiter(',')->check(CLI::NonNegativeNumber)->capture_default_str();
   bench->add_option("--impl", args.impl, "flash, naive")->delimiter(',')->check(CLI::IsMember({"flash", "naive"}))->capture_default_str();
   bench->add_option("--pass", args.pass, "fwd, bwd, fwd+bwd (the naive baseline runs fwd only)")
       ->delimiter(',')->check(CLI::IsMember({"fwd", "bwd", "fwd+bwd"}))->capture_default_str();
