@@ -9,7 +9,7 @@ jax.numpy reference path runs.
 
 from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode
 from pallas_flash.dot_product_attention import dot_product_attention
-from pallas_flash.flash_attention import alignment_padding, flash_attention, padding_bytes
+from pallas_flash.flash_attention import alignment_padding, flash_attention
 from pallas_flash.mask import Mask
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.planner import BlockSizes, describe_plan, plan_block_sizes
@@ -25,7 +25,6 @@ __all__ = [
     "flash_attention",
     "flash_decode",
     "merge_attention_states",
-    "padding_bytes",
     "plan_block_sizes",
     "reference_attention",
     "sharded_flash_decode",

@@ -23,7 +23,7 @@ from pallas_flash.reference import reference_attention
 from pallas_flash.tiles import Problem
 
 # static: (problem, blocks)
-_flash_aligned = attention_vjp(
+_flash_attention = attention_vjp(
     lambda static, q, k, v, sinks, segment_ids: forward(*static, q, k, v, segment_ids, sinks),
     lambda static, q, k, v, segment_ids, o, lse, do: backward(*static, q, k, v, o, lse, do, segment_ids))
 
@@ -104,23 +104,12 @@ def check_variants(name: str, batch: int, heads_q: int, seq_q: int, seq_k: int, 
 
 
 def alignment_padding(q_shape, k_shape, blocks: BlockSizes) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((Nq, Nq_aligned), (Nk, Nk_aligned)): the sequence lengths the kernels see, rounded up to their
-    blocks. head_dim is never padded: a block's last dimension may equal the array's, and VMEM pads it
-    to the 128 lanes by itself."""
+    """((Nq, Nq_aligned), (Nk, Nk_aligned)): the sequence lengths rounded up to whole blocks of every
+    kernel (what segment ids are padded to; q, k, v are read in place)."""
     seq_q, seq_k = q_shape[2], k_shape[2]
     nq = round_up(seq_q, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
     nk = round_up(seq_k, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
     return (seq_q, nq), (seq_k, nk)
-
-
-def padding_bytes(q_shape, k_shape, dtype, blocks: BlockSizes | None = None) -> int:
-    """Bytes the wrapper's one-time alignment copy of q, k, v writes (0 for aligned lengths)."""
-    blocks = blocks or plan_block_sizes(q_shape[2], k_shape[2], q_shape[3], dtype)
-    (seq_q, nq), (seq_k, nk) = alignment_padding(q_shape, k_shape, blocks)
-    if (seq_q, seq_k) == (nq, nk):
-        return 0
-    itemsize = jnp.dtype(dtype).itemsize
-    return (q_shape[0] * q_shape[1] * nq + 2 * k_shape[0] * k_shape[1] * nk) * q_shape[3] * itemsize
 
 
 def _pad_rows(x, length: int, axis: int, mode="constant"):
@@ -156,9 +145,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, chunk: int | 
       to each row's softmax denominator (gpt-oss), differentiable; the LSE includes them.
     - sm_scale: default 1/sqrt(D). GQA/MQA: k, v may have Hkv heads, Hkv dividing Hq.
     - block_sizes: default plan_block_sizes(Nq, Nk, D, dtype, causal) for the v5e.
-    - Alignment: any head_dim is read in place. When N is a multiple of the blocks the kernels read
-      the inputs as they are; otherwise q, k, v are padded along N once with zeros (padding_bytes()
-      says how many bytes that writes) and the result sliced. Padded keys are masked in the kernels.
+    - Alignment: any head_dim and any length are read in place: a length that is not a multiple of
+      the blocks ends in a partial block, masked in the kernels (no pad or slice copies).
     - interpret: None runs the compiled kernel on TPU, the C++ CPU kernels on CPU (through the XLA
       FFI; block_sizes, a TPU tiling, does not apply there; backend.use_cpu_kernels("interpret") or
       PALLAS_FLASH_CPU_KERNELS=interpret picks the TPU interpret mode instead), and the reference path
@@ -193,10 +181,10 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, chunk: int | 
     problem = Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, mask=mask, group=heads_q // heads_kv,
                       interpret=mode == "interpret", soft_cap=cap, segments=segment_ids is not None,
                       sinks=sinks is not None)
-    q, k, v = _pad_rows(q, nq, 2), _pad_rows(k, nk, 2), _pad_rows(v, nk, 2)
-    if segment_ids is not None:  # padded rows repeat the last id: block ranges stay those of the real rows
+    # q, k, v are read in place at any length (the kernels' partial last blocks). Segment ids (4 bytes
+    # a token) are padded to whole blocks by repeating the last id: their per-block ranges and the
+    # id blocks stay those of the real rows.
+    if segment_ids is not None:
         segment_ids = (_pad_rows(segment_ids[0], nq, 1, "edge"), _pad_rows(segment_ids[1], nk, 1, "edge"))
-    o, lse = _flash_aligned((problem, blocks), q, k, v, sinks, segment_ids)
-    if nq != seq_q:
-        o, lse = o[:, :, :seq_q], lse[:, :, :seq_q]
+    o, lse = _flash_attention((problem, blocks), q, k, v, sinks, segment_ids)
     return (o, lse) if return_lse else o

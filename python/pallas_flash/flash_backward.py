@@ -19,16 +19,41 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_flash.mask import FULL, both, divide, either
 from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, lanes, row_to_replicated, stat_shape
-from pallas_flash.planner import BlockSizes, fuses_dq
-from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, interpret_arg,
+from pallas_flash.planner import BlockSizes, fuses_dq, round_up
+from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, edge_rows, edge_visits,
+                                interpret_arg,
                                 key_sub_block_patterns, replicate_ids, score_mask, scores, segment_block_ranges,
-                                soft_cap_slope, static_steps, stepped_block, visit_row_sub_blocks, when, when_masked)
+                                soft_cap_slope, static_steps, stepped_block, visit_row_sub_blocks, when, when_masked,
+                                zero_lanes_past, zero_rows_past)
 
 NUM_SEGMENT_REFS = 8
 
 
 def _split_refs(problem: Problem, refs):
     return (refs[:NUM_SEGMENT_REFS], refs[NUM_SEGMENT_REFS:]) if problem.segments else ((), refs)
+
+
+def zero_partial_blocks(problem: Problem, grid: Grid, q_block, kv_block, *, q_refs, stats_refs, kv_refs, active):
+    """Zeroes what a partial edge block holds past the arrays' ends before a visit uses it: Q and dO
+    rows, the LSE and D_i lanes (then P = exp2(S - 0) meets dO = 0 and dP = 0: no contribution), K and V
+    rows (whose scores the key mask hides: P = 0, but 0 x NaN is NaN). Every visit of an edge block
+    zeroes again (a visit that skipped its DMA finds it already zero)."""
+    query_edge, key_edge = edge_rows(problem.seq_q, grid.block_q), edge_rows(problem.seq_k, grid.block_k)
+
+    def zero_queries():
+        for ref in q_refs:
+            zero_rows_past(ref, query_edge)
+        for ref in stats_refs:
+            zero_lanes_past(ref, query_edge)
+
+    def zero_keys():
+        for ref in kv_refs:
+            zero_rows_past(ref, key_edge)
+
+    if query_edge:
+        when(both(active, q_block == grid.num_q_blocks - 1), zero_queries)
+    if key_edge:
+        when(both(active, kv_block == grid.num_kv_blocks - 1), zero_keys)
 
 
 def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_steps: int, fused_dq: bool):
@@ -53,6 +78,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
     dk_acc_ref, dv_acc_ref, *refs = refs
     if fused_dq:
         k_t_ref, dq_t_acc_ref, dq_out_ref, *refs = refs
+        dq_edge_ref = refs.pop(0) if edge_rows(problem.seq_q, grid.block_q) else None
     kv_ids_rep_ref = refs[0] if problem.segments else None
 
     batch, head_kv, kv_block, g, step = (pl.program_id(i) for i in range(5))
@@ -63,6 +89,9 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
     q_block = first + step
     row_start, key_start = q_block * block_q, kv_block * block_k
     segments_mixed = visits.segments_mixed(q_block, kv_block)
+
+    zero_partial_blocks(problem, grid, q_block, kv_block, q_refs=(q_ref, do_ref), stats_refs=(lse_ref, delta_ref),
+                        kv_refs=(k_ref, v_ref), active=q_block <= last)
 
     @pl.when((g == 0) & (step == 0))
     def _init():
@@ -83,7 +112,10 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
         rows = slice(None) if keys == block_k else pl.ds(key_from, keys)
         cols = slice(None) if (col_from, col_to) == (0, block_q) else pl.ds(col_from, col_to - col_from)
         q, do, k, v = q_ref[cols, :], do_ref[cols, :], k_ref[rows, :], v_ref[rows, :]
-        lse = lse_ref[pl.ds(head_q, 1), cols]  # (1, columns)
+        # The head's LSE and D_i rows loaded whole, then sliced (Mosaic has no load at a dynamic row and
+        # a lane window that ends before the block's).
+        lse = lse_ref[pl.ds(head_q, 1), :][:, col_from:col_to]  # (1, columns)
+        delta = delta_ref[pl.ds(head_q, 1), :][:, col_from:col_to]
         s_t = scores(problem, k, q)  # (keys, columns), log2 units, capped
         slope = soft_cap_slope(problem, s_t)
         if masked:  # on the scores: exp2(-inf) = 0 (a select on P would become a masked matmul)
@@ -96,7 +128,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
         p_t = jnp.exp2(s_t - jnp.where(lse == NEG_INF, 0.0, lse * LOG2_E))
         dv_acc_ref[rows, :] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds_t = p_t * (dp_t - delta_ref[pl.ds(head_q, 1), cols])
+        ds_t = p_t * (dp_t - delta)
         if slope is not None:
             ds_t = ds_t * slope
         ds_t = ds_t.astype(q.dtype)
@@ -106,43 +138,56 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
             dq_t_acc_ref[g, q_block, :, cols] += dq_t
 
     mask = problem.mask
-    pad_keys = problem.seq_k % block_k != 0
 
-    def visit():
-        if not pad_keys and mask.chunks_align(block_q, block_k):
+    def visit(rows: int | None, keys: int | None):
+        """rows, keys: the real query rows and key rows of partial edge blocks (edge_visits), whose
+        products stop at the last 128 lanes / 128 key rows that hold any."""
+        if mask.chunks_align(block_q, block_k):
             # On the tiles an edge of the band crosses (one static pattern per delta), key sub-blocks
             # of block_k_compute rows each compute only the query columns they may see (a 1024 x 1024
             # causal diagonal tile: 62% of its products); full tiles whole.
             delta = key_start - row_start + mask.offset
             patterns, full = key_sub_block_patterns(problem, block_q, block_k, block_k_compute,
                                                     grid.num_q_blocks * block_q, grid.num_kv_blocks * block_k)
+            columns = block_q if rows is None else min(block_q, round_up(rows, LANES))
+            real_keys = block_k if keys is None else keys
             for d, sub_blocks in patterns:
                 def sweep(sub_blocks=sub_blocks):
-                    for key_from, keys, col_from, col_to, masked in sub_blocks:
-                        update(key_from, keys, col_from, col_to, masked or segments_mixed is not False)
+                    for key_from, key_rows, col_from, col_to, masked in sub_blocks:
+                        if col_from < columns and key_from < real_keys:
+                            update(key_from, key_rows, col_from, min(col_to, columns),
+                                   masked or key_from + key_rows > real_keys or segments_mixed is not False)
                 when(delta == d, sweep)
             if full is not None:
                 in_full = both(delta >= full[0], delta <= full[1]) if patterns else True
-                when(in_full, when_masked, segments_mixed, lambda m: update(0, block_k, 0, block_q, m))
+                key_rows = block_k if keys is None else min(block_k, round_up(keys, LANES))
+                when(in_full, when_masked, either(segments_mixed, keys is not None),
+                     lambda m: update(0, key_rows, 0, columns, m))
             return
+        columns = block_q if rows is None else min(block_q, round_up(rows, LANES))
+        key_rows = block_k if keys is None else min(block_k, round_up(keys, LANES))
         any_visible, needs_mask = mask.tile_flags(row_start, block_q, key_start, block_k)
-        if pad_keys:
-            needs_mask = either(needs_mask, key_start + block_k > problem.seq_k)
+        needs_mask = either(needs_mask, keys is not None)  # the key edge: keys past Nk hidden
         needs_mask = either(needs_mask, segments_mixed)
-        when(any_visible, when_masked, needs_mask, lambda m: update(0, block_k, 0, block_q, m))
+        when(any_visible, when_masked, needs_mask, lambda m: update(0, key_rows, 0, columns, m))
 
-    when(q_block <= last, visit)
+    when(q_block <= last, edge_visits, problem, grid, q_block, kv_block, visit)
 
     if fused_dq:
         @pl.when((kv_block == grid.num_kv_blocks - 1) & (step == num_steps - 1))
         def _write_dq():
             # Synchronous copies, one query block at a time (the compiler's static profile cannot
             # follow a DMA awaited in a later step).
-            def write(i, carry):
-                dq_out_ref[...] = (dq_t_acc_ref[g, i].T * problem.sm_scale).astype(dq_out_ref.dtype)
-                pltpu.sync_copy(dq_out_ref, dq_hbm_ref.at[batch, head_q, pl.ds(i * block_q, block_q)])
-                return carry
-            lax.fori_loop(0, grid.num_q_blocks, write, 0)
+            def write(i, out_ref):
+                dq = (dq_t_acc_ref[g, i].T * problem.sm_scale).astype(out_ref.dtype)
+                out_ref[...] = dq if out_ref.shape[0] == block_q else dq[:out_ref.shape[0]]
+                rows = pl.ds(i * block_q, out_ref.shape[0])
+                pltpu.sync_copy(out_ref, dq_hbm_ref.at[batch, head_q, rows])
+
+            whole = grid.num_q_blocks - (1 if dq_edge_ref is not None else 0)
+            lax.fori_loop(0, whole, lambda i, carry: write(i, dq_out_ref) or carry, 0)
+            if dq_edge_ref is not None:  # the partial last block: its real rows, from a buffer of that size
+                write(whole, dq_edge_ref)
 
     @pl.when((g == problem.group - 1) & (step == num_steps - 1))
     def _finish():
@@ -166,6 +211,8 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_st
     first, last = visits.kv_range(q_block)
     kv_block = first + step
     row_start, key_start = q_block * block_q, kv_block * block_k
+    zero_partial_blocks(problem, grid, q_block, kv_block, q_refs=(q_ref, do_ref), stats_refs=(lse_ref, delta_ref),
+                        kv_refs=(k_ref, v_ref), active=kv_block <= last)
 
     @pl.when(step == 0)
     def _init():
@@ -197,7 +244,8 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_st
             ds = ds * slope
         dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    when(kv_block <= last, visit_row_sub_blocks, problem, grid, row_start, key_start, block_q_compute, update)
+    when(kv_block <= last, edge_visits, problem, grid, q_block, kv_block, lambda rows, keys: visit_row_sub_blocks(
+        problem, grid, row_start, key_start, block_q_compute, update, rows=rows, keys=keys))
 
     @pl.when(step == num_steps - 1)
     def _finish():
@@ -233,7 +281,7 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
     heads_kv, seq_k = k.shape[1], k.shape[2]
     group, itemsize = problem.group, q.dtype.itemsize
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-    grid = Grid(bq, bk, seq_q // bq, seq_k // bk)
+    grid = Grid.of(bq, bk, seq_q, seq_k)
     num_steps, visited = static_steps(problem, grid, per_q_block=False)  # query blocks per key block
     pairs = batch * heads_q * visited * bq * bk
     q_side = batch * heads_q * visited * (2 * bq * dim * itemsize + 2 * heads_q * bq * 4)  # Q, dO, LSE, delta
@@ -273,6 +321,8 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
         scratch += [pltpu.VMEM((dim, bk), k.dtype),  # K^T
                     pltpu.VMEM((group, grid.num_q_blocks, dim, bq), jnp.float32),  # dQ^T of the group's query blocks
                     pltpu.VMEM((bq, dim), q.dtype)]  # one query block's dQ on its way out
+        if edge_rows(seq_q, bq):  # a partial last query block's (a DMA from a slice must be tile-aligned)
+            scratch.append(pltpu.VMEM((edge_rows(seq_q, bq), dim), q.dtype))
     if problem.segments:
         scratch.append(pltpu.VMEM(stat_shape(bk), jnp.int32))  # the key block's ids as columns
     grads = pl.pallas_call(
@@ -311,7 +361,7 @@ def _dq(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_i
     seq_k = k.shape[2]
     group, itemsize = problem.group, q.dtype.itemsize
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
-    grid = Grid(bq, bk, seq_q // bq, seq_k // bk)
+    grid = Grid.of(bq, bk, seq_q, seq_k)
     num_steps, visited = static_steps(problem, grid, per_q_block=True)
     pairs = batch * heads_q * visited * bq * bk
     q_side = batch * heads_q * grid.num_q_blocks * (3 * bq * dim * itemsize + 2 * heads_q * bq * 4)

@@ -21,9 +21,10 @@ from pallas_flash.mask import both, divide, negate
 from pallas_flash.online_softmax import (LANES, LOG2_E, finish_state, init_state, lanes, replicated_to_row,
                                          stat_shape, update_state)
 from pallas_flash.planner import BlockSizes
-from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, interpret_arg,
+from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, edge_rows, edge_visits,
+                                interpret_arg,
                                 replicate_ids, score_mask, scores, segment_block_ranges, static_steps, stepped_block,
-                                visit_row_sub_blocks, when)
+                                visit_row_sub_blocks, when, zero_rows_past)
 
 NUM_SEGMENT_REFS = 8
 
@@ -71,9 +72,13 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_s
 
     def visit(first_tile: bool):
         # The first visited tile starts every row's state, even rows that see none of it (-inf, 0).
-        visit_row_sub_blocks(problem, grid, row_start, key_start, block_q_compute,
-                             functools.partial(update, first_tile=first_tile), keep_skipped=first_tile,
-                             segments_mixed=segments_mixed)
+        edge_visits(problem, grid, q_block, kv_block, lambda rows, keys: visit_row_sub_blocks(
+            problem, grid, row_start, key_start, block_q_compute, functools.partial(update, first_tile=first_tile),
+            keep_skipped=first_tile, segments_mixed=segments_mixed, rows=rows, keys=keys))
+
+    key_edge = edge_rows(problem.seq_k, block_k)
+    if key_edge:  # V's rows past Nk: a masked key's zero probability times stale data must stay 0
+        when(both(kv_block == grid.num_kv_blocks - 1, kv_block <= last), zero_rows_past, v_ref, key_edge)
 
     empty = first > last  # a query block that sees no key at all: an empty state
     when(both(step == 0, empty), init_state, row_max_ref, row_sum_ref, acc_ref)
@@ -90,8 +95,9 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_s
 
 
 def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sinks=None):
-    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], all aligned; segment_ids: (q_ids [B, Nq], kv_ids [B, Nk])
-    int32, aligned; sinks [Hq] f32. Returns O and LSE [B, Hq, Nq].
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] at any lengths (partial last blocks read in place);
+    segment_ids: (q_ids, kv_ids) int32 padded to whole blocks; sinks [Hq] f32. Returns O and LSE
+    [B, Hq, Nq].
 
     Grid (B, Nq/block_q, Hq, key steps): the heads run inside a query block so that one LSE block,
     [Hq, block_q] lane-dense, stays in VMEM while every head writes its row and goes to HBM once
@@ -99,7 +105,7 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
     batch, heads_q, seq_q, dim = q.shape
     seq_k = k.shape[2]
     block_q, block_k = blocks.block_q, blocks.block_k
-    grid = Grid(block_q, block_k, seq_q // block_q, seq_k // block_k)
+    grid = Grid.of(block_q, block_k, seq_q, seq_k)
     num_steps, visited = static_steps(problem, grid, per_q_block=True)
     group = problem.group
 

@@ -120,15 +120,18 @@ def fuses_dq(blocks: BlockSizes, seq_q: int, group: int, head_dim: int, itemsize
                                      group) <= vmem_budget_bytes()
 
 
-def _largest_dividing(candidates, extent: int) -> int:
-    return next(c for c in candidates if c <= extent and extent % c == 0)
+def _largest_within(candidates, extent: int) -> int:
+    """The largest candidate no longer than the (128-aligned) extent: a length that is not a multiple
+    of it ends in a partial block whose missing rows the kernels skip (in sub-blocks of rows and
+    128-lane columns), so the block needs not divide the length."""
+    return next((c for c in candidates if c <= extent), candidates[-1])
 
 
 def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False) -> BlockSizes:
     """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, H=16, D=128, bf16,
     N=4096..8192):
-    - forward: the largest query block (4096 down to 128 rows) that fits the budget and divides the
-      128-aligned query length (so alignment never pads more than 127 rows), swept in sub-blocks of
+    - forward: the largest query block (4096 down to 128 rows) that fits the budget and the length
+      (any length: the last block may be partial, tiles.edge_visits), swept in sub-blocks of
       256 rows, against K/V blocks of 512 rows: 4096 x 512 / 256 came out fastest (2048 x 512 +1-3%,
       1024 x 1024 +3%, whole-block tiles without sub-blocks +11%; 512-row sub-blocks +6%); causal, at
       most 2048: a 4096-row block unrolls 9 diagonal patterns of 16 sub-blocks, 3x the compile time
@@ -139,13 +142,13 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
     nk = round_up(seq_k, LANES)
-    block_k = _largest_dividing((512, 256, 128), nk)
+    block_k = _largest_within((512, 256, 128), nk)
     candidates = (2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128)
     fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
-    block_q = _largest_dividing(fitting or [LANES], nq)
+    block_q = _largest_within(fitting or [LANES], nq)
     fitting = [c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget]
-    block_bwd_q = _largest_dividing(fitting or [LANES], nq)
-    block_bwd_k = _largest_dividing(fitting or [LANES], nk)
+    block_bwd_q = _largest_within(fitting or [LANES], nq)
+    block_bwd_k = _largest_within(fitting or [LANES], nk)
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256)
 
 

@@ -14,7 +14,9 @@ Sub-blocks. Within a visited tile the kernels sweep sub-blocks of rows, unrolled
 regions (a pl.when around a sub-block would drain the MXU pipeline): where the geometry is a band (no
 chunk, or chunks aligned to the blocks) and the keys are whole blocks, one static pattern per tile
 offset delta that meets an edge of the band (mask.Mask.band_patterns) and one region for the full
-tiles between the edges; otherwise (padded keys, chunks across blocks) per sub-block at run time.
+tiles between the edges; otherwise (chunks across blocks) per sub-block at run time. A partial last
+block (a length that is not a multiple of the block) is its own static case (edge_visits): its
+sub-blocks past the real rows are not computed, nor its key columns past the last 128 that hold any.
 Segment ids add an element mask on a tile whose blocks hold more than one segment id.
 """
 
@@ -93,13 +95,37 @@ def when_masked(needs, body):
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """The block structure of one kernel: rows per query and key block and their counts (aligned
-    lengths)."""
+    """The block structure of one kernel: rows per query and key block and their counts. The last
+    block of a length that is not a multiple of its block is partial: it is read in place (rows past
+    the array hold whatever the DMA left: the kernels zero them, edge_rows) and written clipped."""
 
     block_q: int
     block_k: int
     num_q_blocks: int
     num_kv_blocks: int
+
+    @staticmethod
+    def of(block_q: int, block_k: int, seq_q: int, seq_k: int) -> Grid:
+        return Grid(block_q, block_k, -(-seq_q // block_q), -(-seq_k // block_k))
+
+
+def edge_rows(seq: int, block: int) -> int:
+    """The real rows of a length's last block (0: the length is a multiple of the block)."""
+    return seq % block
+
+
+def zero_rows_past(ref, valid: int):
+    """Rows [valid, block) of a VMEM block set to 0 (a partial edge block: past the array's end its
+    buffer holds stale or undefined data, NaN included, that a product with a zero probability would
+    still spread). A select over the whole block keeps the stores aligned."""
+    rows = lax.broadcasted_iota(jnp.int32, ref.shape, 0)
+    ref[...] = jnp.where(rows < valid, ref[...], jnp.zeros((), ref.dtype))
+
+
+def zero_lanes_past(ref, valid: int):
+    """Lanes [valid, block) of a (heads, block) statistics block set to 0 (a partial query block)."""
+    columns = lax.broadcasted_iota(jnp.int32, ref.shape, 1)
+    ref[...] = jnp.where(columns < valid, ref[...], jnp.zeros((), ref.dtype))
 
 
 def _clip(x, low: int, high: int):
@@ -197,11 +223,13 @@ def stepped_block(first, last, step, count: int):
 
 
 def segment_block_ranges(q_ids, kv_ids, grid: Grid):
-    """The SMEM arrays of Visits from segment ids padded to whole blocks ([B, Nq_aligned], [B,
-    Nk_aligned] int32, padded by repeating the last id): per query block the first and last key
+    """The SMEM arrays of Visits from segment ids padded to whole blocks (at least; [B, >= Nq_aligned],
+    [B, >= Nk_aligned] int32, padded by repeating the last id): per query block the first and last key
     block whose ids overlap its own (range of min..max), and the same per key block; the blocks' min
     and max ids. Flattened over the batch."""
     batch = q_ids.shape[0]
+    q_ids = q_ids[:, :grid.num_q_blocks * grid.block_q]
+    kv_ids = kv_ids[:, :grid.num_kv_blocks * grid.block_k]
     q_blocks = q_ids.reshape(batch, grid.num_q_blocks, grid.block_q)
     k_blocks = kv_ids.reshape(batch, grid.num_kv_blocks, grid.block_k)
     q_lo, q_hi = q_blocks.min(-1), q_blocks.max(-1)
@@ -275,44 +303,67 @@ def replicate_ids(ids_row, width: int):
 
 
 def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub_rows: int, update, *,
-                         keep_skipped: bool = False, segments_mixed=False):
+                         keep_skipped: bool = False, segments_mixed=False, rows: int | None = None,
+                         keys: int | None = None):
     """Calls update(c, masked, cols) for the sub-blocks c of `sub_rows` query rows of a visited
     (block_q, block_k) tile (module docstring); cols = (col_from, col_to), static: the key columns the
     sub-block computes, in the static patterns only those some row of it may see (rounded out to 128
     lanes: a sub-block at a window's edge or the causal diagonal skips the products of keys it cannot
     see). keep_skipped: sub-blocks that see nothing are updated anyway (masked, on 128 columns): the
     first tile of a query block starts every row's state. segments_mixed: (traced) the tile needs the
-    segment mask, which every masked sub-block then applies."""
+    segment mask, which every masked sub-block then applies. rows, keys: the real rows of a partial
+    edge block (edge_visits), static: the sub-blocks past `rows` are not computed, nor the key
+    columns past `keys` rounded up to 128 lanes."""
     bq, bk = grid.block_q, grid.block_k
     mask = problem.mask
-    sub_blocks = bq // sub_rows
-    pad_keys = problem.seq_k % bk != 0
+    sub_blocks = bq // sub_rows if rows is None else -(-rows // sub_rows)
+    pad_keys = keys is not None
+    key_columns = bk if keys is None else min(bk, -(-keys // LANES) * LANES)
 
     def sweep(d, kinds, segment_masked):
         for c in range(sub_blocks):
-            if kinds[c] == FULL:
-                update(c, segment_masked, (0, bk))
-            elif kinds[c] == PARTIAL:
-                update(c, True, mask.band_columns(d - c * sub_rows, sub_rows, bk))
+            cols = (0, 0)
+            if kinds[c] != SKIP:
+                cols = (0, bk) if kinds[c] == FULL else mask.band_columns(d - c * sub_rows, sub_rows, bk)
+                cols = (cols[0], min(cols[1], key_columns))  # a partial key block: its real columns
+            if cols[0] < cols[1]:
+                update(c, True if pad_keys or kinds[c] == PARTIAL else segment_masked, cols)
             elif keep_skipped:
                 update(c, True, (0, min(bk, LANES)))
 
-    if not pad_keys and mask.chunks_align(bq, bk):
+    if mask.chunks_align(bq, bk):
         delta = key_start - row_start + mask.offset
         patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
         for d, kinds in patterns:
             when(delta == d, functools.partial(sweep, d, kinds, segments_mixed is not False))
         if full is not None:
             in_full = both(delta >= full[0], delta <= full[1]) if len(patterns) else True
-            when(in_full, when_masked, segments_mixed, functools.partial(sweep, None, [FULL] * sub_blocks))
+            when(in_full, when_masked, segments_mixed, functools.partial(sweep, None, [FULL] * (bq // sub_rows)))
         return
     for c in range(sub_blocks):
         any_visible, needs_mask = mask.tile_flags(row_start + c * sub_rows, sub_rows, key_start, bk)
         if pad_keys:
-            needs_mask = either(needs_mask, key_start + bk > problem.seq_k)
+            needs_mask = True
         needs_mask = either(needs_mask, segments_mixed)
         when(True if keep_skipped else any_visible, when_masked, needs_mask,
-             lambda masked, c=c: update(c, masked, (0, bk)))
+             lambda masked, c=c: update(c, masked, (0, key_columns)))
+
+
+def edge_visits(problem: Problem, grid: Grid, q_block, kv_block, visit):
+    """Calls visit(rows, keys) under the conditions that tell a partial edge block from a whole one:
+    rows (keys) is the real row count of the last query (key) block where the length is not a
+    multiple of the block, None otherwise. Each combination is its own straight-line region, so the
+    whole blocks run exactly the code of an aligned length."""
+    def cases(length: int, block: int, count: int, index):
+        edge = edge_rows(length, block)
+        if not edge:
+            return [(None, True)]
+        last = index == count - 1
+        return ([] if count == 1 else [(None, negate(last))]) + [(edge, True if count == 1 else last)]
+
+    for rows, at_rows in cases(problem.seq_q, grid.block_q, grid.num_q_blocks, q_block):
+        for keys, at_keys in cases(problem.seq_k, grid.block_k, grid.num_kv_blocks, kv_block):
+            when(both(at_rows, at_keys), visit, rows, keys)
 
 
 def key_sub_block_patterns(problem: Problem, block_q: int, block_k: int, keys: int, seq_q: int, seq_k: int):

@@ -55,7 +55,8 @@ def test_row_figures_are_consistent():
     chip = hardware.TPU_V5E
     row = report.make_row(case, chip, status="ok", source="estimate", est_cycles=3.0e6, time_s=2e-3, hbm_bytes=1e8)
     assert row["tflops"] == pytest.approx(case.flops() / 2e-3 / 1e12)
-    assert case.flops() == 2 * 16 * 4096 * 4096 * 128  # causal self-attention counts half of 4 B H N^2 D
+    # 4 B H D per visible (query, key) pair: N (N + 1) / 2 of them for causal self-attention
+    assert case.flops() == 4 * 16 * 128 * (4096 * 4097 // 2)
     assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 197e12)
     assert row["tokens_per_s"] == pytest.approx(4096 / 2e-3)
     assert row["tokens_per_s_per_dollar"] == pytest.approx(row["tokens_per_s"] / chip.price_per_chip_hour)
@@ -188,3 +189,58 @@ def test_page_tables_name_each_page_once_within_each_devices_part():
     assert sorted(table.reshape(-1)) == list(range(24))
     for i in range(4):  # columns [2i, 2i+2) name pages [6i, 6i+6): device i's part of the pool
         assert set(table[:, 2 * i:2 * i + 2].reshape(-1)) == set(range(6 * i, 6 * i + 6))
+
+
+@pytest.mark.parametrize("rules, causal", [("", True), ("", False), ("window:100", True), ("window:100", False),
+                                           ("chunk:96", True), ("segments:5", True), ("softcap:30", True),
+                                           ("window:1+softcap:2", True)])
+def test_mask_flops_count_the_visible_pairs(rules, causal):
+    # --mask rules: the pairs they let through, counted per row, equal the dense mask's count.
+    seq = 480
+    parsed = cases.MaskRules.parse(rules)
+    dense = parsed.geometry(seq, seq, causal).dense(seq, seq)
+    assert parsed.visible_pairs(seq, seq, causal) == int(dense.sum())
+    case = cases.Case("pallas_flash", "fwd", 2, 4, 4, seq, seq, 64, "bf16", causal, mask=rules)
+    assert case.flops() == 4 * 2 * 4 * 64 * int(dense.sum())
+
+
+def test_mask_spans_and_bad_rules():
+    assert cases.MaskRules.parse("window:4096").span(32768, True) == 4097
+    assert cases.MaskRules.parse("window:4096").span(32768, False) is None  # unbounded on the right
+    assert cases.MaskRules.parse("segments:8+softcap:50").span(32768, True) == 4096
+    assert cases.MaskRules.parse("segments:8+softcap:50").as_chunks(32768) == "chunk:4096+softcap:50"
+    assert cases.MaskRules.parse("softcap:50").span(32768, True) is None
+    for bad in ("window:-1", "chunk:0", "segments:x", "tile:3"):
+        with pytest.raises(ValueError, match="--mask: expected"):
+            cases.MaskRules.parse(bad)
+
+
+def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
+    # A causal window of 4096 at N = 32768 (blocks 2048 x 512): profiles at 2 and 3 spans of 6144,
+    # extrapolated on the line through them; each pass of a training step apart.
+    est = estimate.Estimator.__new__(estimate.Estimator)
+    est.max_profile_seq, seen = 4096, []
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def once(case):
+        seen.append((case.pass_, case.seq_q, case.mask))
+        return Done({"status": "ok", "est_cycles": 1000 + 10 * case.seq_q})
+
+    est._once = once
+    blocks = (2048, 512, 1024, 1024, 1024, 1024, 256, True)
+    case = cases.Case("pallas_flash", "fwd", 1, 1, 1, 32768, 32768, 128, "bf16", True, blocks=blocks,
+                      mask="window:4096")
+    result = est._submit(case)()
+    assert seen == [("fwd", 12288, "window:4096"), ("fwd", 18432, "window:4096")]
+    assert result["est_cycles"] == 1000 + 10 * 32768 and result["fit"] == [(12288, 123880), (18432, 185320)]
+    seen.clear()
+    documents = cases.Case("pallas_flash", "fwd+bwd", 1, 1, 1, 32768, 32768, 128, "bf16", True, blocks=blocks,
+                           mask="segments:8")
+    assert est._submit(documents)()["est_cycles"] == 2 * (1000 + 10 * 32768)
+    assert ("fwd", 8192, "chunk:4096") in seen and ("bwd", 8192, "chunk:4096") in seen

@@ -253,11 +253,73 @@ def test_compiler_rejects_blocks_that_do_not_fit_vmem():
     assert failure.value.vmem and not failure.value.oom, failure.value.summary
 
 
-def test_unaligned_lengths_are_padded_once():
-    # What the copy check says about a length that is not a multiple of the blocks: q, k, v are padded
-    # along N (and the result sliced); head_dim = 96 is read in place.
-    q = v5e.abstract((1, 8, 1000, 96), jnp.bfloat16)
-    program = compile_attention(lambda q, k, v: flash_attention(q, k, v, interpret=False), q, q, q)
-    opcodes = {i.opcode for i in program.data_movement()} | {i.name.split(".")[0] for i in program.data_movement()}
-    assert any("pad" in op for op in opcodes), opcodes
-    assert len(program.kernels) == 1
+@pytest.mark.parametrize("seq", [1000, 3000, 4097, 4224])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_unaligned_lengths_are_read_in_place(seq, pass_):
+    # A length that is not a multiple of the blocks: the partial last blocks are read and written in
+    # place (no pad, slice or copy around the kernels); head_dim = 96 is read in place too.
+    q = v5e.abstract((1, 8, seq, 96), jnp.bfloat16)
+    attention = lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False)  # noqa: E731
+    if pass_ == "fwd":
+        program = compile_attention(attention, q, q, q)
+    else:
+        def step(q, k, v, do):
+            return jax.vjp(attention, q, k, v)[1](do)
+        program = compile_attention(step, q, q, q, q)
+    assert_kernels_only(program, allow_fusions=pass_ != "fwd")
+    assert len(program.kernels) == (1 if pass_ == "fwd" else 2)
+
+
+# The mask variants on the real compiler: Mosaic lowers every rule (the window's bounded grids, the
+# chunk's vector division, the segment ids' SMEM block ranges and id columns, the soft cap's tanh, the
+# sinks in SMEM), and the compiled program is the kernels alone (plus the backward's D_i fusion, the
+# segment ranges' and the sinks' small XLA ops).
+VARIANTS = [  # (name, flash_attention kwargs)
+    ("window", {"causal": True, "window": (1024, 0)}),
+    ("window_two_sided", {"window": (700, 300)}),
+    ("chunk", {"causal": True, "chunk": 2048}),
+    ("chunk_across_blocks", {"causal": True, "chunk": 1000}),
+    ("soft_cap", {"causal": True, "logits_soft_cap": 50.0}),
+    ("segments", {"causal": True, "segment_ids": "ids"}),
+    ("sinks", {"causal": True, "sinks": "sinks"}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_mask_variants_compile(name, kwargs, pass_):
+    seq, heads = 8192, 4
+    q = v5e.abstract((1, heads, seq, 128), jnp.bfloat16)
+    extra = []
+    if kwargs.get("segment_ids"):
+        extra.append(v5e.abstract((1, seq), jnp.int32))
+    if kwargs.get("sinks"):
+        extra.append(v5e.abstract((heads,), jnp.float32))
+
+    def attention(q, k, v, *extra):
+        options = dict(kwargs)
+        if "segment_ids" in options:
+            options["segment_ids"] = extra[0]
+        if "sinks" in options:
+            options["sinks"] = extra[-1]
+        return flash_attention(q, k, v, interpret=False, **options)
+
+    if pass_ == "fwd":
+        program = compile_attention(attention, q, q, q, *extra)
+    else:
+        def step(q, k, v, *extra):
+            return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, *extra).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+        program = compile_attention(step, q, q, q, *extra)
+    names = {k.name.split(".")[0] for k in program.kernels}
+    assert "pallas_flash_fwd" in "".join(names), names
+    moved = [i for i in program.data_movement() if i.arrays and max(a.logical_bytes for a in i.arrays) > 1 << 16]
+    assert not moved, [f"{i.opcode} {i.name}" for i in moved]
+
+
+def test_windowed_decode_compiles_without_copies():
+    q = v5e.abstract((1, 32, 1, 128), jnp.bfloat16)
+    cache = v5e.abstract((1, 8, 131072, 128), jnp.bfloat16)
+    program = v5e.compile_for_v5e(lambda q, k, v: flash_decode(q, k, v, 131072, window=4096, logits_soft_cap=30.0,
+                                                               interpret=False), q, cache, cache)
+    assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+    assert not program.data_movement(), [i.name for i in program.data_movement()]

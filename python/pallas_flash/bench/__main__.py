@@ -2,6 +2,7 @@
 
     python -m pallas_flash.bench --target v5e                       # the default sweep, a few minutes
     python -m pallas_flash.bench --seq 32768 --pass fwd --causal on --impl pallas_flash,jax_flash_attention
+    python -m pallas_flash.bench --seq 32768 --pass fwd,fwd+bwd --mask causal,window:4096,segments:8,causal+softcap:50
     python -m pallas_flash.bench --pass decode --context 32768,131072 --mesh 1x1,2x2 --json decode.json
 
 --target v5e on a host without a TPU compiles every case for a TPU v5e with the real compiler
@@ -62,6 +63,22 @@ def _choices(allowed):
     return parse
 
 
+def _masks(text: str):
+    """--mask items as (causal, rules): 'causal' and 'full' set causality; every other rule is causal
+    unless 'full' is among its '+' parts."""
+    result = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("+")
+        causal = "full" not in parts
+        rules = "+".join(p for p in parts if p not in ("causal", "full"))
+        try:
+            cases.MaskRules.parse(rules)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        result.append((causal, rules))
+    return result
+
+
 def default_jobs() -> int:
     """A profile of a long kernel takes up to ~10 GiB (the simulator's memory grows with the cycles)."""
     try:
@@ -85,6 +102,10 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=_ints, default=[128])
     parser.add_argument("--dtype", type=_choices(tuple(cases.DTYPES)), default=["bf16"])
     parser.add_argument("--causal", type=_choices(("on", "off")), default=["on", "off"])
+    parser.add_argument("--mask", type=_masks, default=None,
+                        help="attention masks, one row each (instead of --causal): causal, full, window:W (a causal "
+                             "window of W positions), chunk:C (causal chunks), segments:S (S causal packed "
+                             "documents), softcap:X; joined by '+' (full+softcap:50: a full mask with the cap)"),
     parser.add_argument("--context", type=_ints, default=[32768], help="decode: cache positions per sequence")
     parser.add_argument("--query-tokens", type=int, default=1, help="decode: new tokens per sequence (1..16)")
     parser.add_argument("--decode-heads", type=int, default=32, help="decode: query heads (default 32)")
@@ -130,10 +151,11 @@ def build_cases(args):
                 continue
             for dtype in args.dtype:
                 for dim in args.dim:
-                    for causal in args.causal:
+                    masks = args.mask or [(causal == "on", "") for causal in args.causal]
+                    for causal, mask in masks:
                         for seq in args.seq:
                             case = cases.Case(impl, pass_, args.batch, args.heads, args.kv_heads or args.heads, seq,
-                                              seq, dim, dtype, causal == "on")
+                                              seq, dim, dtype, causal, mask=mask)
                             (skipped if cases.supported(case) else result).append(case)
     return result, skipped
 

@@ -5,7 +5,11 @@ Implementations:
 - pallas_flash: this package's kernels (flash_attention, flash_decode, sharded_flash_decode).
 - jax_flash_attention: jax.experimental.pallas.ops.tpu.flash_attention, at given block sizes
   (the report sweeps them and keeps the best for the shape). MHA only: K and V are repeated for GQA.
-- jax_splash: JAX's splash attention (CausalMask or FullMask), vmapped over the batch.
+- jax_splash: JAX's splash attention (its CausalMask, FullMask, LocalMask, ChunkedCausalMask, segment
+  ids, logit soft cap), vmapped over the batch.
+
+A case's mask: `causal`, plus `mask`, the rules of --mask beyond it ("window:4096", "chunk:8192",
+"segments:8", "softcap:50", joined by "+"); FLOPs count the (query, key) pairs it lets through.
 - xla_reference: plain XLA attention (pallas_flash.reference.naive_attention): the scores materialised.
 - jax_paged_attention (decode): JAX's paged_attention kernel over the same cache in 128-row pages.
 - jax_cudnn, jax_xla (GPU): jax.nn.dot_product_attention with implementation="cudnn" / "xla".
@@ -65,6 +69,14 @@ class Case:
     # jax_flash_attention: (block_q, block_k_major, block_k, backward block).
     blocks: tuple[int, ...] | None = None
     trace_time_lengths: bool = False  # decode: every sequence fills the cache, known at trace time
+    mask: str = ""  # rules beyond `causal`: "window:W", "chunk:C", "segments:S", "softcap:X", joined by "+"
+
+    def rules(self) -> MaskRules:
+        return MaskRules.parse(self.mask)
+
+    @property
+    def mask_name(self) -> str:
+        return " ".join(["causal" if self.causal else "full"] + ([self.mask] if self.mask else []))
 
     @property
     def group(self) -> int:
@@ -103,11 +115,12 @@ class Case:
                      and self.cache_bytes_per_device() / p <= SIMULATED_ARRAY_BYTES), self.batch)
 
     def flops(self) -> float:
-        """Useful FLOPs, FlashAttention's convention: 4 B Hq Nq Nk D for a forward (QK^T and PV),
-        halved for causal self-attention; a backward is 2.5 forwards, fwd+bwd 3.5."""
-        forward = 4.0 * self.batch * self.heads * self.seq_q * self.seq_k * self.dim
-        if self.causal and self.seq_q == self.seq_k and self.pass_ != "decode":
-            forward /= 2
+        """Useful FLOPs, FlashAttention's convention: 4 B Hq D per (query, key) pair the mask lets
+        through (Nq x Nk without one; about half for causal self-attention) for a forward (QK^T and
+        PV); a backward is 2.5 forwards, fwd+bwd 3.5. Decode counts every cached position."""
+        pairs = self.seq_q * self.seq_k if self.pass_ == "decode" else self.rules().visible_pairs(
+            self.seq_q, self.seq_k, self.causal)
+        forward = 4.0 * self.batch * self.heads * self.dim * pairs
         return forward * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}[self.pass_]
 
     def tokens(self) -> int:
@@ -118,7 +131,7 @@ class Case:
         return {
             "impl": self.impl, "pass": self.pass_, "batch": self.batch, "heads": self.heads,
             "kv_heads": self.kv_heads, "seq_q": self.seq_q, "seq_k": self.seq_k, "dim": self.dim,
-            "dtype": self.dtype, "causal": self.causal,
+            "dtype": self.dtype, "causal": self.causal, "mask": self.mask_name,
             "context": self.seq_k if self.pass_ == "decode" else None,
             "mesh": self.mesh if self.pass_ == "decode" else None,
             "page_size": self.page_size if self.pass_ == "decode" else None,
@@ -133,6 +146,70 @@ class Case:
         if data.get("blocks") is not None:
             data["blocks"] = tuple(data["blocks"])
         return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRules:
+    """The rules of a --mask item beyond causality."""
+
+    window: int | None = None
+    chunk: int | None = None
+    segments: int | None = None  # equal packed documents per sequence
+    soft_cap: float | None = None
+
+    @staticmethod
+    def parse(text: str) -> MaskRules:
+        fields = {}
+        for item in filter(None, text.split("+")):
+            name, _, value = item.partition(":")
+            kind = {"window": int, "chunk": int, "segments": int, "softcap": float}.get(name)
+            try:
+                number = kind(value) if kind else None
+            except ValueError:
+                number = None
+            if number is None or number < 0 or (name != "window" and number <= 0):
+                raise ValueError(f"--mask: expected causal, full, or window:W, chunk:C, segments:S, softcap:X "
+                                 f"(numbers > 0) joined by '+', got {item!r}")
+            fields["soft_cap" if name == "softcap" else name] = number
+        return MaskRules(**fields)
+
+    def span(self, seq: int, causal: bool) -> int | None:
+        """How far a row's keys reach when that is bounded independently of N (a causal window, chunks,
+        documents of seq / segments): the work then grows linearly in the number of such spans."""
+        if self.segments is not None:
+            return seq // self.segments
+        if self.chunk is not None:
+            return self.chunk
+        return self.window + 1 if self.window is not None and causal else None
+
+    def as_chunks(self, seq: int) -> str:
+        """The rules with equal documents written as the chunks of the same geometry (for a fit through
+        shorter lengths that keeps each document's length)."""
+        parts = [f"chunk:{seq // self.segments}" if self.segments else (f"chunk:{self.chunk}" if self.chunk else "")]
+        parts += [f"window:{self.window}" if self.window is not None else "",
+                  f"softcap:{self.soft_cap:g}" if self.soft_cap is not None else ""]
+        return "+".join(filter(None, parts))
+
+    def geometry(self, seq_q: int, seq_k: int, causal: bool) -> pf.Mask:
+        chunk = self.chunk if self.segments is None else seq_q // self.segments
+        return pf.Mask.bottom_right(seq_q, seq_k, causal=causal, window=(self.window, None), chunk=chunk)
+
+    def visible_pairs(self, seq_q: int, seq_k: int, causal: bool) -> int:
+        """The (query, key) pairs of one head the mask lets through (equal documents: as chunks)."""
+        mask = self.geometry(seq_q, seq_k, causal)
+        rows = np.arange(seq_q)
+        total = 0
+        for start in range(0, seq_q, 4096):  # per row, vectorised in slices
+            r = rows[start:start + 4096]
+            p = mask.q_position + r
+            lo, hi = mask.band
+            first = np.zeros_like(r) if lo is None else np.maximum(0, p + lo)
+            end = np.full_like(r, seq_k) if hi is None else np.minimum(seq_k, p + hi + 1)
+            if mask.chunk is not None:
+                start_pos = np.floor_divide(p, mask.chunk) * mask.chunk
+                first, end = np.maximum(first, start_pos), np.minimum(end, start_pos + mask.chunk)
+            total += int(np.maximum(end - first, 0).sum())
+        return total
 
 
 def fixed_blocks(case: Case) -> Case:
@@ -165,6 +242,11 @@ def supported(case: Case) -> str | None:
         return None
     if case.impl == "jax_paged_attention":
         return "jax_paged_attention is decode only"
+    rules = case.rules()
+    if case.mask and case.impl in ("xla_reference", "jax_flash_attention", *GPU_IMPLS) and (
+            rules.window is not None or rules.chunk is not None or rules.soft_cap is not None or
+            (rules.segments is not None and case.impl != "jax_flash_attention")):
+        return f"{case.impl}: no {case.mask} mask"
     if case.impl in ("jax_flash_attention", "jax_splash") and case.dim % 128 and case.dim != 64:
         return f"{case.impl}: head_dim {case.dim} unsupported"
     return None
@@ -232,27 +314,41 @@ def jax_flash_block_sizes(case: Case):
         block_q_dkv=clamp_q(bwd), block_k_major_dq=clamp_k(bwd), block_k_dq=clamp_k(bwd), block_q_dq=clamp_q(bwd))
 
 
-def _attention_fn(case: Case):
-    """f(q, k, v) -> O for the case's implementation, q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]."""
+def _attention_fn(case: Case, abstract: bool = False):
+    """f(q, k, v) -> O for the case's implementation, q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; abstract:
+    built for the v5e compiler (deviceless), not to run."""
     scale = 1.0 / math.sqrt(case.dim)
     causal = case.causal
 
     def repeat_kv(k, v):
         return jnp.repeat(k, case.group, axis=1), jnp.repeat(v, case.group, axis=1)
 
+    rules = case.rules()
     if case.impl == "pallas_flash":
         blocks = pf.BlockSizes(*case.blocks) if case.blocks else None
-        return lambda q, k, v: pf.flash_attention(q, k, v, causal=causal, block_sizes=blocks, interpret=False)
+        # Equal documents run as segment ids; compiled for the v5e (abstract) through the same geometry
+        # as chunks: the static profile reads the segment ids' block ranges (SMEM) as 0, and equal
+        # documents aligned to the blocks visit exactly the tiles chunks do.
+        ids = _document_ids(case) if rules.segments and not abstract else None
+        chunk = case.seq_q // rules.segments if rules.segments and ids is None else rules.chunk
+        return lambda q, k, v: pf.flash_attention(q, k, v, causal=causal, window=(rules.window, None) if rules.window
+                                                  is not None else None, chunk=chunk, segment_ids=ids,
+                                                  logits_soft_cap=rules.soft_cap, block_sizes=blocks,
+                                                  interpret=False)
     if case.impl == "xla_reference":
         return lambda q, k, v: naive_attention(q, k, v, causal=causal)
     if case.impl == "jax_flash_attention":
         from jax.experimental.pallas.ops.tpu import flash_attention as jfa
 
         blocks = jax_flash_block_sizes(case)
+        ids = None
+        if rules.segments:
+            ids = _document_ids(case)
+            ids = jfa.SegmentIds(q=ids, kv=ids)
 
         def jax_flash(q, k, v):
             k, v = repeat_kv(k, v) if case.group > 1 else (k, v)
-            return jfa.flash_attention(q, k, v, causal=causal, sm_scale=scale, block_sizes=blocks)
+            return jfa.flash_attention(q, k, v, segment_ids=ids, causal=causal, sm_scale=scale, block_sizes=blocks)
 
         return jax_flash
     if case.impl == "jax_splash":
@@ -260,16 +356,28 @@ def _attention_fn(case: Case):
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
         shape = (case.seq_q, case.seq_k)
-        head_mask = masks.CausalMask(shape, offset=case.seq_k - case.seq_q) if causal else masks.FullMask(shape)
+        offset = case.seq_k - case.seq_q
+        if rules.window is not None:
+            head_mask = masks.LocalMask(shape, window_size=(rules.window, 0 if causal else None), offset=offset)
+        elif rules.chunk is not None:
+            head_mask = masks.ChunkedCausalMask(shape, chunk_size=rules.chunk)
+        else:
+            head_mask = masks.CausalMask(shape, offset=offset) if causal else masks.FullMask(shape)
         bq, bk = min(1024, case.seq_q), min(1024, case.seq_k)
         blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=min(512, bk), block_q_dkv=bq,
                                    block_kv_dkv=bk, block_kv_dkv_compute=min(512, bk), block_q_dq=bq, block_kv_dq=bk)
         kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * case.heads), block_sizes=blocks,
-                                        head_shards=1, q_seq_shards=1)
+                                        head_shards=1, q_seq_shards=1, attn_logits_soft_cap=rules.soft_cap)
+        ids = None
+        if rules.segments:
+            ids = _document_ids(case)
 
         def jax_splash(q, k, v):
             k, v = repeat_kv(k, v) if case.group > 1 else (k, v)
-            return jax.vmap(kernel)(q * jnp.asarray(scale, q.dtype), k, v)
+            if ids is None:
+                return jax.vmap(kernel)(q * jnp.asarray(scale, q.dtype), k, v)
+            segments = splash.SegmentIds(q=ids, kv=ids)
+            return jax.vmap(kernel)(q * jnp.asarray(scale, q.dtype), k, v, segment_ids=segments)
 
         return jax_splash
     if case.impl in GPU_IMPLS:
@@ -282,6 +390,13 @@ def _attention_fn(case: Case):
 
         return jax_sdpa
     raise ValueError(f"--impl: unknown implementation {case.impl!r}")
+
+
+def _document_ids(case: Case):
+    """[B, N] int32 ids of `segments` equal packed documents per sequence (a constant of the program)."""
+    n = case.seq_q
+    ids = (np.arange(n) * case.rules().segments // n).astype(np.int32)
+    return jnp.asarray(np.broadcast_to(ids, (case.batch, n)))
 
 
 def _decode_fn(case: Case, place: Placement):
@@ -378,7 +493,7 @@ def build(case: Case, place: Placement):
     q = place.array((case.batch, case.heads, case.seq_q, case.dim), dtype)
     k = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
     v = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
-    attention = _attention_fn(case)
+    attention = _attention_fn(case, abstract=place.abstract)
     if case.pass_ == "fwd":
         return attention, (q, k, v)
     do = place.array(q.shape, dtype)

@@ -168,9 +168,13 @@ def quadratic_fit(points: list[tuple[int, float]], x: float) -> float:
 
 def fit_unit(case: cases.Case) -> int:
     """The step of sequence lengths at which a case's kernels keep the same block sizes and the
-    same kinds of grid step: the least common multiple of its blocks (pallas_flash pads N to it)."""
+    same kinds of grid step: the least common multiple of its blocks."""
     sizes = [b for b in case.blocks or () if isinstance(b, int) and not isinstance(b, bool)]  # not fuse_dq
     return math.lcm(*sizes) if sizes else 128
+
+
+def fit_kind(fit: list) -> str:
+    return "quadratic in N" if len(fit) == 3 else "linear in N beyond the mask's span"
 
 
 def backward_part(case: cases.Case) -> cases.Case:
@@ -254,6 +258,10 @@ class Estimator:
     def _submit(self, case: cases.Case):
         """A callable that returns the profile of `case` (for one KV head's group of one sequence):
         simulated at its length, or fitted through three shorter ones."""
+        if case.pass_ != "decode" and case.impl not in PROFILE_ABORTS and case.seq_q == case.seq_k:
+            span = case.rules().span(case.seq_q, case.causal)
+            if span and case.seq_q > self.max_profile_seq:
+                return self._linear(case, span)
         long = case.pass_ != "decode" and max(case.seq_q, case.seq_k) > self.max_profile_seq
         unit = fit_unit(case) if long else 0
         if not long or case.seq_q != case.seq_k or case.seq_q % unit or case.impl in PROFILE_ABORTS:
@@ -278,6 +286,36 @@ class Estimator:
             cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip(multiples, results)], case.seq_q / unit)
             fit = [(p.seq_q, r["est_cycles"]) for p, r in zip(points, results)]
             return results[-1] | {"est_cycles": round(cycles), "fit": fit}
+
+        return fitted
+
+    def _linear(self, case: cases.Case, span: int):
+        """A mask whose rows reach at most `span` keys (window, chunks, documents): beyond a couple of
+        spans every further span of queries runs the same tiles, so the cycles are linear in N. Fitted
+        through two lengths of whole spans (documents kept at their length, written as chunks), each
+        pass apart; profiled at its length where that is no longer."""
+        if case.pass_ == "fwd+bwd":
+            parts = [self._linear(dataclasses.replace(case, pass_="fwd"), span),
+                     self._linear(backward_part(case), span)]
+            return lambda: sum_of_parts([part() for part in parts])
+        unit = fit_unit(case)
+        step = -(-span // unit) * unit if case.rules().segments is None and case.rules().chunk is None \
+            else math.lcm(unit, span)
+        lengths = (2 * step, 3 * step)
+        if lengths[-1] >= case.seq_q or case.seq_q % unit:
+            return self._once(case).result
+        mask = case.rules().as_chunks(case.seq_q)
+        points = [dataclasses.replace(case, seq_q=n, seq_k=n, mask=mask) for n in lengths]
+        futures = [self._once(p) for p in points]
+
+        def fitted():
+            results = [f.result() for f in futures]
+            failed = next((r for r in results if r.get("status") != "ok" or r.get("est_cycles") is None), None)
+            if failed:
+                return failed
+            (n1, c1), (n2, c2) = [(p.seq_q, r["est_cycles"]) for p, r in zip(points, results)]
+            cycles = c2 + (c2 - c1) * (case.seq_q - n2) / (n2 - n1)
+            return results[-1] | {"est_cycles": round(cycles), "fit": [(n1, c1), (n2, c2)]}
 
         return fitted
 
@@ -351,10 +389,11 @@ class Estimator:
                 profile = pending[case]()
                 blocks = cases.fixed_blocks(case).blocks
             if profile.get("fit"):
-                note.append("cycles fitted (quadratic in N, fixed blocks) through profiles at N=" +
+                note.append(f"cycles fitted ({fit_kind(profile['fit'])}, fixed blocks) through profiles at N=" +
                             ", ".join(str(n) for n, _ in profile["fit"]))
-            if profile.get("parts_fit"):
-                note.append("cycles: the forward and backward programs fitted apart (quadratic in N, fixed blocks) "
+            if any(profile.get("parts_fit") or ()):
+                note.append(f"cycles: the forward and backward programs fitted apart "
+                            f"({fit_kind(next(f for f in profile['parts_fit'] if f))}, fixed blocks) "
                             "through profiles at N=" + " and ".join(
                                 ", ".join(str(n) for n, _ in fit or []) for fit in profile["parts_fit"]) + ", summed")
             if case.pass_ == "decode" and case.profile_scale > 1 and case.impl not in XLA_COST_MODEL:
@@ -380,7 +419,7 @@ def describe(case: cases.Case) -> str:
         return (f"{case.impl} decode ctx={case.seq_k} T={case.seq_q} B={case.batch} Hq={case.heads} "
                 f"Hkv={case.kv_heads} mesh={case.mesh}" + (f" page={case.page_size}" if case.page_size else ""))
     return (f"{case.impl} {case.pass_} N={case.seq_q} D={case.dim} {case.dtype} "
-            f"{'causal' if case.causal else 'full'}" + (f" blocks={case.blocks}" if case.blocks else ""))
+            f"{case.mask_name}" + (f" blocks={case.blocks}" if case.blocks else ""))
 
 
 def oom_wall(case: cases.Case, step: int = 512, limit: int = 262144, log=sys.stderr) -> dict:

@@ -67,9 +67,10 @@ def print_table(rows: list[dict], out) -> None:
             shape = f"B={r['batch']} ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}{page}"
         else:
             heads = f"{r['heads']}" if r["heads"] == r["kv_heads"] else f"{r['heads']}/{r['kv_heads']}"
-            shape = f"N={r['seq_q']} D={r['dim']} H={heads} {'causal' if r['causal'] else 'full'}"
+            shape = f"N={r['seq_q']} D={r['dim']} H={heads} {r.get('mask') or ('causal' if r['causal'] else 'full')}"
             if r["seq_q"] != r["seq_k"]:
-                shape = f"Nq={r['seq_q']} Nk={r['seq_k']} D={r['dim']} H={heads} {'causal' if r['causal'] else 'full'}"
+                shape = (f"Nq={r['seq_q']} Nk={r['seq_k']} D={r['dim']} H={heads} "
+                         f"{r.get('mask') or ('causal' if r['causal'] else 'full')}")
         cycles = r["est_cycles"] / 1e6 if r["est_cycles"] else None
         print(f"{r['impl']:<20} {r['pass']:<7} {shape:<40} {r['status']:<6} {_fmt(cycles, '8.2f'):>8} "
               f"{_fmt(r['time_s'] and r['time_s'] * 1e3, '9.3f'):>9} {_fmt(r['tflops'], '8.1f'):>8} "
