@@ -28,4 +28,6 @@ echo "== 3/3 the v5e report (compiled for a TPU v5e, v5e compiler estimate): pyt
 if ! compgen -G "/dev/accel*" >/dev/null && ! compgen -G "/dev/vfio/[0-9]*" >/dev/null; then
   export JAX_PLATFORMS=cpu
 fi
-.venv/bin/python -m pallas_flash.bench --target v5e
+mkdir -p build/report
+.venv/bin/python -m pallas_flash.bench --target v5e --json build/report/v5e.json --plot build/report/v5e.png
+echo "== the v5e report's rows: build/report/v5e.json; its plot: build/report/v5e.png"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs every test: the C++ suite in Release, then again under AddressSanitizer and
 # UndefinedBehaviorSanitizer, then the fuzzer over the argument checks (scripts/fuzz.sh), then the
-# Python suite (both CPU paths and the v5e compiles). PFLASH_QUICK=1 (local use; CI runs everything)
+# Python suite (both CPU paths and the v5e compiles), and the Python suite again on the oldest supported
+# JAX (PFLASH_SKIP_OLDEST_JAX=1 skips that). PFLASH_QUICK=1 (local use; CI runs everything)
 # skips the sanitizer build and the fuzzer; PFLASH_SKIP_PYTHON=1 skips the Python environment and its
 # tests.
 set -euo pipefail
@@ -35,3 +36,20 @@ fi
 echo "== Python: pallas_flash (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh, and compiled for a v5e by libtpu; the C++ kernels through the XLA FFI)"
 cd python
 JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest -q -rs
+
+# The same suite on the oldest JAX the package supports (python/requirements-oldest.txt): the CPU paths
+# and interpret mode; the v5e compiles skip (no libtpu there). PFLASH_SKIP_OLDEST_JAX=1 skips it.
+if [[ "${PFLASH_SKIP_OLDEST_JAX:-0}" == 1 ]]; then
+  echo "== Python on the oldest supported JAX: skipped (PFLASH_SKIP_OLDEST_JAX=1)"
+  exit 0
+fi
+oldest=../.venv-jax-oldest
+echo "== Python on the oldest supported JAX ($(sed -n 's/^jax==//p' requirements-oldest.txt); $oldest, log: ../.deps.log)"
+{
+  [[ -x "$oldest/bin/python" ]] || python3 -m venv "$oldest"
+  "$oldest/bin/python" -m pip install -q --disable-pip-version-check -r requirements-oldest.txt
+  # Its own build directory: the FFI module compiled against this jaxlib's headers.
+  "$oldest/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+    -C build-dir=../build-python-oldest/{wheel_tag} -e .
+} >>../.deps.log 2>&1 || { tail -n 30 ../.deps.log; exit 1; }
+JAX_PLATFORMS=cpu "$oldest/bin/python" -m pytest -q -rs

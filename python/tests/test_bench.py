@@ -12,6 +12,7 @@ import pytest
 from pallas_flash import hardware, v5e
 from pallas_flash.bench import __main__ as cli
 from pallas_flash.bench import cases, estimate, measure, report
+from tpu_compiler import requires_libtpu
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,6 +117,7 @@ def test_measure_times_a_call():
     assert 0 < median < 1 and 1 <= len(samples) <= 5
 
 
+@requires_libtpu
 def test_extrapolation_matches_a_direct_profile():
     """The fit through N = L, 2L, 3L predicts the simulated cycles at 4L (here L = 512: blocks fixed,
     several key blocks per query block even at N = L, as with the planner's 2048 x 512 at L = 2048)."""
@@ -135,6 +137,7 @@ def test_extrapolation_matches_a_direct_profile():
         pool.close()
 
 
+@requires_libtpu
 def test_report_end_to_end(tmp_path):
     out = tmp_path / "report.json"
     plot = tmp_path / "report.png"
@@ -146,6 +149,7 @@ def test_report_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=PYTHON_DIR)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "v5e compiler estimate" in result.stdout and "[1/" in result.stderr  # the header, a progress line
+    assert "INVALID_ARGUMENT" not in result.stderr and "TPU_WORKER_HOSTNAMES" not in result.stderr  # libtpu quiet
     data = json.loads(out.read_text())
     target = data["target"]
     for key in ("chip", "clock_hz", "peak_flops", "hbm_bytes_per_s", "hbm_capacity", "price_per_chip_hour",
@@ -244,3 +248,29 @@ def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
                            mask="segments:8")
     assert est._submit(documents)()["est_cycles"] == 2 * (1000 + 10 * 32768)
     assert ("fwd", 8192, "chunk:4096") in seen and ("bwd", 8192, "chunk:4096") in seen
+
+
+def test_no_tpu_compiler_fails_loudly(monkeypatch, capsys):
+    # Without libtpu, one line says what to install, and the exit status is not 0.
+    def no_tpu():
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology")
+
+    monkeypatch.setattr(v5e, "topology", no_tpu)
+    monkeypatch.setattr(cli.jax, "default_backend", lambda: "cpu")
+    assert cli.main(["--seq", "1024", "--pass", "fwd", "--impl", "pallas_flash", "--oom-wall", "off"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "./python[v5e]"' in err and "JAX TPU support not installed" in err
+
+
+@requires_libtpu
+def test_errored_rows_make_the_exit_status_non_zero(monkeypatch, capsys):
+    def rows(case_list, chip, jobs, max_profile_seq):
+        return [report.make_row(case, chip, status="error", source="estimate", est_cycles=None, time_s=None,
+                                hbm_bytes=None, message="compile worker died") for case in case_list]
+
+    monkeypatch.setattr(cli, "estimate_rows", rows)
+    argv = ["--seq", "1024", "--pass", "fwd", "--impl", "pallas_flash", "--causal", "on", "--oom-wall", "off"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 errored" in err and "compile worker died" in err and "--allow-errors" in err
+    assert cli.main(argv + ["--allow-errors"]) == 0

@@ -15,6 +15,9 @@ from pallas_flash import append_kv, flash_attention, flash_decode, plan_block_si
 from pallas_flash.planner import (BlockSizes, backward_vmem_bytes, forward_vmem_bytes, fused_backward_vmem_bytes,
                                   fuses_dq)
 from pallas_flash.reference import naive_attention
+from tpu_compiler import requires_libtpu
+
+pytestmark = requires_libtpu
 
 def compile_attention(fn, *args):
     return v5e.compile_row_major(fn, *args)

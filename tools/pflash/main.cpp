@@ -297,7 +297,9 @@ int main(int argc, char** argv) {
   bench->add_option("--block-q", args.block_q, "query block rows (0: automatic)")->check(integers_from(0, 4096));
   bench->add_option("--block-k", args.block_k, "key block columns (0: automatic)")->check(integers_from(0, 4096));
   bench->add_option("--json", args.json, "also write the results as JSON to this file");
-  bench->add_option("--mode", args.mode, "attention (training-shaped rows) or decode (FlashDecoding rows)")
+  bench->add_option("--mode", args.mode, "attention (training-shaped rows) or decode (FlashDecoding rows; the defaults shown are "
+                    "attention's: decode's are --heads 32 --kv-heads 8 --dim 128 --seq 32768 (the context) "
+                    "--repeats 20 --warmup 2)")
       ->check(CLI::IsMember({"attention", "decode"}))->capture_default_str();
   bench->add_option("--page-size", args.page_size, "decode: KV cache page sizes, 0 = contiguous")
       ->delimiter(',')->check(CLI::IsMember({0, 8, 16, 32, 64, 128, 256, 512}))->capture_default_str();
@@ -353,6 +355,6 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  std::cout << app.help();
-  return 0;
+  std::cerr << app.help() << "\npflash: expected a subcommand: bench or decode (pflash bench --help)\n";
+  return 2;
 }

@@ -16,6 +16,7 @@ class Progress {
  public:
   Progress() : tty_(isatty(STDERR_FILENO) != 0) {}
   void show(const std::string& line) const {
+    std::cout << std::flush;  // the table rows written so far come first, not after this line
     if (tty_) {
       std::cerr << "\r\033[K" << line << std::flush;
     } else {
