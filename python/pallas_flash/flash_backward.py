@@ -56,7 +56,7 @@ def zero_partial_blocks(problem: Problem, grid: Grid, q_block, kv_block, *, q_re
         when(both(active, kv_block == grid.num_kv_blocks - 1), zero_keys)
 
 
-def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_steps: int, fused_dq: bool):
+def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, num_steps: int, fused_dq: bool):
     """dK, dV for one key block, the query blocks of its GQA group that see it streamed past, and with
     fused_dq dQ as well. Computed transposed, keys on sublanes and queries on lanes: S^T = K Q^T, so
     dV += P^T dO and dK += dS^T Q are plain products (no transposed tile), the LSE and D_i rows of the
@@ -144,10 +144,10 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
         products stop at the last 128 lanes / 128 key rows that hold any."""
         if mask.chunks_align(block_q, block_k):
             # On the tiles an edge of the band crosses (one static pattern per delta), key sub-blocks
-            # of block_k_compute rows each compute only the query columns they may see (a 1024 x 1024
+            # of key_sub_rows rows each compute only the query columns they may see (a 1024 x 1024
             # causal diagonal tile: 62% of its products); full tiles whole.
             delta = key_start - row_start + mask.offset
-            patterns, full = key_sub_block_patterns(problem, block_q, block_k, block_k_compute,
+            patterns, full = key_sub_block_patterns(problem, block_q, block_k, key_sub_rows,
                                                     grid.num_q_blocks * block_q, grid.num_kv_blocks * block_k)
             columns = block_q if rows is None else min(block_q, round_up(rows, LANES))
             real_keys = block_k if keys is None else keys
@@ -195,7 +195,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, block_k_compute: int, num_s
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_steps: int):
+def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int):
     """dQ for one query block, the key blocks it sees streamed past. Its LSE (in log2 units) and D_i
     rows are turned into the replicated column form once, at the first step."""
     segment_refs, refs = _split_refs(problem, refs)
@@ -223,18 +223,18 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_st
         if problem.segments:
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked, cols):  # sub-blocks and their key columns as in the forward
+    def update(c, masked, cols, leading, height):  # sub-blocks and their key columns as in the forward
         col_from, width = cols[0], cols[1] - cols[0]
         keys = slice(None) if width == block_k else pl.ds(col_from, width)
         k, v = k_ref[keys, :], v_ref[keys, :]
-        rows = pl.ds(c * block_q_compute, block_q_compute)
+        rows = pl.ds(c * block_q_compute, height)
         s = scores(problem, q_ref[rows, :], k)
         slope = soft_cap_slope(problem, s)
         if masked:
             same_segment = None
             if problem.segments:
                 same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
-            s = apply_mask(s, score_mask(problem, row_start + c * block_q_compute, block_q_compute,
+            s = apply_mask(s, score_mask(problem, row_start + c * block_q_compute, height,
                                          key_start + col_from, width, segments=same_segment,
                                          pad_keys=problem.seq_k % block_k != 0))
         p = jnp.exp2(s - lanes(lse_rep_ref[rows, :], width))
@@ -245,7 +245,8 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_st
         dq_acc_ref[rows, :] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     when(kv_block <= last, edge_visits, problem, grid, q_block, kv_block, lambda rows, keys: visit_row_sub_blocks(
-        problem, grid, row_start, key_start, block_q_compute, update, rows=rows, keys=keys))
+        problem, grid, row_start, key_start, block_q_compute, update, sub_keys=block_k_compute,
+        segments_mixed=visits.segments_mixed(q_block, kv_block), rows=rows, keys=keys))
 
     @pl.when(step == num_steps - 1)
     def _finish():
@@ -326,7 +327,7 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
     if problem.segments:
         scratch.append(pltpu.VMEM(stat_shape(bk), jnp.int32))  # the key block's ids as columns
     grads = pl.pallas_call(
-        functools.partial(_dkv_kernel, problem=problem, grid=grid, block_k_compute=min(blocks.block_q_compute, bk),
+        functools.partial(_dkv_kernel, problem=problem, grid=grid, key_sub_rows=min(blocks.block_q_compute, bk),
                           num_steps=num_steps, fused_dq=fuse_dq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
@@ -389,6 +390,7 @@ def _dq(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_i
         scratch.append(pltpu.VMEM(stat_shape(bq), jnp.int32))
     return pl.pallas_call(
         functools.partial(_dq_kernel, problem=problem, grid=grid, block_q_compute=min(blocks.block_q_compute, bq),
+                          block_k_compute=blocks.block_k_compute,
                           num_steps=num_steps),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),

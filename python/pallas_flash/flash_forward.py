@@ -29,7 +29,7 @@ from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_para
 NUM_SEGMENT_REFS = 8
 
 
-def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_steps: int):
+def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int):
     """One (query block, head, key step) step. The query block is swept in sub-blocks of
     block_q_compute rows, unrolled in one straight-line region: a sub-block's scores (256 x 512 fp32:
     half the vector registers) are reduced and exponentiated while the MXU computes the next
@@ -56,8 +56,8 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_s
         def _ids():  # the query block's ids as columns, once per head
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked, cols, first_tile):
-        rows = pl.ds(c * block_q_compute, block_q_compute)
+    def update(c, masked, cols, leading, height, first_tile):
+        rows = pl.ds(c * block_q_compute, height)
         col_from, width = cols[0], cols[1] - cols[0]
         keys = slice(None) if width == block_k else pl.ds(col_from, width)
         s = scores(problem, q_ref[rows, :], k_ref[keys, :])
@@ -65,16 +65,17 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, num_s
             same_segment = None
             if problem.segments:
                 same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
-            visible = score_mask(problem, row_start + c * block_q_compute, block_q_compute, key_start + col_from, width,
+            visible = score_mask(problem, row_start + c * block_q_compute, height, key_start + col_from, width,
                                  segments=same_segment, pad_keys=problem.seq_k % block_k != 0)
             s = apply_mask(s, visible)
-        update_state(s, v_ref[keys, :], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows], first=first_tile)
+        update_state(s, v_ref[keys, :], row_max_ref.at[rows], row_sum_ref.at[rows], acc_ref.at[rows],
+                     first=first_tile and leading)
 
     def visit(first_tile: bool):
         # The first visited tile starts every row's state, even rows that see none of it (-inf, 0).
         edge_visits(problem, grid, q_block, kv_block, lambda rows, keys: visit_row_sub_blocks(
             problem, grid, row_start, key_start, block_q_compute, functools.partial(update, first_tile=first_tile),
-            keep_skipped=first_tile, segments_mixed=segments_mixed, rows=rows, keys=keys))
+            sub_keys=block_k_compute, keep_skipped=first_tile, segments_mixed=segments_mixed, rows=rows, keys=keys))
 
     key_edge = edge_rows(problem.seq_k, block_k)
     if key_edge:  # V's rows past Nk: a masked key's zero probability times stale data must stay 0
@@ -146,7 +147,8 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
         operands.append(sinks.astype(jnp.float32))
 
     kernel = functools.partial(_fwd_kernel, problem=problem, grid=grid,
-                               block_q_compute=min(blocks.block_q_compute, block_q), num_steps=num_steps)
+                               block_q_compute=min(blocks.block_q_compute, block_q),
+                               block_k_compute=blocks.block_k_compute, num_steps=num_steps)
     pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
     kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
     itemsize = q.dtype.itemsize

@@ -16,6 +16,8 @@ import functools
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_flash.mask import Mask
+
 LANES = 128  # MXU width and the lane count of a vreg: the alignment unit along every MXU dimension
 
 
@@ -28,7 +30,9 @@ class BlockSizes:
     """Rows per block. block_q/block_k: forward (block_q_compute: the rows of one pass of the online
     softmax inside a query block, so that its scores stay in the vector registers; the backward's
     key sub-blocks on diagonal tiles too); *_dkv: the backward kernel (dK, dV and, fused, dQ); *_dq:
-    the separate dQ kernel. fuse_dq: True computes dQ in the dK/dV kernel, False in a kernel of its
+    the separate dQ kernel; block_k_compute: the most key columns one online-softmax update of a
+    sub-block takes (forward and dQ kernels), so that a key block may be longer than what the vector
+    registers hold and a grid step does more work per fixed cost). fuse_dq: True computes dQ in the dK/dV kernel, False in a kernel of its
     own, None (default) fuses when the dQ accumulators fit VMEM (fused_backward_vmem_bytes)."""
 
     block_q: int
@@ -39,6 +43,7 @@ class BlockSizes:
     block_k_dq: int
     block_q_compute: int = 256
     fuse_dq: bool | None = None
+    block_k_compute: int = 512
 
     def __post_init__(self):
         if self.fuse_dq is not None and not isinstance(self.fuse_dq, bool):
@@ -74,16 +79,18 @@ HEADS_FOR_STATS = 16  # the LSE and D_i blocks hold every head's row of a query 
 
 
 def forward_vmem_bytes(block_q: int, block_k: int, head_dim: int, itemsize: int, block_q_compute: int = 256,
-                       heads: int = HEADS_FOR_STATS) -> int:
+                       heads: int = HEADS_FOR_STATS, block_k_compute: int = 512) -> int:
     """VMEM the forward kernel holds at once: double-buffered Q, O, K, V blocks and the [heads,
-    block_q] LSE block, the fp32 accumulator and replicated running max/sum, per sub-block the fp32
-    scores and probabilities and the operands in fp32, and at the last key block the whole block's
-    O in fp32 and its replicated LSE (before and after the transpose to a row)."""
+    block_q] LSE block, the fp32 accumulator and replicated running max/sum, per update (a sub-block
+    against at most block_k_compute keys) the fp32 scores and probabilities and the operands in fp32,
+    and at the last key block the whole block's O in fp32 and its replicated LSE (before and after
+    the transpose to a row)."""
     d = round_up(head_dim, LANES)
-    compute = min(block_q_compute, block_q)
+    rows = min(block_q_compute, block_q)
+    keys = min(block_k_compute, block_k)
     pipelined = 2 * (2 * block_q * d + 2 * block_k * d) * itemsize + 2 * heads * block_q * 4
     scratch = block_q * d * 4 + 2 * block_q * LANES * 4
-    temporaries = (4 * compute * block_k + 2 * block_k * d + 2 * compute * d + block_q * (d + 2 * LANES)) * 4
+    temporaries = (4 * rows * keys + 2 * keys * d + 2 * rows * d + block_q * (d + 2 * LANES)) * 4
     return int(COMPILER_HEADROOM * (pipelined + scratch + temporaries))
 
 
@@ -127,22 +134,31 @@ def _largest_within(candidates, extent: int) -> int:
     return next((c for c in candidates if c <= extent), candidates[-1])
 
 
-def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False) -> BlockSizes:
-    """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, H=16, D=128, bf16,
-    N=4096..8192):
+def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False,
+                     mask: Mask | None = None) -> BlockSizes:
+    """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, D=128, bf16; mask: the
+    geometry, whose causal rule overrides `causal`):
     - forward: the largest query block (4096 down to 128 rows) that fits the budget and the length
-      (any length: the last block may be partial, tiles.edge_visits), swept in sub-blocks of
-      256 rows, against K/V blocks of 512 rows: 4096 x 512 / 256 came out fastest (2048 x 512 +1-3%,
-      1024 x 1024 +3%, whole-block tiles without sub-blocks +11%; 512-row sub-blocks +6%); causal, at
-      most 2048: a 4096-row block unrolls 9 diagonal patterns of 16 sub-blocks, 3x the compile time
-      (~25 s on 2 cores) for 3%;
+      (any length: the last block may be partial, tiles.edge_visits), swept in sub-blocks of 256 rows
+      against at most 512 keys per online-softmax update, and K/V blocks of 1024 rows: a grid step
+      has a fixed cost (~900 cycles: the DMA bookkeeping and the MXU pipeline drained at the end of
+      its straight-line region), which a longer key block spreads over more updates (N=16384 causal
+      at 2048 x 512: 80% of peak, 2048 x 1024: 84%, full mask 4096 x 512 90%, x 1024 92%). A window
+      or chunks (a bounded span of keys per row, whose edge tiles hold little work): 2048-row K/V
+      blocks (causal window 4096: 69% at 2048 x 512, 73% x 1024, 76% x 2048; 2048 x 2048 compiles
+      ~1.5x longer than x 1024, which is why the unbounded masks stay at 1024). Causal, at most
+      2048 query rows: a 4096-row block unrolls 9 diagonal patterns of 16 sub-blocks, 3x the compile
+      time (~25 s on 2 cores) for 3%;
     - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
       query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal)."""
+    if mask is not None:
+        causal = mask.causal
+    bounded_span = mask is not None and (mask.band[0] is not None or mask.chunk is not None)
     itemsize = jnp.dtype(dtype).itemsize
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
     nk = round_up(seq_k, LANES)
-    block_k = _largest_within((512, 256, 128), nk)
+    block_k = _largest_within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128), nk)
     candidates = (2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128)
     fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
     block_q = _largest_within(fitting or [LANES], nq)

@@ -35,6 +35,8 @@ from pallas_flash.mask import FULL, PARTIAL, SKIP, Mask, and_masks, both, divide
 from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, lanes, row_to_replicated
 from pallas_flash.planner import vmem_budget_bytes
 
+EDGE_ROWS = 16  # the row granule of a partial block's last sub-block: a packed bf16 (16, 128) tile
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -303,22 +305,42 @@ def replicate_ids(ids_row, width: int):
 
 
 def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub_rows: int, update, *,
-                         keep_skipped: bool = False, segments_mixed=False, rows: int | None = None,
-                         keys: int | None = None):
-    """Calls update(c, masked, cols) for the sub-blocks c of `sub_rows` query rows of a visited
-    (block_q, block_k) tile (module docstring); cols = (col_from, col_to), static: the key columns the
-    sub-block computes, in the static patterns only those some row of it may see (rounded out to 128
-    lanes: a sub-block at a window's edge or the causal diagonal skips the products of keys it cannot
-    see). keep_skipped: sub-blocks that see nothing are updated anyway (masked, on 128 columns): the
-    first tile of a query block starts every row's state. segments_mixed: (traced) the tile needs the
-    segment mask, which every masked sub-block then applies. rows, keys: the real rows of a partial
-    edge block (edge_visits), static: the sub-blocks past `rows` are not computed, nor the key
-    columns past `keys` rounded up to 128 lanes."""
+                         sub_keys: int | None = None, keep_skipped: bool = False, segments_mixed=False,
+                         rows: int | None = None, keys: int | None = None):
+    """Calls update(c, masked, cols, leading, height) for the sub-blocks c of `sub_rows` query rows of a
+    visited (block_q, block_k) tile (module docstring), in column chunks of at most `sub_keys` keys
+    (aligned to sub_keys within the tile; leading: the sub-block's first chunk in this tile). cols =
+    (col_from, col_to), static: in the static patterns only the columns some row of the sub-block may
+    see (rounded out to 128 lanes: a sub-block at a window's edge or the causal diagonal skips the
+    products of keys it cannot see), each chunk masked only where the band's edge crosses it.
+    keep_skipped: sub-blocks that see nothing are updated anyway (masked, on 128 columns): the first
+    tile of a query block starts every row's state. segments_mixed: (traced) the tile needs the
+    segment mask, which every masked chunk then applies. rows, keys: the real rows of a partial edge
+    block (edge_visits), static: the sub-blocks past `rows` are not computed, nor the key columns past
+    `keys` rounded up to 128 lanes, and the last sub-block computes only its real rows rounded up to
+    16 (height; sub_rows elsewhere: a last block of one row costs one row's tile, not 256)."""
     bq, bk = grid.block_q, grid.block_k
+    sub_keys = bk if sub_keys is None else min(sub_keys, bk)
     mask = problem.mask
     sub_blocks = bq // sub_rows if rows is None else -(-rows // sub_rows)
+    heights = [sub_rows] * sub_blocks
+    if rows is not None:
+        heights[-1] = min(sub_rows, -(-(rows - (sub_blocks - 1) * sub_rows) // EDGE_ROWS) * EDGE_ROWS)
     pad_keys = keys is not None
     key_columns = bk if keys is None else min(bk, -(-keys // LANES) * LANES)
+
+    def chunks(c, cols, kind_of, masked_if_full):
+        """update() over [cols) in chunks; kind_of(col_from, width): the chunk's static kind or None."""
+        col_from, col_to = cols
+        leading = True
+        while col_from < col_to:
+            width = min(col_to, (col_from // sub_keys + 1) * sub_keys) - col_from
+            kind = kind_of(col_from, width)
+            if kind != SKIP or (leading and keep_skipped and col_from + width >= col_to):
+                masked = True if pad_keys or kind != FULL else masked_if_full
+                update(c, masked, (col_from, col_from + width), leading, heights[c])
+                leading = False
+            col_from += width
 
     def sweep(d, kinds, segment_masked):
         for c in range(sub_blocks):
@@ -327,9 +349,11 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
                 cols = (0, bk) if kinds[c] == FULL else mask.band_columns(d - c * sub_rows, sub_rows, bk)
                 cols = (cols[0], min(cols[1], key_columns))  # a partial key block: its real columns
             if cols[0] < cols[1]:
-                update(c, True if pad_keys or kinds[c] == PARTIAL else segment_masked, cols)
+                kind_of = ((lambda col, width: FULL) if kinds[c] == FULL else
+                           (lambda col, width, c=c: mask.band_kind(d - c * sub_rows + col, sub_rows, width)))
+                chunks(c, cols, kind_of, segment_masked)
             elif keep_skipped:
-                update(c, True, (0, min(bk, LANES)))
+                update(c, True, (0, min(bk, LANES)), True, heights[c])
 
     if mask.chunks_align(bq, bk):
         delta = key_start - row_start + mask.offset
@@ -346,7 +370,7 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
             needs_mask = True
         needs_mask = either(needs_mask, segments_mixed)
         when(True if keep_skipped else any_visible, when_masked, needs_mask,
-             lambda masked, c=c: update(c, masked, (0, key_columns)))
+             lambda masked, c=c: chunks(c, (0, key_columns), lambda col, width: PARTIAL if masked else FULL, masked))
 
 
 def edge_visits(problem: Problem, grid: Grid, q_block, kv_block, visit):

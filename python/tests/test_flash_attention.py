@@ -84,15 +84,20 @@ def test_explicit_block_sizes_cover_multiple_blocks():
     assert rel_l2(o, reference_attention(q, k, v, causal=True)) < 1e-5
 
 
-# Sub-blocks of the query block, and the three ways a tile is masked: the static diagonal patterns
-# (causal, aligned; Nq = Nk and an offset that is not a multiple of the blocks), and padded keys.
+# Sub-blocks of the query block (and of a key block longer than block_k_compute: column chunks, masked
+# only where the diagonal crosses them), and the three ways a tile is masked: the static diagonal
+# patterns (causal, aligned; Nq = Nk and an offset that is not a multiple of the blocks), and padded keys.
 SUB_BLOCK_CASES = [
     (Shape(1, 2, 1, 1024, 1024, 64), True, BlockSizes(512, 256, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 1, 1024, 1024, 64), True, BlockSizes(512, 512, 128, 128, 128, 128, block_q_compute=128,
+                                                      block_k_compute=128)),
     (Shape(1, 2, 2, 640, 1024, 32), True, BlockSizes(128, 256, 128, 128, 128, 128, block_q_compute=128)),
     (Shape(1, 2, 2, 384, 896, 32), True, BlockSizes(384, 128, 128, 128, 128, 128, block_q_compute=128)),
     (Shape(1, 2, 2, 1024, 640, 32), True, BlockSizes(256, 128, 128, 128, 128, 128, block_q_compute=128)),
     (Shape(1, 2, 2, 700, 1000, 32), True, BlockSizes(256, 256, 128, 128, 128, 128, block_q_compute=128)),
     (Shape(1, 2, 2, 700, 1000, 32), False, BlockSizes(256, 256, 128, 128, 128, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 700, 1000, 32), True, BlockSizes(256, 384, 128, 128, 128, 128, block_q_compute=128,
+                                                     block_k_compute=256)),
 ]
 
 
@@ -126,6 +131,8 @@ BACKWARD_DIAGONAL_CASES = [
     (Shape(1, 2, 1, 1024, 1024, 64), BlockSizes(256, 128, 256, 512, 512, 256, block_q_compute=128)),
     (Shape(1, 2, 2, 640, 1024, 32), BlockSizes(128, 256, 128, 512, 128, 256, block_q_compute=128)),
     (Shape(1, 2, 2, 768, 512, 32), BlockSizes(256, 128, 384, 256, 256, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 640, 1024, 32), BlockSizes(128, 256, 128, 512, 128, 512, block_q_compute=128,
+                                               block_k_compute=128)),
 ]
 
 
@@ -184,6 +191,8 @@ RAGGED_CASES = [
     (Shape(1, 2, 1, 1000, 1000, 64), BlockSizes(512, 256, 256, 256, 256, 256, block_q_compute=128)),
     (Shape(1, 4, 2, 300, 470, 96), BlockSizes(256, 128, 256, 128, 128, 256, block_q_compute=128)),
     (Shape(2, 2, 2, 517, 259, 32), BlockSizes(256, 256, 128, 256, 256, 128, block_q_compute=128)),
+    (Shape(1, 2, 2, 700, 900, 64), BlockSizes(256, 512, 256, 256, 128, 512, block_q_compute=128,
+                                              block_k_compute=128)),
 ]
 
 

@@ -2,6 +2,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_flash import describe_plan, plan_block_sizes
+from pallas_flash.mask import Mask
 from pallas_flash.planner import backward_vmem_bytes, forward_vmem_bytes, v5e_vmem_bytes, vmem_budget_bytes
 
 
@@ -13,19 +14,29 @@ def test_v5e_vmem_from_chip_table():
 @pytest.mark.parametrize("seq", [2048, 8192, 32768])
 def test_plan_fits_v5e_budget_with_large_query_blocks(seq, causal):
     blocks = plan_block_sizes(seq, seq, 128, jnp.bfloat16, causal)
-    assert blocks.block_q == min(seq, 2048 if causal else 4096) and blocks.block_k == 512
+    assert blocks.block_q == min(seq, 2048 if causal else 4096) and blocks.block_k == 1024
     assert seq % blocks.block_q == 0 and seq % blocks.block_k == 0
     assert forward_vmem_bytes(blocks.block_q, blocks.block_k, 128, 2) <= vmem_budget_bytes()
     assert backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, 128, 2) <= vmem_budget_bytes()
 
 
-@pytest.mark.parametrize("seq, block_q, block_k", [(300, 256, 256), (1000, 1024, 512), (4097, 4096, 512),
-                                                  (4224, 4096, 512), (100000, 4096, 512)])
+@pytest.mark.parametrize("seq, block_q, block_k", [(300, 256, 256), (1000, 1024, 1024), (4097, 4096, 1024),
+                                                  (4224, 4096, 1024), (100000, 4096, 1024)])
 def test_blocks_need_not_divide_the_length(seq, block_q, block_k):
     # The last block may be partial (read in place, its missing rows skipped): N = 4097 keeps N = 4096's
     # blocks, where dividing blocks would fall to 128 x 128 (4224 = 33 x 128).
     blocks = plan_block_sizes(seq, seq, 96)
     assert (blocks.block_q, blocks.block_k) == (block_q, block_k)
+
+
+@pytest.mark.parametrize("rules, block_k", [({"causal": True}, 1024), ({"causal": True, "window": (4095, 0)}, 2048),
+                                            ({"chunk": 8192}, 2048), ({"window": (64, 64)}, 2048)])
+def test_bounded_masks_get_longer_key_blocks(rules, block_k):
+    # A window's or a chunk's edge tiles hold little work: longer key blocks spread a grid step's
+    # fixed cost over more of it.
+    blocks = plan_block_sizes(16384, 16384, 128, mask=Mask.bottom_right(16384, 16384, **rules))
+    assert blocks.block_k == block_k and blocks.block_q == (2048 if rules.get("causal") else 4096)
+    assert forward_vmem_bytes(blocks.block_q, blocks.block_k, 128, 2) <= vmem_budget_bytes()
 
 
 def test_describe_plan_names_blocks_and_vmem():

@@ -219,7 +219,9 @@ def fixed_blocks(case: Case) -> Case:
         return case
     if case.impl == "pallas_flash":
         dtype = DTYPES[case.dtype]
-        blocks = pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, dtype, case.causal)
+        # The plan flash_attention makes for this call: documents are segment ids, unknown to it.
+        geometry = dataclasses.replace(case.rules(), segments=None).geometry(case.seq_q, case.seq_k, case.causal)
+        blocks = pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, dtype, mask=geometry)
         # The backward's choice at this length, kept at the shorter lengths it is fitted through.
         fuse = fuses_dq(blocks, case.seq_q, case.group, case.dim, jnp.dtype(dtype).itemsize)
         return dataclasses.replace(case, blocks=dataclasses.astuple(dataclasses.replace(blocks, fuse_dq=fuse)))
