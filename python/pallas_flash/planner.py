@@ -30,10 +30,11 @@ class BlockSizes:
     """Rows per block. block_q/block_k: forward (block_q_compute: the rows of one pass of the online
     softmax inside a query block, so that its scores stay in the vector registers; the backward's
     key sub-blocks on diagonal tiles too); *_dkv: the backward kernel (dK, dV and, fused, dQ); *_dq:
-    the separate dQ kernel; block_k_compute: the most key columns one online-softmax update of a
-    sub-block takes (forward and dQ kernels), so that a key block may be longer than what the vector
-    registers hold and a grid step does more work per fixed cost). fuse_dq: True computes dQ in the dK/dV kernel, False in a kernel of its
-    own, None (default) fuses when the dQ accumulators fit VMEM (fused_backward_vmem_bytes)."""
+    the separate dQ kernel. block_k_compute: the most keys one online-softmax update of a sub-block
+    takes (forward and dQ kernels), so that a key block may be longer than the vector registers hold
+    and a grid step does more work per fixed cost. fuse_dq: True computes dQ in the dK/dV kernel,
+    False in a kernel of its own, None (default) fuses when the dQ accumulators fit VMEM
+    (fused_backward_vmem_bytes)."""
 
     block_q: int
     block_k: int

@@ -330,7 +330,7 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
     key_columns = bk if keys is None else min(bk, -(-keys // LANES) * LANES)
 
     def chunks(c, cols, kind_of, masked_if_full):
-        """update() over [cols) in chunks; kind_of(col_from, width): the chunk's static kind or None."""
+        """update() over [cols) in chunks; kind_of(col_from, width): the chunk's static kind."""
         col_from, col_to = cols
         leading = True
         while col_from < col_to:
@@ -370,7 +370,8 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
             needs_mask = True
         needs_mask = either(needs_mask, segments_mixed)
         when(True if keep_skipped else any_visible, when_masked, needs_mask,
-             lambda masked, c=c: chunks(c, (0, key_columns), lambda col, width: PARTIAL if masked else FULL, masked))
+             lambda masked, c=c: chunks(c, (0, key_columns), lambda col, width: PARTIAL if masked else FULL,
+                                        masked))
 
 
 def edge_visits(problem: Problem, grid: Grid, q_block, kv_block, visit):
