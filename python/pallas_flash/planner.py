@@ -170,10 +170,14 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
 
 
 def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16, kv_heads: int | None = None,
-                  causal: bool = False) -> str:
-    """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA) and
-    its VMEM use."""
-    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, causal)
+                  causal: bool = False, window: int | tuple[int | None, int | None] | None = None,
+                  chunk: int | None = None) -> str:
+    """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA; causal,
+    window and chunk as flash_attention takes them) and its VMEM use; the forward grid's key axis has
+    the steps of the widest range of key blocks a query block sees."""
+    edges = (None, None) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
+    mask = Mask.bottom_right(seq_len, seq_len, causal=causal, window=edges, chunk=chunk)
+    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, mask=mask)
     itemsize = jnp.dtype(dtype).itemsize
     group = heads // (kv_heads or heads)
     fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize)
@@ -182,12 +186,20 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         bwd = fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_len, group)
     else:
         bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
+    q_blocks = -(-seq_len // blocks.block_q)
+    key_steps = 1
+    for i in range(q_blocks):
+        first, last = mask.key_range(i * blocks.block_q, min(seq_len, (i + 1) * blocks.block_q) - 1, seq_len)
+        if first <= last:
+            key_steps = max(key_steps, last // blocks.block_k - first // blocks.block_k + 1)
+    rules = [" causal" if causal else "", f" window={edges}" if window is not None else "",
+             f" chunk={chunk}" if chunk is not None else ""]
     mib = 1 << 20
     return (
-        f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}{' causal' if causal else ''}: "
+        f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}{''.join(rules)}: "
         f"fwd block_q={blocks.block_q} block_k={blocks.block_k} VMEM {fwd / mib:.1f} MiB; "
         f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
         f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "
         f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "
-        f"grid fwd {batch}x{heads}x{-(-seq_len // blocks.block_q)}x{-(-seq_len // blocks.block_k)}"
+        f"grid fwd {batch}x{q_blocks}x{heads}x{key_steps}"
     )

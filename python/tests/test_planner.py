@@ -2,7 +2,9 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_flash import describe_plan, plan_block_sizes
+from pallas_flash import plan
 from pallas_flash.mask import Mask
+from pallas_flash.tiles import Grid, Problem, static_steps
 from pallas_flash.planner import backward_vmem_bytes, forward_vmem_bytes, v5e_vmem_bytes, vmem_budget_bytes
 
 
@@ -49,3 +51,27 @@ def test_describe_plan_says_where_dq_is_computed():
     assert "dQ in its own kernel" in describe_plan(1, 32, 32768, 128, kv_heads=4)  # 4 x 8 heads' dQ^T: 64 MiB
     assert "causal" in describe_plan(1, 16, 8192, 128, causal=True) and "block_q=2048" in describe_plan(
         1, 16, 8192, 128, causal=True)
+
+
+@pytest.mark.parametrize("rules", [{"causal": True}, {"causal": True, "window": (4096, 0)}, {"window": 1000},
+                                   {"chunk": 4096}, {}])
+def test_describe_plan_shows_the_kernels_grid(rules):
+    # The printed forward grid is the kernel's: (B, query blocks, heads, key steps), the key steps
+    # bounded by the mask (tiles.static_steps).
+    seq = 32768
+    window = rules.get("window")
+    line = describe_plan(1, 16, seq, 128, causal=rules.get("causal", False), window=window, chunk=rules.get("chunk"))
+    edges = (None, None) if window is None else ((window, window) if isinstance(window, int) else window)
+    mask = Mask.bottom_right(seq, seq, causal=rules.get("causal", False), window=edges, chunk=rules.get("chunk"))
+    blocks = plan_block_sizes(seq, seq, 128, mask=mask)
+    problem = Problem(seq, seq, 1.0, mask, 1, interpret=True)
+    grid = Grid.of(blocks.block_q, blocks.block_k, seq, seq)
+    steps, _ = static_steps(problem, grid, per_q_block=True)
+    assert f"block_k={blocks.block_k}" in line
+    assert line.endswith(f"grid fwd 1x{grid.num_q_blocks}x16x{steps}")
+
+
+def test_plan_cli_rejects_a_negative_window(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--window", "-1"])
+    assert exit_info.value.code == 2 and "--window: expected an int >= 0, got -1" in capsys.readouterr().err
