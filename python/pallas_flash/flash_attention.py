@@ -18,6 +18,7 @@ from pallas_flash.backend import kernel_mode
 from pallas_flash.flash_backward import backward
 from pallas_flash.flash_forward import forward
 from pallas_flash.mask import Mask
+from pallas_flash.partition import AutoAxes
 from pallas_flash.planner import BlockSizes, plan_block_sizes, round_up
 from pallas_flash.reference import reference_attention
 from pallas_flash.tiles import Problem
@@ -25,7 +26,8 @@ from pallas_flash.tiles import Problem
 # static: (problem, blocks)
 _flash_attention = attention_vjp(
     lambda static, q, k, v, sinks, segment_ids: forward(*static, q, k, v, segment_ids, sinks),
-    lambda static, q, k, v, segment_ids, o, lse, do: backward(*static, q, k, v, o, lse, do, segment_ids))
+    lambda static, q, k, v, segment_ids, o, lse, do: backward(*static, q, k, v, o, lse, do, segment_ids),
+    auto_axes=lambda static: AutoAxes.INTERPRET if static[0].interpret else AutoAxes.WHOLE)
 
 
 # --------------------------------------------------------------------------------------------------
