@@ -148,8 +148,6 @@ def per_shard(kernel: Callable, rule: str, *, shardable: Sequence[str] = (BATCH,
     along the rule's shardable factors (module docstring). A single device, or a shard_map body,
     runs the kernel as it is. auto: what happens under Auto mesh axes."""
     operand_factors, result_factors = parse_rule(rule)
-    unpartitionable = INTERPRET_UNPARTITIONABLE if auto is AutoAxes.INTERPRET else None
-    by_partitioner = _partitioned_call(kernel, operand_factors, result_factors, rule, shardable, unpartitionable)
 
     def call(*operands):
         mesh = explicit_mesh(operands[0])
@@ -157,7 +155,8 @@ def per_shard(kernel: Callable, rule: str, *, shardable: Sequence[str] = (BATCH,
             return _shard_mapped(kernel, mesh, operand_factors, result_factors, shardable, operands)
         if auto is AutoAxes.WHOLE:
             return tuple(kernel(*operands))
-        return by_partitioner(*operands)
+        unpartitionable = INTERPRET_UNPARTITIONABLE if auto is AutoAxes.INTERPRET else None
+        return _partitioned_call(kernel, operand_factors, result_factors, rule, shardable, unpartitionable)(*operands)
 
     return call
 
