@@ -55,3 +55,12 @@ def test_vmap_folds_into_the_batch():
             pytest.skip("the C++ kernels are not built")
         batched = jax.vmap(lambda q: pf.flash_attention(q, k, v, causal=True))(jnp.stack([q, 2 * q]))
         np.testing.assert_allclose(batched[1], pf.flash_attention(2 * q, k, v, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_interpret_mode_under_auto_axes_refuses_naming_why():
+    # Its simulated DMAs are ordered host callbacks: split by the partitioner they deadlocked XLA's
+    # rendezvous; now the compile fails with the reason.
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+    placed = [jax.device_put(x, NamedSharding(mesh, P("x"))) for x in _inputs(4, 2, 2, 16, 16)]
+    with pytest.raises(Exception, match="interpret mode cannot run in a multi-device program"):
+        jax.jit(lambda q, k, v: pf.flash_attention(q, k, v, interpret=True)).lower(*placed).compile()

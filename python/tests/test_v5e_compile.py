@@ -326,3 +326,29 @@ def test_windowed_decode_compiles_without_copies():
                                                                interpret=False), q, cache, cache)
     assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
     assert not program.data_movement(), [i.name for i in program.data_movement()]
+
+
+@pytest.mark.parametrize("spec, batch, heads_kv", [(P("x", "y"), 2, 2), (P(None, ("x", "y")), 1, 4)])
+def test_sharded_inputs_compile_to_per_chip_kernels_on_the_2x2_mesh(spec, batch, heads_kv):
+    # Explicit axes (jax.make_mesh's default): the kernels run per chip, forward and backward, with no
+    # collective, and the outputs keep q's sharding (Auto axes cannot: jax-ml/jax#38196).
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    mesh = Mesh(np.array(v5e.topology().devices).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    sharding = NamedSharding(mesh, spec)
+    q = v5e.abstract((batch, 8, 1024, 128), jnp.bfloat16, sharding)
+    k = v5e.abstract((batch, heads_kv, 1024, 128), jnp.bfloat16, sharding)
+
+    def step(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False), q, k, v)
+        return (o, *vjp(do))
+
+    compiled = jax.jit(step).lower(q, k, k, q).compile()
+    text = compiled.as_text()
+    assert not [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+                if c in text]
+    assert [s.spec[:len(spec)] for s in compiled.output_shardings] == [tuple(spec)] * 4
+    kernel_q_shapes = {i.shape for i in v5e.entry_instructions(text) if i.opcode == "parameter"}
+    local = f"bf16[{batch // (2 if spec[0] else 1)},{8 // (4 if spec[0] is None else 2)},1024,128]"
+    assert any(shape.startswith(local) for shape in kernel_q_shapes), kernel_q_shapes
