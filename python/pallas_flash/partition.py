@@ -53,10 +53,11 @@ class AutoAxes(enum.Enum):
 
     PARTITION = "partition"  # custom_partitioning: split once the partitioner knows the shardings
     WHOLE = "whole"  # run on whole arrays (XLA gathers them): the TPU, where custom_partitioning fails
-    INTERPRET = "interpret"  # refuse, naming why (INTERPRET_UNPARTITIONABLE), at compile time
+    INTERPRET = "interpret"  # whole on one device; refuse, naming why, over several (INTERPRET_UNPARTITIONABLE)
 
-# TPU interpret mode simulates DMAs and semaphores with ordered host callbacks, which the partitioner
-# cannot place per shard (XLA would pin them to one device and the program would deadlock).
+# TPU interpret mode simulates DMAs and semaphores with ordered host callbacks: XLA pins them to one
+# device of a multi-device program, which then deadlocks, and custom_partitioning drops them (its
+# primitive declares no effects). Arrays whose type names a multi-device mesh are refused when traced.
 INTERPRET_UNPARTITIONABLE = (
     "pallas_flash: the Pallas kernels in TPU interpret mode cannot run in a multi-device program (their "
     "simulated DMAs are ordered host callbacks); on CPU use the C++ kernels (the default: "
@@ -132,14 +133,19 @@ def _shardings(mesh: Mesh, factors_of, chosen) -> tuple[NamedSharding, ...]:
     return tuple(NamedSharding(mesh, spec) for spec in _specs(factors_of, chosen))
 
 
+def _type_mesh(x):
+    """The mesh of x's type when it spans several devices outside a shard_map body, else None."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1 or AxisType.Manual in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
 def explicit_mesh(x):
     """The mesh of x's type when it has Explicit axes over several devices (its sharding is then
     known at trace time), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
-        return None
-    return mesh if AxisType.Explicit in tuple(mesh.axis_types) else None
+    mesh = _type_mesh(x)
+    return mesh if mesh is not None and AxisType.Explicit in tuple(mesh.axis_types) else None
 
 
 def per_shard(kernel: Callable, rule: str, *, shardable: Sequence[str] = (BATCH, HEADS, KV_HEADS),
@@ -153,10 +159,11 @@ def per_shard(kernel: Callable, rule: str, *, shardable: Sequence[str] = (BATCH,
         mesh = explicit_mesh(operands[0])
         if mesh is not None:
             return _shard_mapped(kernel, mesh, operand_factors, result_factors, shardable, operands)
-        if auto is AutoAxes.WHOLE:
+        if auto is AutoAxes.INTERPRET and _type_mesh(operands[0]) is not None:
+            raise ValueError(INTERPRET_UNPARTITIONABLE)
+        if auto is not AutoAxes.PARTITION:  # custom_partitioning would also drop interpret mode's effects
             return tuple(kernel(*operands))
-        unpartitionable = INTERPRET_UNPARTITIONABLE if auto is AutoAxes.INTERPRET else None
-        return _partitioned_call(kernel, operand_factors, result_factors, rule, shardable, unpartitionable)(*operands)
+        return _partitioned_call(kernel, operand_factors, result_factors, rule, shardable)(*operands)
 
     return call
 
@@ -171,14 +178,12 @@ def _shard_mapped(kernel, mesh, operand_factors, result_factors, shardable, oper
                          check_vma=False)(*placed)
 
 
-def _partitioned_call(kernel, operand_factors, result_factors, rule, shardable, unpartitionable):
+def _partitioned_call(kernel, operand_factors, result_factors, rule, shardable):
     """The kernel under custom_partitioning, made vmappable by custom_vmap."""
     in_order = list(dict.fromkeys(f for term in operand_factors + result_factors for f in term))
     replicated_factors = [f for f in in_order if f not in shardable]  # Shardy wants rule order
 
     def partition(mesh, arg_shapes, result_shape):
-        if unpartitionable is not None:
-            raise ValueError(unpartitionable)
         if mesh.empty:  # shardings the partitioner could not name: run whole on every device
             devices = np.asarray(list(arg_shapes[0].sharding.device_set))
             mesh = Mesh(devices, ("devices",))

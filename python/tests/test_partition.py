@@ -58,9 +58,9 @@ def test_vmap_folds_into_the_batch():
 
 
 def test_interpret_mode_under_auto_axes_refuses_naming_why():
-    # Its simulated DMAs are ordered host callbacks: split by the partitioner they deadlocked XLA's
-    # rendezvous; now the compile fails with the reason.
+    # Its simulated DMAs are ordered host callbacks: on several devices they deadlocked XLA's
+    # rendezvous; now the trace fails with the reason.
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
     placed = [jax.device_put(x, NamedSharding(mesh, P("x"))) for x in _inputs(4, 2, 2, 16, 16)]
-    with pytest.raises(Exception, match="interpret mode cannot run in a multi-device program"):
+    with pytest.raises(ValueError, match="interpret mode cannot run in a multi-device program"):
         jax.jit(lambda q, k, v: pf.flash_attention(q, k, v, interpret=True)).lower(*placed).compile()
