@@ -37,6 +37,7 @@ from pallas_flash.flash_attention import check_variants
 from pallas_flash.mask import Mask, divide, soft_cap
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
+from pallas_flash.partition import AutoAxes, per_shard
 from pallas_flash.planner import vmem_budget_bytes
 from pallas_flash.reference import masked_attention
 
@@ -539,8 +540,33 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     mode = kernel_mode(interpret)
     if mode == "cpu":
         splits = num_splits  # None: the C++ decode's own choice (threads and lengths)
-    o, lse = _decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode, rules=rules)
+    o, lse = _per_shard_decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode,
+                               rules=rules)
     return _finish(o, lse, q, return_lse, sinks)
+
+
+_AUTO_AXES = {"cpu": AutoAxes.PARTITION, "interpret": AutoAxes.INTERPRET}
+
+
+def _per_shard_decode(q, k_cache, v_cache, lengths, page_table, **options):
+    """_decode run per shard where q and the cache are split over the batch or the heads
+    (partition.per_shard): a contiguous cache's batch and heads, a page pool's heads (its pages
+    stay whole on every device: a sequence's pages may lie anywhere in it). A Python int length
+    stays static."""
+    static_length = isinstance(lengths, (int, np.integer))
+    paged = page_table is not None
+    cache_term = "p g s d" if paged else "b g c d"
+    rule = (f"b h t d, {cache_term}, {cache_term}" + ("" if static_length else ", b") + (", b x" if paged else "")
+            + " -> b h t d, b h t")
+    operands = [q, k_cache, v_cache] + ([] if static_length else [lengths]) + ([page_table] if paged else [])
+
+    def kernel(q, k_cache, v_cache, *rest):
+        end = lengths if static_length else rest[0]
+        o, lse = _decode(q, k_cache, v_cache, end, rest[-1] if paged else None, **options)
+        return o.reshape(q.shape[:3] + o.shape[-1:]), lse.reshape(q.shape[:3])  # a group's heads are adjacent
+
+    auto = _AUTO_AXES.get(options["mode"], AutoAxes.WHOLE)
+    return per_shard(kernel, rule, auto=auto)(*operands)
 
 
 def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):

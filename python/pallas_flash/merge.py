@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallas_flash import cpu_kernels
 from pallas_flash.backend import kernel_mode
+from pallas_flash.partition import per_shard
 
 
 def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool | None = None):
@@ -23,8 +24,24 @@ def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool
     the XLA FFI, elsewhere (and with interpret=True) this jax.numpy form. Differentiable either way
     (ring attention trains through it): the C++ merge's gradient is that of the jax.numpy form."""
     if kernel_mode(interpret) == "cpu":
-        return _merge_cpu(o_parts, lse_parts, axis)
+        return _merge_per_shard(o_parts, lse_parts, axis)
     return _merge_jnp(o_parts, lse_parts, axis)
+
+
+def _merge_per_shard(o_parts, lse_parts, axis: int):
+    """The C++ merge (an FFI call, opaque to XLA's partitioner) run per shard of the rows: every axis
+    but the partials' and D may be sharded (partition.per_shard), the partials stay whole."""
+    if lse_parts.shape != o_parts.shape[:-1]:
+        raise ValueError(f"merge_attention_states: expected lse_parts of shape o_parts.shape[:-1] = "
+                         f"{o_parts.shape[:-1]}, got {lse_parts.shape}")
+    axis = axis % max(lse_parts.ndim, 1)
+    rows = [f"r{i}" for i in range(lse_parts.ndim)]
+    lse_term = ["p" if i == axis else row for i, row in enumerate(rows)]
+    kept = [row for i, row in enumerate(rows) if i != axis]
+    rule = f"{' '.join(lse_term)} d, {' '.join(lse_term)} -> {' '.join(kept)} d, {' '.join(kept)}"
+    if lse_parts.ndim == 1:  # the partials alone: nothing to shard
+        return _merge_cpu(o_parts, lse_parts, axis)
+    return per_shard(lambda o, lse: _merge_cpu(o, lse, axis), rule, shardable=kept)(o_parts, lse_parts)
 
 
 def _merge_jnp(o_parts, lse_parts, axis: int):

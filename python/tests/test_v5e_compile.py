@@ -352,3 +352,34 @@ def test_sharded_inputs_compile_to_per_chip_kernels_on_the_2x2_mesh(spec, batch,
     kernel_q_shapes = {i.shape for i in v5e.entry_instructions(text) if i.opcode == "parameter"}
     local = f"bf16[{batch // (2 if spec[0] else 1)},{8 // (4 if spec[0] is None else 2)},1024,128]"
     assert any(shape.startswith(local) for shape in kernel_q_shapes), kernel_q_shapes
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("spec", [P("x", "y"), P(None, ("x", "y"))])
+def test_batch_and_head_sharded_decode_compiles_to_per_chip_kernels(spec, paged):
+    # flash_decode under data and tensor parallelism (explicit axes): one decode kernel per chip on its
+    # own sequences and heads, no collective, the output sharded like q. A page pool is sharded over
+    # its heads only (a sequence's pages may lie anywhere in it).
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    mesh = Mesh(np.array(v5e.topology().devices).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    batch = 4 if spec[0] else 1
+    q = v5e.abstract((batch, 32, 1, 128), jnp.bfloat16, NamedSharding(mesh, spec))
+    lengths = v5e.abstract((batch,), jnp.int32, NamedSharding(mesh, P(spec[0])))
+    if paged:
+        pool = v5e.abstract((256, 8, 256, 128), jnp.bfloat16, NamedSharding(mesh, P(None, spec[1])))
+        table = v5e.abstract((batch, 64), jnp.int32, NamedSharding(mesh, P(spec[0])))
+        args = (q, pool, pool, lengths, table)
+        decode = lambda q, k, v, n, t: flash_decode(q, k, v, n, page_table=t, interpret=False)  # noqa: E731
+    else:
+        cache = v5e.abstract((batch, 8, 16384, 128), jnp.bfloat16, NamedSharding(mesh, spec))
+        args = (q, cache, cache, lengths)
+        decode = lambda q, k, v, n: flash_decode(q, k, v, n, interpret=False)  # noqa: E731
+    compiled = jax.jit(decode).lower(*args).compile()
+    text = compiled.as_text()
+    assert not [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+                if c in text]
+    assert jax.tree.leaves(compiled.output_shardings)[0].spec[:len(spec)] == tuple(spec)
+    heads_kv = 8 // (2 if spec[0] else 4)
+    assert f"bf16[{batch // (2 if spec[0] else 1)},{heads_kv}," in text  # per-chip operands of the kernel
