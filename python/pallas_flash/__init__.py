@@ -7,6 +7,7 @@ interpret=True runs the Pallas kernels in TPU interpret mode instead, to check t
 jax.numpy reference path runs.
 """
 
+from pallas_flash.context_parallel import context_parallel_attention, zigzag_permutation
 from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode
 from pallas_flash.dot_product_attention import dot_product_attention
 from pallas_flash.flash_attention import alignment_padding, flash_attention
@@ -20,6 +21,7 @@ __all__ = [
     "Mask",
     "alignment_padding",
     "append_kv",
+    "context_parallel_attention",
     "describe_plan",
     "dot_product_attention",
     "flash_attention",
@@ -28,4 +30,5 @@ __all__ = [
     "plan_block_sizes",
     "reference_attention",
     "sharded_flash_decode",
+    "zigzag_permutation",
 ]

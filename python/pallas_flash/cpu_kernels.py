@@ -129,6 +129,16 @@ def attention(q, k, v, mask, scale: float, *, segment_ids=None, soft_cap=None, s
     return _attention(static, q, k, v, sinks, segment_ids)
 
 
+def attention_forward(q, k, v, mask, scale: float):
+    """(O, LSE) of the C++ forward alone: no custom_vjp around it (attention_backward is its backward)."""
+    return _forward((mask, scale, None, False, False), q, k, v, None, None)
+
+
+def attention_backward(q, k, v, o, lse, do, mask, scale: float):
+    """(dQ, dK, dV) of the C++ backward from the rows' final O and LSE."""
+    return _backward((mask, scale, None, False, False), q, k, v, None, o, lse, do)
+
+
 # --------------------------------------------------------------------------------------------------
 # Decode and merge
 

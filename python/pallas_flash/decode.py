@@ -403,8 +403,12 @@ def _decode(q, k_cache, v_cache, end, page_table, *, scale, num_splits, mode, pa
 
 
 def _concrete(x):
-    """x as a NumPy array if its values are known here, None under a trace."""
+    """x as a NumPy array if its values are known here: None under a trace, and for an array that
+    lies partly on other processes' devices (jax.distributed: reading it back would fail), whose
+    values are then checked no more than a traced one's."""
     if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return np.asarray(x)
 

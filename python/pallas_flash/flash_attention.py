@@ -123,6 +123,52 @@ def _pad_rows(x, length: int, axis: int, mode="constant"):
 
 
 # --------------------------------------------------------------------------------------------------
+# The kernels without the custom_vjp, for callers that compose them (context parallelism)
+
+
+def attention_kernels(mode: str, q_shape, k_shape, dtype, mask: Mask, scale: float):
+    """(forward(q, k, v) -> (O, LSE), backward(q, k, v, o, lse, do) -> (dQ, dK, dV)): the kernels
+    flash_attention runs in `mode` (backend.kernel_mode) for arrays of these shapes and this mask, with
+    no custom_vjp and no partitioning around them: a caller that composes several calls (and
+    collectives between them) inside jax.shard_map runs each shard's kernels itself. The backward
+    takes the final O and LSE of the rows (the LSE of every key the rows see, not only this call's)."""
+    if mode == "cpu":
+        return (lambda q, k, v: cpu_kernels.attention_forward(q, k, v, mask, scale),
+                lambda q, k, v, o, lse, do: cpu_kernels.attention_backward(q, k, v, o, lse, do, mask, scale))
+    if mode == "reference":
+        def reference_forward(q, k, v):
+            return reference_attention(q, k, v, sm_scale=scale, return_lse=True, mask=mask)
+
+        def reference_backward(q, k, v, o, lse, do):
+            # FlashAttention-2's backward in jax.numpy, from the rows' final O and LSE (a vjp of this
+            # call's own output would be the gradient of a softmax over this call's keys alone)
+            group = q.shape[1] // k.shape[1]
+            f32 = jnp.float32
+            keys, values = (jnp.repeat(x.astype(f32), group, axis=1) for x in (k, v))
+            visible = jnp.asarray(mask.dense(q.shape[2], k.shape[2]))
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(f32), keys) * scale
+            probs = jnp.where(visible, jnp.exp(scores - lse[..., None]), 0.0)
+            do = do.astype(f32)
+            dv = jnp.einsum("bhqk,bhqd->bhkd", probs, do)
+            delta = jnp.sum(do * o.astype(f32), axis=-1, keepdims=True)
+            ds = probs * (jnp.einsum("bhqd,bhkd->bhqk", do, values) - delta) * scale
+            dq = jnp.einsum("bhqk,bhkd->bhqd", ds, keys)
+            dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q.astype(f32))
+
+            def heads_kv(x):  # a group's query heads share one key head: their gradients add
+                return x.reshape(x.shape[0], k.shape[1], group, *x.shape[2:]).sum(axis=2)
+
+            return dq.astype(q.dtype), heads_kv(dk).astype(k.dtype), heads_kv(dv).astype(v.dtype)
+
+        return reference_forward, reference_backward
+    blocks = plan_block_sizes(q_shape[2], k_shape[2], q_shape[3], dtype, mask=mask)
+    problem = Problem(seq_q=q_shape[2], seq_k=k_shape[2], sm_scale=scale, mask=mask, group=q_shape[1] // k_shape[1],
+                      interpret=mode == "interpret")
+    return (lambda q, k, v: forward(problem, blocks, q, k, v, None, None),
+            lambda q, k, v, o, lse, do: backward(problem, blocks, q, k, v, o, lse, do, None))
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry point
 
 

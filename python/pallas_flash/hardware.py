@@ -42,6 +42,12 @@ TPU_V5E = Chip(
 )
 
 V5E_VMEM_BYTES = 128 * 2**20
+# The interconnect bandwidth context parallelism's cost model charges per chip (bytes a chip receives
+# per second over ICI): the figure the team's plan states; XLA's cost model does not price collectives.
+V5E_ICI_BYTES_PER_S = 400e9
+# A collective's fixed cost (launch and synchronisation), charged once per ppermute, all-gather or
+# reduce-scatter: an assumption of the order measured for small ICI transfers, not a v5e figure.
+V5E_ICI_LATENCY_S = 10e-6
 V5E_TOPOLOGY = "v5e:2x2"  # the user's v5e-4: four chips on one host
 
 # GPUs for the tokens-per-dollar comparison, measured when the benchmark runs on one.

@@ -383,3 +383,64 @@ def test_batch_and_head_sharded_decode_compiles_to_per_chip_kernels(spec, paged)
     assert jax.tree.leaves(compiled.output_shardings)[0].spec[:len(spec)] == tuple(spec)
     heads_kv = 8 // (2 if spec[0] else 4)
     assert f"bf16[{batch // (2 if spec[0] else 1)},{heads_kv}," in text  # per-chip operands of the kernel
+
+
+def _context_parallel_step(mesh, strategy):
+    from pallas_flash import context_parallel_attention
+
+    def step(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: context_parallel_attention(q, k, v, mesh, ("x", "y"), strategy=strategy,
+                                                                    causal=True, interpret=False), q, k, v)
+        return (o, *vjp(do))
+    return step
+
+
+def _explicit_mesh_2x2():
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    return Mesh(np.array(v5e.topology().devices).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+def test_context_parallel_training_step_compiles_for_the_2x2_mesh(strategy):
+    # N = 32768 over the four chips, causal: each chip's kernels take its own queries (two zigzag
+    # halves of 4096); the ring moves K, V and dK, dV by collective-permute alone, the all-gather by
+    # all-gather and reduce-scatter (XLA:TPU's all-reduce + slice); the outputs stay sequence-sharded.
+    mesh = _explicit_mesh_2x2()
+    tokens = NamedSharding(mesh, P(None, None, ("x", "y"), None))
+    q = v5e.abstract((1, 16, 32768, 128), jnp.bfloat16, tokens)
+    compiled = jax.jit(_context_parallel_step(mesh, strategy)).lower(q, q, q, q).compile()
+    text = compiled.as_text()
+    found = {c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+             if f" {c}(" in text or f" {c}-start(" in text}
+    assert found == ({"collective-permute"} if strategy == "ring" else {"all-gather", "all-reduce",
+                                                                       "collective-permute"}), found
+    assert "bf16[1,16,4096,128]" in text  # a zigzag half of one chip's queries, the kernels' operand
+    assert text.count("tpu_custom_call") >= 4
+    for sharding in compiled.output_shardings:
+        assert tuple(sharding.spec)[:3] == (None, None, ("x", "y"))
+
+
+def test_context_parallel_fits_a_sequence_one_chip_cannot_hold():
+    # B=1, H=16, D=128, causal, bf16: the training step at N = 524288 runs out of one chip's HBM; over
+    # the four chips (131072 tokens each) the ring's fits, and auto picks the ring there (the
+    # all-gather would hold the whole sequence's K, V and float32 dK, dV).
+    from pallas_flash import context_parallel
+    from pallas_flash.hardware import TPU_V5E
+
+    shape = (1, 16, 524288, 128)
+    single = v5e.abstract(shape, jnp.bfloat16)
+
+    def one_chip(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False), q, k, v)
+        return (o, *vjp(do))
+
+    with pytest.raises(v5e.CompileError) as failure:
+        v5e.compile_for_v5e(one_chip, single, single, single, single)
+    assert failure.value.oom, failure.value.summary
+    mesh = _explicit_mesh_2x2()
+    q = v5e.abstract(shape, jnp.bfloat16, NamedSharding(mesh, P(None, None, ("x", "y"), None)))
+    assert context_parallel.choose_strategy(shape, shape, 2, True, 4) == "ring"
+    program = v5e.compile_for_v5e(_context_parallel_step(mesh, "auto"), q, q, q, q)
+    assert program.hbm_bytes_in_use < TPU_V5E.hbm_capacity, program.hbm_bytes_in_use
