@@ -42,8 +42,11 @@ TPU_V5E = Chip(
 )
 
 V5E_VMEM_BYTES = 128 * 2**20
-# The interconnect bandwidth context parallelism's cost model charges per chip (bytes a chip receives
-# per second over ICI): the figure the team's plan states; XLA's cost model does not price collectives.
+# The interconnect bandwidth context parallelism's cost model charges per chip: Google's v5e page gives
+# 400 GB/s of bidirectional ICI bandwidth per chip over 4 ports (docs.cloud.google.com/tpu/docs/v5e,
+# read 2026-12-06). An optimistic figure for a ring, whose steps each use one link in and one out;
+# the model takes it as the plan states it (XLA's cost model does not price collectives), and
+# strategy_costs takes another as ici_bytes_per_s.
 V5E_ICI_BYTES_PER_S = 400e9
 # A collective's fixed cost (launch and synchronisation), charged once per ppermute, all-gather or
 # reduce-scatter: an assumption of the order measured for small ICI transfers, not a v5e figure.
