@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_flash import hardware
 from pallas_flash.backend import kernel_mode
-from pallas_flash.flash_attention import _check_inputs, attention_kernels
+from pallas_flash.flash_attention import _check_inputs, attention_kernels, window_edges
 from pallas_flash.mask import Mask
 from pallas_flash.merge import merge_attention_states
 
@@ -230,6 +230,7 @@ class _Plan:
     devices: int
     ring: tuple[int, ...]
     ppermute_index: tuple[int, ...]  # _send
+    window: tuple[int | None, int | None] | None = None  # (left, right); None: no window (zigzag if causal)
 
 
 def _kernels(plan: _Plan, q, k, mask: Mask, rows: int, keys: int):
@@ -445,24 +446,159 @@ def _all_gather_backward(plan, q, k, v, o, lse, do):
     return dq, _scatter(plan, dk), _scatter(plan, dv)
 
 
-_FORWARD = {"all_gather": _all_gather_forward, "ring": _ring_forward}
-_BACKWARD = {"all_gather": _all_gather_backward, "ring": _ring_backward}
+# --------------------------------------------------------------------------------------------------
+# Sliding windows (contiguous layout: a row sees at most left + 1 + right keys, so blocks in natural
+# order already carry nearly equal work). A block of keys j - i blocks away from the queries' block is
+# seen, whole or in part, or not at all: the band decides it statically for each of the 2P - 1
+# offsets, and an offset no row sees is neither computed nor, once no device needs it, sent.
+
+
+def _band(plan, q_position: int = 0, k_position: int = 0) -> Mask:
+    return Mask(causal=plan.causal, window=plan.window, q_position=q_position, k_position=k_position)
+
+
+def _live_offset(plan, blocks: int, n: int) -> bool:
+    """Whether rows of one block see any key of the block `blocks` blocks later (earlier if < 0)."""
+    return _band(plan).band_kind(blocks * n, n, n) != "skip"
+
+
+def _banded_steps(plan, n: int) -> int:
+    """The ring steps after which no device holds a block its rows see: the ring stops there."""
+    position = {device: t for t, device in enumerate(plan.ring)}
+    last = 0
+    for step in range(1, plan.devices):
+        for device in plan.ring:
+            source = plan.ring[(position[device] - step) % plan.devices]
+            if _live_offset(plan, source - device, n):
+                last = step
+    return last
+
+
+def _home_perm(plan, steps: int):
+    """Sends the accumulators of the block held after `steps` ring steps back to its owner."""
+    return [(plan.ring[t], plan.ring[(t - steps) % plan.devices]) for t in range(plan.devices)]
+
+
+def _offset_branches(plan, n: int, call):
+    """lax.switch branches over offset + P - 1 (offset = source - me in blocks): call(mask) where the
+    offset is live, None (nothing to compute) where not. In TPU interpret mode every branch runs its
+    kernel (all masked where not live): the interpreter synchronises the devices at each kernel
+    call, and a device that skipped one would leave the others waiting for ever."""
+    every = plan.mode == "interpret"
+    return [call(_band(plan, 0, offset * n)) if every or _live_offset(plan, offset, n) else None
+            for offset in range(-(plan.devices - 1), plan.devices)]
+
+
+def _banded_ring_forward(plan, q, k, v):
+    n = q.shape[2]
+    o, lse = _kernels(plan, q, k, _band(plan), n, n)[0](q, k, v)
+    o = _f32(o)
+
+    def forward(mask):
+        def run(q, k, v):
+            o, lse = _kernels(plan, q, k, mask, n, n)[0](q, k, v)
+            return _f32(o), lse
+        return run
+
+    def nothing(q, k, v):
+        return _empty_rows(q, v)
+
+    branches = [b or nothing for b in _offset_branches(plan, n, forward)]
+    for step in range(1, _banded_steps(plan, n) + 1):
+        k, v = _send((k, v), plan, _ring_perm(plan))
+        me, source = _ring_source(plan, step)
+        o_part, lse_part = lax.switch(source - me + plan.devices - 1, branches, q, k, v)
+        o, lse = _merge(plan, o, lse, o_part, lse_part)
+    return o.astype(q.dtype), lse
+
+
+def _banded_ring_backward(plan, q, k, v, o, lse, do):
+    n = q.shape[2]
+    dq, dk, dv = map(_f32, _kernels(plan, q, k, _band(plan), n, n)[1](q, k, v, o, lse, do))
+
+    def backward(mask):
+        def run(q, k, v, o, lse, do):
+            return tuple(map(_f32, _kernels(plan, q, k, mask, n, n)[1](q, k, v, o, lse, do)))
+        return run
+
+    def nothing(q, k, v, o, lse, do):
+        return jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+
+    branches = [b or nothing for b in _offset_branches(plan, n, backward)]
+    steps = _banded_steps(plan, n)
+    for step in range(1, steps + 1):
+        k, v, dk, dv = _send((k, v, dk, dv), plan, _ring_perm(plan))
+        me, source = _ring_source(plan, step)
+        dq_part, dk_part, dv_part = lax.switch(source - me + plan.devices - 1, branches, q, k, v, o, lse, do)
+        dq, dk, dv = dq + dq_part, dk + dk_part, dv + dv_part
+    if steps:
+        dk, dv = _send((dk, dv), plan, _home_perm(plan, steps))
+    return dq, dk, dv
+
+
+def _window_keys(plan, device: int, n: int, seq: int) -> tuple[int, int]:
+    """[first, last) of the keys device `device`'s rows see under the window (a static range)."""
+    lo, hi = _band(plan).band  # a row at position p sees keys p + lo .. p + hi
+    first = 0 if lo is None else max(0, device * n + lo)
+    last = seq if hi is None else min(seq, (device + 1) * n + hi)  # the last row, (device + 1) n - 1, sees + hi
+    return first, last
+
+
+def _banded_all_gather_forward(plan, q, k, v):
+    keys, values = (lax.all_gather(x, plan.axis, axis=2, tiled=True) for x in (k, v))
+    n, seq = q.shape[2], keys.shape[2]
+
+    def branch(device):
+        first, last = _window_keys(plan, device, n, seq)
+
+        def run(q, keys, values):  # first < last: a band always holds the diagonal's side
+            k_w, v_w = keys[:, :, first:last], values[:, :, first:last]
+            return _kernels(plan, q, k_w, _band(plan, device * n, first), n, last - first)[0](q, k_w, v_w)
+        return run
+
+    return lax.switch(lax.axis_index(plan.axis), [branch(d) for d in range(plan.devices)], q, keys, values)
+
+
+def _banded_all_gather_backward(plan, q, k, v, o, lse, do):
+    keys, values = (lax.all_gather(x, plan.axis, axis=2, tiled=True) for x in (k, v))
+    n, seq = q.shape[2], keys.shape[2]
+
+    def branch(device):
+        first, last = _window_keys(plan, device, n, seq)
+
+        def run(q, keys, values, o, lse, do):
+            k_w, v_w = keys[:, :, first:last], values[:, :, first:last]
+            dq, dk, dv = _kernels(plan, q, k_w, _band(plan, device * n, first), n, last - first)[1](
+                q, k_w, v_w, o, lse, do)
+            return _f32(dq), _pad_keys(dk, first, seq), _pad_keys(dv, first, seq)
+        return run
+
+    dq, dk, dv = lax.switch(lax.axis_index(plan.axis), [branch(d) for d in range(plan.devices)],
+                            q, keys, values, o, lse, do)
+    return dq, lax.psum_scatter(dk, plan.axis, scatter_dimension=2, tiled=True), \
+        lax.psum_scatter(dv, plan.axis, scatter_dimension=2, tiled=True)
+
+
+_FORWARD = {("all_gather", False): _all_gather_forward, ("ring", False): _ring_forward,
+            ("all_gather", True): _banded_all_gather_forward, ("ring", True): _banded_ring_forward}
+_BACKWARD = {("all_gather", False): _all_gather_backward, ("ring", False): _ring_backward,
+             ("all_gather", True): _banded_all_gather_backward, ("ring", True): _banded_ring_backward}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _local_attention(plan: _Plan, q, k, v):
-    return _FORWARD[plan.strategy](plan, q, k, v)
+    return _FORWARD[plan.strategy, plan.window is not None](plan, q, k, v)
 
 
 def _local_attention_fwd(plan, q, k, v):
-    o, lse = _FORWARD[plan.strategy](plan, q, k, v)
+    o, lse = _FORWARD[plan.strategy, plan.window is not None](plan, q, k, v)
     return (o, lse), (q, k, v, o, lse)
 
 
 def _local_attention_bwd(plan, residuals, cotangents):
     q, k, v, o, lse = residuals
     do, _ = cotangents  # the LSE's cotangent is dropped, as flash_attention's is
-    dq, dk, dv = _BACKWARD[plan.strategy](plan, q, k, v, o, lse, do)
+    dq, dk, dv = _BACKWARD[plan.strategy, plan.window is not None](plan, q, k, v, o, lse, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -487,13 +623,17 @@ def _mesh_axes(mesh, axis) -> tuple[str, ...]:
 
 
 def context_parallel_attention(q, k, v, mesh: Mesh, axis, *, strategy: str = "auto", causal: bool = False,
-                               sm_scale: float | None = None, return_lse: bool = False,
+                               window=None, sm_scale: float | None = None, return_lse: bool = False,
                                layout: str = "contiguous", interpret: bool | None = None):
     """flash_attention(q, k, v, causal=causal) with the sequence axis of q, k, v [B, H, N, D] split
     over the devices of mesh axis `axis` (a name, or a tuple of names: their devices in row-major
     order), differentiable. Nq = Nk = N, divisible by the P devices (by 2P when causal).
 
     - strategy: "all_gather", "ring" or "auto" (choose_strategy; module docstring).
+    - window: flash_attention's sliding window, (left, right) or an int (both); with causal the right
+      edge is 0. Blocks the window leaves unseen are skipped: the ring stops once no device's rows
+      see the block it would receive next, the all-gather computes only the gathered keys in reach.
+      Contiguous layout only (a window already spreads the work evenly).
     - layout: "contiguous", device i holds tokens i n .. (i+1) n - 1 (n = N / P), or "zigzag": the
       tokens are in zigzag_permutation(N, P) order (q, k, v and the outputs), which saves the causal
       load balance its own exchanges.
@@ -509,24 +649,36 @@ def context_parallel_attention(q, k, v, mesh: Mesh, axis, *, strategy: str = "au
         raise ValueError(f"{NAME}: argument 'layout': expected one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"{NAME}: argument 'causal': expected a bool, got {causal!r}")
+    left, right = window_edges(window, NAME)
+    # a window that leaves the band of plain causal (or full) attention as it is changes nothing
+    banded = Mask(causal=causal, window=(left, right)).band != Mask(causal=causal).band
+    if banded and layout != "contiguous":
+        raise ValueError(f"{NAME}: argument 'layout': expected \"contiguous\" with a window (the zigzag "
+                         f"order balances causal work, which a window already spreads evenly), got {layout!r}")
     seq = q.shape[2]
     if k.shape[2] != seq:
         raise ValueError(f"{NAME}: expected q and k of one sequence length (self-attention over the split "
                          f"sequence), got Nq={seq}, Nk={k.shape[2]}")
     devices = math.prod(mesh.shape[a] for a in axes)
-    parts = 2 * devices if causal else devices
+    zigzag = causal and not banded
+    parts = 2 * devices if zigzag else devices
     if seq % parts:
         raise ValueError(f"{NAME}: expected the sequence length N={seq} divisible by "
-                         f"{'2 * ' if causal else ''}the {devices} devices of axis {axis!r} "
-                         f"({'two halves a device: the causal load balance' if causal else 'equal shards'}), "
+                         f"{'2 * ' if zigzag else ''}the {devices} devices of axis {axis!r} "
+                         f"({'two halves a device: the causal load balance' if zigzag else 'equal shards'}), "
                          f"got N % {parts} = {seq % parts}")
     if strategy == "auto":
         strategy = choose_strategy(q.shape, k.shape, q.dtype.itemsize, causal, devices)
     mode = kernel_mode(interpret)
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
     plan = _Plan(strategy=strategy, causal=causal, scale=scale, mode=mode, axis=axes, devices=devices,
-                 ring=ring_order(mesh, axes), ppermute_index=_ppermute_index(mesh, axes))
-    balance = causal and layout == "contiguous" and devices > 1
+                 ring=ring_order(mesh, axes), ppermute_index=_ppermute_index(mesh, axes),
+                 window=(left, right) if banded else None)
+    if banded:  # a short window needs the positional neighbours: the linear order if it stops sooner
+        linear = dataclasses.replace(plan, ring=tuple(range(devices)))
+        n = seq // devices
+        plan = linear if _banded_steps(linear, n) < _banded_steps(plan, n) else plan
+    balance = zigzag and layout == "contiguous" and devices > 1
 
     def local(q, k, v):
         if balance:

@@ -73,6 +73,40 @@ def test_forward_and_gradients_equal_one_device(cpu_kernels, strategy, causal, a
         assert tuple(x.sharding.spec)[:3] == (None, None, axis)
 
 
+@pytest.mark.both_cpu_kernels
+@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
+@pytest.mark.parametrize("causal, window", [(True, (5, 0)), (True, (40, 0)), (False, (20, 20)), (False, (0, 50)),
+                                            (False, (None, 3)), (True, (None, 0))])
+def test_sliding_windows_equal_one_device(cpu_kernels, strategy, causal, window):
+    mesh = _mesh()
+    q, k, v, do = _inputs(1, 4, 2, 128, 16, seed=zlib.crc32(repr((strategy, causal, window)).encode()))
+    got = _run(lambda q, k, v: pf.context_parallel_attention(q, k, v, mesh, ("y", "x"), strategy=strategy,
+                                                             causal=causal, window=window, return_lse=True),
+               q, k, v, do)
+    want = oracle.attention(q, k, v, Mask.bottom_right(128, 128, causal=causal, window=window), do=do)
+    oracle.assert_lse_close(got[1], want["lse"], tol=2e-5)
+    for name, value in zip(("o", "lse", "dq", "dk", "dv"), got):
+        if name != "lse":
+            assert oracle.rel_err(value, want[name]) < 2e-5, name
+
+
+def test_a_window_stops_the_ring_where_no_row_sees_the_next_block():
+    # 32 tokens a device, causal: a window of 5 reaches one block back (one ring step, on the linear
+    # ring order), 40 two, an unbounded one (plain causal, zigzag) all three steps and the layout's
+    # exchanges; the backward adds the accumulators' way home.
+    mesh = _mesh()
+    q = jnp.ones((1, 4, 128, 16))
+
+    def permutes(window):
+        attend = jax.jit(lambda q: pf.context_parallel_attention(q, q, q, mesh, ("x", "y"), strategy="ring",
+                                                                 causal=True, window=window))
+        text = attend.lower(q).compile().as_text()
+        return text.count(" collective-permute(") + text.count(" collective-permute-start(")
+
+    assert permutes((5, 0)) == 1 and permutes((40, 0)) == 2
+    assert permutes(None) > 3
+
+
 @pytest.mark.parametrize("strategy", ["all_gather", "ring"])
 def test_auto_axes_and_bfloat16(strategy):
     # A mesh of Auto axes (jax.sharding.Mesh's default), bf16 inputs: the result of the float64 oracle
@@ -172,6 +206,10 @@ def test_bad_arguments_raise_naming_them():
         call(q, k, v, mesh, "x", strategy="ulysses")
     with pytest.raises(ValueError, match="'layout'"):
         call(q, k, v, mesh, "x", layout="striped")
+    with pytest.raises(ValueError, match="'layout'.*with a window"):
+        call(q, k, v, mesh, "x", causal=True, window=(8, 0), layout="zigzag")
+    with pytest.raises(ValueError, match="'window'"):
+        call(q, k, v, mesh, "x", window=-1)
     with pytest.raises(ValueError, match="divisible by 2 \\* the 4 devices"):
         call(q[:, :, :36], k[:, :, :36], v[:, :, :36], mesh, ("x", "y"), causal=True)
     with pytest.raises(ValueError, match="Nq=32, Nk=64"):
