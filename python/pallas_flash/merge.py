@@ -24,24 +24,24 @@ def merge_attention_states(o_parts, lse_parts, axis: int = 0, *, interpret: bool
     the XLA FFI, elsewhere (and with interpret=True) this jax.numpy form. Differentiable either way
     (ring attention trains through it): the C++ merge's gradient is that of the jax.numpy form."""
     if kernel_mode(interpret) == "cpu":
-        return _merge_per_shard(o_parts, lse_parts, axis)
+        if lse_parts.shape != o_parts.shape[:-1]:
+            raise ValueError(f"merge_attention_states: expected lse_parts of shape o_parts.shape[:-1] = "
+                             f"{o_parts.shape[:-1]}, got {lse_parts.shape}")
+        return _merge_cpu(o_parts, lse_parts, axis % max(lse_parts.ndim, 1))
     return _merge_jnp(o_parts, lse_parts, axis)
 
 
 def _merge_per_shard(o_parts, lse_parts, axis: int):
     """The C++ merge (an FFI call, opaque to XLA's partitioner) run per shard of the rows: every axis
-    but the partials' and D may be sharded (partition.per_shard), the partials stay whole."""
-    if lse_parts.shape != o_parts.shape[:-1]:
-        raise ValueError(f"merge_attention_states: expected lse_parts of shape o_parts.shape[:-1] = "
-                         f"{o_parts.shape[:-1]}, got {lse_parts.shape}")
-    axis = axis % max(lse_parts.ndim, 1)
+    but the partials' and D may be sharded (partition.per_shard), the partials stay whole. Inside
+    _merge_cpu's custom_vjp: custom_partitioning (per_shard under Auto axes) has no derivative."""
     rows = [f"r{i}" for i in range(lse_parts.ndim)]
     lse_term = ["p" if i == axis else row for i, row in enumerate(rows)]
     kept = [row for i, row in enumerate(rows) if i != axis]
     rule = f"{' '.join(lse_term)} d, {' '.join(lse_term)} -> {' '.join(kept)} d, {' '.join(kept)}"
     if lse_parts.ndim == 1:  # the partials alone: nothing to shard
-        return _merge_cpu(o_parts, lse_parts, axis)
-    return per_shard(lambda o, lse: _merge_cpu(o, lse, axis), rule, shardable=kept)(o_parts, lse_parts)
+        return cpu_kernels.merge(o_parts, lse_parts, axis)
+    return per_shard(lambda o, lse: cpu_kernels.merge(o, lse, axis), rule, shardable=kept)(o_parts, lse_parts)
 
 
 def _merge_jnp(o_parts, lse_parts, axis: int):
@@ -59,11 +59,11 @@ def _merge_jnp(o_parts, lse_parts, axis: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _merge_cpu(o_parts, lse_parts, axis):
-    return cpu_kernels.merge(o_parts, lse_parts, axis)
+    return _merge_per_shard(o_parts, lse_parts, axis)
 
 
 def _merge_cpu_fwd(o_parts, lse_parts, axis):
-    return cpu_kernels.merge(o_parts, lse_parts, axis), (o_parts, lse_parts)
+    return _merge_per_shard(o_parts, lse_parts, axis), (o_parts, lse_parts)
 
 
 def _merge_cpu_bwd(axis, residuals, cotangents):
