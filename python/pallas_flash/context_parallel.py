@@ -339,38 +339,93 @@ def _ring_source(plan, step: int):
     return me, jnp.asarray(plan.ring, jnp.int32)[(position - step) % plan.devices]
 
 
-def _ring_forward(plan, q, k, v):
+def _local_forward(plan, q, k, v):
+    """Step 0: the device's own block."""
+    if plan.window is not None:
+        n = q.shape[2]
+        o, lse = _kernels(plan, q, k, _band(plan), n, n)[0](q, k, v)
+        return _f32(o), lse
     if plan.causal:
-        o, lse = _diagonal_forward(plan, q, k, v)
-    else:
-        o, lse = _full(plan, q, k)[0](q, k, v)
-    for step in range(1, plan.devices):
+        return _diagonal_forward(plan, q, k, v)
+    o, lse = _full(plan, q, k)[0](q, k, v)
+    return _f32(o), lse
+
+
+def _local_backward(plan, q, k, v, o, lse, do):
+    if plan.window is not None:
+        n = q.shape[2]
+        return tuple(map(_f32, _kernels(plan, q, k, _band(plan), n, n)[1](q, k, v, o, lse, do)))
+    if plan.causal:
+        return _diagonal_backward(plan, q, k, v, o, lse, do)
+    return tuple(map(_f32, _full(plan, q, k)[1](q, k, v, o, lse, do)))
+
+
+def _remote_forward(plan, offset, q, k, v):
+    """A later step: the block of the device `offset` (traced) devices from this one."""
+    if plan.window is not None:
+        n = q.shape[2]
+
+        def forward(mask):
+            def run(q, k, v):
+                o, lse = _kernels(plan, q, k, mask, n, n)[0](q, k, v)
+                return _f32(o), lse
+            return run
+
+        def nothing(q, k, v):
+            return _empty_rows(q, v)
+
+        branches = [b or nothing for b in _offset_branches(plan, n, forward)]
+        return lax.switch(offset + plan.devices - 1, branches, q, k, v)
+    if plan.causal:
+        return _off_diagonal_forward(plan, offset < 0, q, k, v)
+    o, lse = _full(plan, q, k)[0](q, k, v)
+    return _f32(o), lse
+
+
+def _remote_backward(plan, offset, q, k, v, o, lse, do):
+    if plan.window is not None:
+        n = q.shape[2]
+
+        def backward(mask):
+            def run(q, k, v, o, lse, do):
+                return tuple(map(_f32, _kernels(plan, q, k, mask, n, n)[1](q, k, v, o, lse, do)))
+            return run
+
+        def nothing(q, k, v, o, lse, do):
+            return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
+
+        branches = [b or nothing for b in _offset_branches(plan, n, backward)]
+        return lax.switch(offset + plan.devices - 1, branches, q, k, v, o, lse, do)
+    if plan.causal:
+        return _off_diagonal_backward(plan, offset < 0, q, k, v, o, lse, do)
+    return tuple(map(_f32, _full(plan, q, k)[1](q, k, v, o, lse, do)))
+
+
+def _ring_steps(plan, n: int) -> int:
+    """The steps after the first: every block visits every device, or (windows) until none is seen."""
+    return _banded_steps(plan, n) if plan.window is not None else plan.devices - 1
+
+
+def _ring_forward(plan, q, k, v):
+    o, lse = _local_forward(plan, q, k, v)
+    for step in range(1, _ring_steps(plan, q.shape[2]) + 1):
         # sent before this step's kernels and not needed by them: the transfer overlaps the compute
         k, v = _send((k, v), plan, _ring_perm(plan))
-        if plan.causal:
-            me, source = _ring_source(plan, step)
-            o_part, lse_part = _off_diagonal_forward(plan, source < me, q, k, v)
-        else:
-            o_part, lse_part = _full(plan, q, k)[0](q, k, v)
-        o, lse = _merge(plan, o, lse, o_part, lse_part)
+        me, source = _ring_source(plan, step)
+        o, lse = _merge(plan, o, lse, *_remote_forward(plan, source - me, q, k, v))
     return o.astype(q.dtype), lse
 
 
 def _ring_backward(plan, q, k, v, o, lse, do):
-    if plan.causal:
-        dq, dk, dv = _diagonal_backward(plan, q, k, v, o, lse, do)
-    else:
-        dq, dk, dv = map(_f32, _full(plan, q, k)[1](q, k, v, o, lse, do))
-    for step in range(1, plan.devices):
+    dq, dk, dv = _local_backward(plan, q, k, v, o, lse, do)
+    steps = _ring_steps(plan, q.shape[2])
+    for step in range(1, steps + 1):
         k, v, dk, dv = _send((k, v, dk, dv), plan, _ring_perm(plan))
-        if plan.causal:
-            me, source = _ring_source(plan, step)
-            dq_part, dk_part, dv_part = _off_diagonal_backward(plan, source < me, q, k, v, o, lse, do)
-        else:
-            dq_part, dk_part, dv_part = map(_f32, _full(plan, q, k)[1](q, k, v, o, lse, do))
+        me, source = _ring_source(plan, step)
+        dq_part, dk_part, dv_part = _remote_backward(plan, source - me, q, k, v, o, lse, do)
         dq, dk, dv = dq + dq_part, dk + dk_part, dv + dv_part
-    if plan.devices > 1:  # the accumulators of the block held now belong to the next device
-        dk, dv = _send((dk, dv), plan, _ring_perm(plan))
+    if steps:  # the accumulators of the block held now go back to its owner
+        dk, dv = _send((dk, dv), plan, _home_perm(plan, steps))
     return dq, dk, dv
 
 
@@ -489,53 +544,6 @@ def _offset_branches(plan, n: int, call):
             for offset in range(-(plan.devices - 1), plan.devices)]
 
 
-def _banded_ring_forward(plan, q, k, v):
-    n = q.shape[2]
-    o, lse = _kernels(plan, q, k, _band(plan), n, n)[0](q, k, v)
-    o = _f32(o)
-
-    def forward(mask):
-        def run(q, k, v):
-            o, lse = _kernels(plan, q, k, mask, n, n)[0](q, k, v)
-            return _f32(o), lse
-        return run
-
-    def nothing(q, k, v):
-        return _empty_rows(q, v)
-
-    branches = [b or nothing for b in _offset_branches(plan, n, forward)]
-    for step in range(1, _banded_steps(plan, n) + 1):
-        k, v = _send((k, v), plan, _ring_perm(plan))
-        me, source = _ring_source(plan, step)
-        o_part, lse_part = lax.switch(source - me + plan.devices - 1, branches, q, k, v)
-        o, lse = _merge(plan, o, lse, o_part, lse_part)
-    return o.astype(q.dtype), lse
-
-
-def _banded_ring_backward(plan, q, k, v, o, lse, do):
-    n = q.shape[2]
-    dq, dk, dv = map(_f32, _kernels(plan, q, k, _band(plan), n, n)[1](q, k, v, o, lse, do))
-
-    def backward(mask):
-        def run(q, k, v, o, lse, do):
-            return tuple(map(_f32, _kernels(plan, q, k, mask, n, n)[1](q, k, v, o, lse, do)))
-        return run
-
-    def nothing(q, k, v, o, lse, do):
-        return jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-
-    branches = [b or nothing for b in _offset_branches(plan, n, backward)]
-    steps = _banded_steps(plan, n)
-    for step in range(1, steps + 1):
-        k, v, dk, dv = _send((k, v, dk, dv), plan, _ring_perm(plan))
-        me, source = _ring_source(plan, step)
-        dq_part, dk_part, dv_part = lax.switch(source - me + plan.devices - 1, branches, q, k, v, o, lse, do)
-        dq, dk, dv = dq + dq_part, dk + dk_part, dv + dv_part
-    if steps:
-        dk, dv = _send((dk, dv), plan, _home_perm(plan, steps))
-    return dq, dk, dv
-
-
 def _window_keys(plan, device: int, n: int, seq: int) -> tuple[int, int]:
     """[first, last) of the keys device `device`'s rows see under the window (a static range)."""
     lo, hi = _band(plan).band  # a row at position p sees keys p + lo .. p + hi
@@ -580,9 +588,9 @@ def _banded_all_gather_backward(plan, q, k, v, o, lse, do):
 
 
 _FORWARD = {("all_gather", False): _all_gather_forward, ("ring", False): _ring_forward,
-            ("all_gather", True): _banded_all_gather_forward, ("ring", True): _banded_ring_forward}
+            ("all_gather", True): _banded_all_gather_forward, ("ring", True): _ring_forward}
 _BACKWARD = {("all_gather", False): _all_gather_backward, ("ring", False): _ring_backward,
-             ("all_gather", True): _banded_all_gather_backward, ("ring", True): _banded_ring_backward}
+             ("all_gather", True): _banded_all_gather_backward, ("ring", True): _ring_backward}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -22,12 +22,17 @@ def _inputs(batch, heads_q, heads_kv, seq, dim):
             jax.random.normal(keys[2], (batch, heads_kv, seq, dim)))
 
 
+def _cpp_mesh(axis_type):
+    """The 2x2 mesh of the four CPU devices, for a test of the C++ kernels (skipped without them)."""
+    if not native.available():
+        pytest.skip(f"the C++ kernels are not built: {native.unavailable_reason()}")
+    return Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"), axis_types=(axis_type,) * 2)
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("spec", [P("x", "y"), P(("x", "y")), P(None, ("x", "y"))])
 def test_sharded_inputs_run_per_shard_on_the_cpp_kernels(axis_type, spec):
-    if not native.available():
-        pytest.skip(f"the C++ kernels are not built: {native.unavailable_reason()}")
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"), axis_types=(axis_type,) * 2)
+    mesh = _cpp_mesh(axis_type)
     q, k, v = _inputs(4, 8, 4, 96, 32)
     loss = lambda q, k, v: jnp.sum(pf.flash_attention(q, k, v, causal=True) * q)  # noqa: E731
     with use_cpu_kernels("cpp"):
@@ -77,9 +82,7 @@ def _paged(cache, table, page_size):
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("spec", [P("x", "y"), P(("x", "y")), P(None, ("x", "y"))])
 def test_sharded_decode_and_merge_run_per_shard_on_the_cpp_kernels(axis_type, spec):
-    if not native.available():
-        pytest.skip(f"the C++ kernels are not built: {native.unavailable_reason()}")
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"), axis_types=(axis_type,) * 2)
+    mesh = _cpp_mesh(axis_type)
     keys = jax.random.split(jax.random.key(3), 5)
     batch, heads_q, heads_kv, tokens, capacity, dim, page = 4, 8, 4, 2, 96, 32, 16
     q = jax.random.normal(keys[0], (batch, heads_q, tokens, dim))
