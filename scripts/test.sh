@@ -35,7 +35,10 @@ if [[ "${PFLASH_SKIP_PYTHON:-0}" == 1 ]]; then
 fi
 echo "== Python: pallas_flash (Pallas kernels in TPU interpret mode on CPU, 2x2 mesh, and compiled for a v5e by libtpu; the C++ kernels through the XLA FFI)"
 cd python
-JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest -q -rs
+# One pytest worker per core (pytest-xdist): interpret mode and the compiles are mostly one thread each,
+# so on CI's two cores this halves the suite's time; the slowest tests are listed at the end.
+pytest_args=(-q -rs -n "$jobs" --durations=15)
+JAX_PLATFORMS=cpu ../.venv/bin/python -m pytest "${pytest_args[@]}"
 
 # The same suite on the oldest JAX the package supports (python/requirements-oldest.txt): the CPU paths
 # and interpret mode; the v5e compiles skip (no libtpu there). PFLASH_SKIP_OLDEST_JAX=1 skips it.
@@ -52,4 +55,4 @@ echo "== Python on the oldest supported JAX ($(sed -n 's/^jax==//p' requirements
   "$oldest/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
     -C build-dir=../build-python-oldest/{wheel_tag} -e .
 } >>../.deps.log 2>&1 || { tail -n 30 ../.deps.log; exit 1; }
-JAX_PLATFORMS=cpu "$oldest/bin/python" -m pytest -q -rs
+JAX_PLATFORMS=cpu "$oldest/bin/python" -m pytest "${pytest_args[@]}"
