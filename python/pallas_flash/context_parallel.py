@@ -159,9 +159,11 @@ class StrategyCost:
 def strategy_costs(shape_q, shape_k, itemsize: int, causal: bool, devices: int, *,
                    chip: hardware.Chip = hardware.TPU_V5E,
                    ici_bytes_per_s: float = hardware.V5E_ICI_BYTES_PER_S,
-                   ici_latency_s: float = hardware.V5E_ICI_LATENCY_S) -> dict[str, StrategyCost]:
+                   ici_latency_s: float = hardware.V5E_ICI_LATENCY_S,
+                   backward: bool = True) -> dict[str, StrategyCost]:
     """The model choose_strategy compares, per device, for [B, H, N, D] inputs split over P devices
-    (n = N / P tokens each; XLA's cost model prices neither collectives nor overlap, so this does):
+    (n = N / P tokens each; XLA's cost model prices neither collectives nor overlap, so this does), of
+    a training step's attention (backward=False: the forward alone):
     - compute: 4 B Hq N^2 D FLOPs forward and 10 B Hq N^2 D backward (five matmuls), half of it
       causal, split evenly (zigzag balances the causal work), at the chip's peak;
     - transfer: K, V of the other P - 1 devices reach every device twice (forward, backward) and float32
@@ -177,23 +179,24 @@ def strategy_costs(shape_q, shape_k, itemsize: int, causal: bool, devices: int, 
     batch, heads_q, seq, dim = shape_q
     heads_kv = shape_k[1]
     local = seq // devices
-    flops = 14 * batch * heads_q * seq * seq * dim * (0.5 if causal else 1.0)
+    passes = 2 if backward else 1
+    flops = (14 if backward else 4) * batch * heads_q * seq * seq * dim * (0.5 if causal else 1.0)
     compute = flops / devices / chip.peak_flops
     kv_bytes = 2 * batch * heads_kv * local * dim * itemsize  # one device's K and V
-    grad_bytes = 2 * batch * heads_kv * local * dim * 4  # one device's float32 dK, dV
+    grad_bytes = 2 * batch * heads_kv * local * dim * 4 if backward else 0  # one device's float32 dK, dV
     rows_f32 = batch * heads_q * local * dim * 4  # one device's float32 O (or dQ)
-    moved = (devices - 1) * (2 * kv_bytes + grad_bytes)
+    moved = (devices - 1) * (passes * kv_bytes + grad_bytes)
 
-    gather_hbm = devices * (2 * kv_bytes * 2 * (2 if causal else 0) + grad_bytes * 3)
-    gather_transfer = moved / ici_bytes_per_s + 4 * ici_latency_s
+    gather_hbm = devices * (passes * kv_bytes * 2 * (2 if causal else 0) + grad_bytes * 3)
+    gather_transfer = moved / ici_bytes_per_s + 2 * passes * ici_latency_s
     gather = StrategyCost("all_gather", compute, gather_hbm / chip.hbm_bytes_per_s, gather_transfer,
                           compute + gather_hbm / chip.hbm_bytes_per_s + gather_transfer,
                           devices * (kv_bytes + grad_bytes))
 
     steps = max(devices - 1, 1)
     step_compute = compute / devices
-    step_hbm = (3 * rows_f32 + 3 * rows_f32 + 3 * grad_bytes) / chip.hbm_bytes_per_s
-    step_transfer = moved / steps / ici_bytes_per_s + 2 * ici_latency_s
+    step_hbm = (3 * rows_f32 + (3 * rows_f32 if backward else 0) + 3 * grad_bytes) / chip.hbm_bytes_per_s
+    step_transfer = moved / steps / ici_bytes_per_s + passes * ici_latency_s
     ring_time = step_compute + (devices - 1) * max(step_compute + step_hbm, step_transfer)
     ring = StrategyCost("ring", compute, (devices - 1) * step_hbm, moved / ici_bytes_per_s, ring_time,
                         2 * (kv_bytes + grad_bytes))

@@ -318,12 +318,63 @@ class CompiledProgram:
                 moved.append(inst)
         return moved
 
+    def collectives(self, devices: int) -> list[Collective]:
+        """Every collective of the program, in any computation (a ring's steps sit in the entry, the
+        branches of a switch in their own), with the bytes one device receives by the usual ring
+        algorithms over `devices` devices: a permute its operand, an all-gather (P-1)/P of its result,
+        a reduce-scatter (P-1)/P of its operand, an all-reduce 2 (P-1)/P of it. An asynchronous one is
+        counted once, at its -done (whose shape is the result)."""
+        found = []
+        by_name = {}
+        for line in self.hlo_text.splitlines():
+            inst = _split_instruction(line)
+            if inst is None:
+                continue
+            by_name[inst.name] = inst
+            kind = inst.opcode.removesuffix("-done")
+            if kind not in _COLLECTIVE_SHARE or inst.opcode.endswith("-start"):
+                continue
+            result = sum(a.logical_bytes for a in inst.arrays if a.dims)
+            start = by_name.get(inst.operands[0]) if inst.opcode.endswith("-done") and inst.operands else None
+            pairs = re.findall(r"\{(\d+),(\d+)\}", _attribute((start or inst).attributes, "source_target_pairs"))
+            if kind == "collective-permute" and pairs and all(a == b for a, b in pairs):
+                continue  # every device keeps its own block
+            if kind == "reduce-scatter":  # the result is a P-th of the operand
+                result *= devices
+            found.append(Collective(kind, inst.name, result * _COLLECTIVE_SHARE[kind](devices)))
+        return found
+
     @staticmethod
     def _is_prefetch(inst: Instruction) -> bool:
         arrays = [a for a in inst.arrays if a.dims]  # copy-start's tuple also holds a u32[] context
         return bool(arrays) and all(a.memory_space in (0, 1) for a in arrays) and len(
             {(a.dtype, a.dims, a.minor_to_major, a.tile) for a in arrays}) == 1
 
+
+def _attribute(attributes: str, name: str) -> str:
+    """The text of `name={...}` (balanced braces) in an instruction's attributes, or ""."""
+    start = attributes.find(name + "={")
+    if start < 0:
+        return ""
+    depth = 0
+    for end in range(start + len(name) + 1, len(attributes)):
+        depth += attributes[end] == "{"
+        depth -= attributes[end] == "}"
+        if depth == 0:
+            return attributes[start:end + 1]
+    return attributes[start:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    opcode: str  # without -start/-done
+    name: str
+    received_bytes: float  # per device (CompiledProgram.collectives)
+
+
+_COLLECTIVE_SHARE = {"collective-permute": lambda p: 1.0, "all-gather": lambda p: (p - 1) / p,
+                     "reduce-scatter": lambda p: (p - 1) / p, "all-reduce": lambda p: 2 * (p - 1) / p,
+                     "all-to-all": lambda p: (p - 1) / p}
 
 _MOVING_OPCODES = frozenset({"copy", "copy-start", "copy-done", "pad", "transpose", "slice", "dynamic-slice",
                              "dynamic-update-slice", "concatenate", "gather", "scatter", "reshape"})

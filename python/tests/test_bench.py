@@ -264,7 +264,7 @@ def test_no_tpu_compiler_fails_loudly(monkeypatch, capsys):
 
 @requires_libtpu
 def test_errored_rows_make_the_exit_status_non_zero(monkeypatch, capsys):
-    def rows(case_list, chip, jobs, max_profile_seq):
+    def rows(case_list, chip, estimator):
         return [report.make_row(case, chip, status="error", source="estimate", est_cycles=None, time_s=None,
                                 hbm_bytes=None, message="compile worker died") for case in case_list]
 

@@ -420,6 +420,20 @@ def test_context_parallel_training_step_compiles_for_the_2x2_mesh(strategy):
     assert text.count("tpu_custom_call") >= 4
     for sharding in compiled.output_shardings:
         assert tuple(sharding.spec)[:3] == (None, None, ("x", "y"))
+    # What a chip receives (CompiledProgram.collectives, the bench's ICI bytes) against the plan: one
+    # chip's bf16 K and V are 64 MiB (8192 tokens), its float32 dK and dV 128 MiB, q, O and their
+    # gradients 32 MiB each. The layout's exchanges move q, k, v, O and their gradients once each.
+    program = v5e.CompiledProgram(text, None, v5e.entry_instructions(text), {})
+    received = sum(c.received_bytes for c in program.collectives(4)) / 2**20
+    layout = 8 * 32 + 2  # and the LSE and its cotangent, 0.5 MiB each
+    if strategy == "ring":  # 3 steps forward (K, V), 3 backward (K, V, dK, dV), dK, dV home; XLA may keep
+        # the forward's received K, V for the backward (the same permutes of the same K, V): at least
+        # the forward's K, V and three steps of dK, dV
+        planned, least = 3 * 64 + 3 * (64 + 128) + 128, 3 * 64 + 3 * 128
+    else:  # the whole K, V (256 MiB) gathered twice, (P-1)/P of it each time; the whole float32 dK, dV
+        # (512 MiB) all-reduced (XLA:TPU's reduce-scatter), 2 (P-1)/P of it by a ring all-reduce
+        planned = least = 2 * 256 * 3 / 4 + 512 * 2 * 3 / 4
+    assert least <= received <= planned + layout, (received, planned)
 
 
 def test_context_parallel_fits_a_sequence_one_chip_cannot_hold():

@@ -4,6 +4,8 @@
     python -m pallas_flash.bench --seq 32768 --pass fwd --causal on --impl pallas_flash,jax_flash_attention
     python -m pallas_flash.bench --seq 32768 --pass fwd,fwd+bwd --mask causal,window:4096,segments:8,causal+softcap:50
     python -m pallas_flash.bench --pass decode --context 32768,131072 --mesh 1x1,2x2 --json decode.json
+    python -m pallas_flash.bench --impl pallas_flash --pass fwd,fwd+bwd --seq 524288 --causal on \
+        --context-parallel all_gather,ring --mesh 2x2                 # one sequence over the 4 chips
 
 --target v5e on a host without a TPU compiles every case for a TPU v5e with the real compiler
 (libtpu, deviceless) and reports its static estimate; on a TPU host it also measures wall time (rows say
@@ -16,7 +18,11 @@ pair, x2.5 for a backward) against 197 TFLOP/s; GB/s and %HBM, the program's HBM
 tok/s and tok/s/$ (per dollar-per-hour of the chips used); VMEM MiB, the scoped VMEM the compiler gave
 the kernels; spills, the vector spill stores in the kernels' final bundles (register pressure: their
 cost is already inside the cycle estimate, so compare times, not spill counts, across kernels);
-HBM GiB, the program's HBM in use. Exit status: 0, or 1 when a row errored (--allow-errors: 0),
+HBM GiB, the program's HBM in use. --context-parallel adds rows for context_parallel_attention over each
+--mesh of several chips (pallas_flash.bench.context_parallel says how they are estimated: per-chip kernel
+cycles from single-chip profiles of each step's calls, the bytes each chip receives from the compiled
+program, a stated model of the overlap) and, per shape, the faster strategy against a P-th of one chip's
+kernel time. Exit status: 0, or 1 when a row errored (--allow-errors: 0),
 2 when nothing can run (no TPU compiler for --target v5e, no GPU for --target gpu).
 """
 
@@ -47,6 +53,7 @@ import jax  # noqa: E402
 from pallas_flash import decode as pf_decode  # noqa: E402
 from pallas_flash import hardware  # noqa: E402
 from pallas_flash.bench import cases, estimate, measure, report  # noqa: E402
+from pallas_flash.bench import context_parallel as cp_rows  # noqa: E402
 
 DEFAULT_IMPLS = "pallas_flash,jax_flash_attention,jax_splash,jax_paged_attention,xla_reference"
 
@@ -130,7 +137,11 @@ def parse_args(argv=None):
     parser.add_argument("--context", type=_ints, default=[32768], help="decode: cache positions per sequence")
     parser.add_argument("--query-tokens", type=int, default=1, help="decode: new tokens per sequence (1..16)")
     parser.add_argument("--decode-heads", type=int, default=32, help="decode: query heads (default 32)")
-    parser.add_argument("--mesh", type=_choices(("1x1", "2x2")), default=["1x1", "2x2"], help="decode")
+    parser.add_argument("--mesh", type=_choices(("1x1", "2x2")), default=["1x1", "2x2"],
+                        help="decode; and the meshes of --context-parallel rows")
+    parser.add_argument("--context-parallel", type=_choices(("all_gather", "ring")), default=[],
+                        help="also rows of context_parallel_attention by these strategies (pallas_flash, fwd and "
+                             "fwd+bwd, causal or full), the sequence split over each --mesh of several chips")
     parser.add_argument("--page-size", type=_sizes, default=[0, 128],
                         help="decode: 0 (a contiguous cache) or a page size, power of two 16..512 (default 0,128)")
     parser.add_argument("--price-per-chip-hour", type=float, default=None, help="USD; default: the hardware table")
@@ -181,12 +192,26 @@ def build_cases(args):
     return result, skipped
 
 
-def estimate_rows(case_list, chip, jobs, max_profile_seq):
-    estimator = estimate.Estimator(jobs, max_profile_seq)
-    try:
-        results = estimator.run(case_list)
-    finally:
-        estimator.close()
+def build_context_parallel_cases(args):
+    result, skipped = [], []
+    meshes = [m for m in args.mesh if m != "1x1"]
+    for strategy in args.context_parallel:
+        for mesh in meshes:
+            for pass_ in [p for p in args.passes if p in ("fwd", "fwd+bwd")]:
+                for dtype in args.dtype:
+                    for dim in args.dim:
+                        for causal in ([c for c, _ in args.mask] if args.mask else
+                                       [c == "on" for c in args.causal]):
+                            for seq in args.seq:
+                                case = cases.Case("pallas_flash", pass_, args.batch, args.heads,
+                                                  args.kv_heads or args.heads, seq, seq, dim, dtype, causal,
+                                                  mesh=mesh, context_parallel=strategy)
+                                (skipped if cases.supported(case) else result).append(case)
+    return result, skipped
+
+
+def estimate_rows(case_list, chip, estimator):
+    results = estimator.run(case_list)
     rows = []
     for result in results:
         case, full, profile = result["case"], result["full"], result["profile"]
@@ -270,7 +295,13 @@ def main(argv=None) -> int:
                 return 2
     chip = hardware.with_price(chip, args.price_per_chip_hour)
     case_list, skipped = build_cases(args)
+    cp_cases, cp_skipped = build_context_parallel_cases(args)
+    skipped += cp_skipped
     measured = args.target == "gpu" or backend == "tpu"
+    if args.context_parallel and (args.target != "v5e" or measured or not cp_cases):
+        why = "no case it supports" if not cp_cases else "estimated for --target v5e without a TPU only"
+        print(f"pallas-flash-bench: --context-parallel: {why}", file=sys.stderr)
+        return 2
 
     print(f"# pallas-flash-bench --target {args.target}: {chip.name}, {chip.peak_flops / 1e12:.0f} TFLOP/s, "
           f"{chip.hbm_bytes_per_s / 1e9:.0f} GB/s, {chip.hbm_capacity / 2**30:.2f} GiB usable, "
@@ -290,12 +321,22 @@ def main(argv=None) -> int:
 
     rows, estimates, extra = [], {}, {}
     if args.target == "v5e":
-        rows = estimate_rows(case_list, chip, args.jobs, args.max_profile_seq)
-        estimates = dict(zip(case_list, rows))
+        estimator = estimate.Estimator(args.jobs, args.max_profile_seq)
+        try:
+            rows = estimate_rows(case_list, chip, estimator)
+            estimates = dict(zip(case_list, rows))
+            if cp_cases:
+                cp, scaling = cp_rows.estimate_rows(cp_cases, chip, estimator, log=sys.stderr)
+                rows += cp
+                extra["context_parallel_scaling"] = scaling
+        finally:
+            estimator.close()
     if measured:
         rows = measure_rows([c for c in case_list if args.target == "gpu" or estimates[c]["status"] == "ok"],
                             chip, args, estimates)
     report.print_table(rows, sys.stdout)
+    for entry in extra.get("context_parallel_scaling", []):
+        print(f"\n{cp_rows.describe_scaling(entry)}")
 
     if args.target == "v5e" and args.oom_wall == "on":
         dtype = args.dtype[0]

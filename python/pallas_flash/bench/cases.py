@@ -70,6 +70,9 @@ class Case:
     blocks: tuple[int, ...] | None = None
     trace_time_lengths: bool = False  # decode: every sequence fills the cache, known at trace time
     mask: str = ""  # rules beyond `causal`: "window:W", "chunk:C", "segments:S", "softcap:X", joined by "+"
+    # Attention over the mesh: context_parallel_attention's strategy ("all_gather", "ring"), the sequence
+    # split over every chip of `mesh`; "" runs on one chip.
+    context_parallel: str = ""
 
     def rules(self) -> MaskRules:
         return MaskRules.parse(self.mask)
@@ -133,7 +136,8 @@ class Case:
             "kv_heads": self.kv_heads, "seq_q": self.seq_q, "seq_k": self.seq_k, "dim": self.dim,
             "dtype": self.dtype, "causal": self.causal, "mask": self.mask_name,
             "context": self.seq_k if self.pass_ == "decode" else None,
-            "mesh": self.mesh if self.pass_ == "decode" else None,
+            "mesh": self.mesh if self.pass_ == "decode" or self.context_parallel else None,
+            "context_parallel": self.context_parallel or None,
             "page_size": self.page_size if self.pass_ == "decode" else None,
         }
 
@@ -244,6 +248,12 @@ def supported(case: Case) -> str | None:
         return None
     if case.impl == "jax_paged_attention":
         return "jax_paged_attention is decode only"
+    if case.context_parallel:
+        parts = 2 * case.devices if case.causal else case.devices
+        if case.impl != "pallas_flash" or case.pass_ not in ("fwd", "fwd+bwd") or case.mask:
+            return "context parallelism: pallas_flash, fwd or fwd+bwd, causal or full"
+        if case.devices < 2 or case.seq_q != case.seq_k or case.seq_q % parts:
+            return f"context parallelism: a mesh of several chips and N divisible by {parts}"
     rules = case.rules()
     if case.mask and case.impl in ("xla_reference", "jax_flash_attention", *GPU_IMPLS) and (
             rules.window is not None or rules.chunk is not None or rules.soft_cap is not None or
@@ -479,7 +489,7 @@ def compile_for_v5e(case: Case):
     from pallas_flash import v5e
 
     fn, args = build(case, Placement(abstract=True))
-    if case.pass_ == "decode" and case.mesh != "1x1":
+    if case.mesh != "1x1":
         return v5e.compile_for_v5e(fn, *args)
     return v5e.compile_row_major(fn, *args)
 
@@ -492,13 +502,22 @@ def build(case: Case, place: Placement):
     if case.pass_ == "decode":
         return _decode_fn(case, place)
     dtype = DTYPES[case.dtype]
-    q = place.array((case.batch, case.heads, case.seq_q, case.dim), dtype)
-    k = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
-    v = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype)
-    attention = _attention_fn(case, abstract=place.abstract)
+    sharding = None
+    if case.context_parallel:  # the sequence split over every chip of the mesh
+        mesh = place.mesh(case.mesh)
+        sharding = place.sharding(mesh, P(None, None, ("x", "y"), None))
+    q = place.array((case.batch, case.heads, case.seq_q, case.dim), dtype, sharding)
+    k = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype, sharding)
+    v = place.array((case.batch, case.kv_heads, case.seq_k, case.dim), dtype, sharding)
+    if case.context_parallel:
+        def attention(q, k, v):
+            return pf.context_parallel_attention(q, k, v, mesh, ("x", "y"), strategy=case.context_parallel,
+                                                 causal=case.causal, interpret=False)
+    else:
+        attention = _attention_fn(case, abstract=place.abstract)
     if case.pass_ == "fwd":
         return attention, (q, k, v)
-    do = place.array(q.shape, dtype)
+    do = place.array(q.shape, dtype, sharding)
     if case.pass_ == "fwd+bwd":
         def train_step(q, k, v, do):
             o, vjp = jax.vjp(attention, q, k, v)

@@ -131,6 +131,7 @@ class FullCompile:
     vmem_bytes: int | None = None  # the largest scoped VMEM the compiler gave one of its kernels
     copies: list[str] = dataclasses.field(default_factory=list)
     needed_bytes: float | None = None  # on oom: what the compiler said it needed
+    collectives: list = dataclasses.field(default_factory=list)  # v5e.Collective, per device (a mesh)
 
 # Copies of arrays smaller than this (the decode's few-KiB partial results on their way to the merge)
 # are bookkeeping, not the copy trap: a copy of an input or output of the size of the problem.
@@ -151,7 +152,8 @@ def compile_full(case: cases.Case) -> FullCompile:
     traffic = max(program.cost.get("bytes accessed") or 0, program.compulsory_bytes)
     return FullCompile("ok", hbm_in_use=program.hbm_bytes_in_use, hbm_bytes=traffic,
                        xla_cycles=program.xla_cost_model_cycles(), copies=[f"{i.opcode} {i.name}" for i in copies],
-                       vmem_bytes=max((k.scoped_vmem_bytes for k in program.kernels), default=None))
+                       vmem_bytes=max((k.scoped_vmem_bytes for k in program.kernels), default=None),
+                       collectives=program.collectives(case.devices) if case.devices > 1 else [])
 
 
 def _best(results: list[tuple[tuple, dict]]):
@@ -214,7 +216,8 @@ class Estimator:
     sizes fixed, a self-attention kernel's cycles are exactly a quadratic in N over multiples of its
     blocks' least common multiple L (every kind of grid step, interior, diagonal, skipped, first and
     last, occurs a number of times quadratic in N / L), so they are fitted through profiles at
-    N = mL, (m+1)L, (m+2)L, the first of them at least FIT_MIN_SEQ, and evaluated at N. A long
+    N = mL, (m+1)L, (m+2)L, the first of them at least FIT_MIN_SEQ, and evaluated at N (Nq != Nk, as
+    in context parallelism's calls: at the same ratio Nq : Nk, in the scale gcd(Nq, Nk)). A long
     training step (fwd+bwd) is the forward and the backward program (`backward_part`, at the
     backward's blocks' L) fitted apart and summed: the simulator's memory grows faster than the
     cycles of one program (12 GB for one fwd+bwd at N = 8192, 2 GB for each part). At N = 8192 the
@@ -264,18 +267,22 @@ class Estimator:
                 return self._linear(case, span)
         long = case.pass_ != "decode" and max(case.seq_q, case.seq_k) > self.max_profile_seq
         unit = fit_unit(case) if long else 0
-        if not long or case.seq_q != case.seq_k or case.seq_q % unit or case.impl in PROFILE_ABORTS:
+        # Nq : Nk = a : b, both multiples of a * unit and b * unit (self-attention: 1 : 1): at a fixed
+        # ratio the same argument makes the cycles quadratic in the scale g = gcd(Nq, Nk).
+        scale = math.gcd(case.seq_q, case.seq_k)
+        if not long or scale % unit or case.impl in PROFILE_ABORTS:
             return self._once(case).result
         if case.pass_ == "fwd+bwd":
             parts = [self._submit(dataclasses.replace(case, pass_="fwd")), self._submit(backward_part(case))]
             return lambda: sum_of_parts([part() for part in parts])
+        ratio_q, ratio_k = case.seq_q // scale, case.seq_k // scale
         # The shortest point has several blocks along each axis (N >= FIT_MIN_SEQ): a grid of one
         # block per axis runs step kinds (first and last at once) the longer ones do not.
-        first = max(1, -(-FIT_MIN_SEQ // unit))
+        first = max(1, -(-FIT_MIN_SEQ // (unit * min(ratio_q, ratio_k))))
         multiples = (first, first + 1, first + 2)
-        if multiples[-1] * unit >= case.seq_q:
+        if multiples[-1] * unit >= scale:
             return self._once(case).result
-        points = [dataclasses.replace(case, seq_q=m * unit, seq_k=m * unit) for m in multiples]
+        points = [dataclasses.replace(case, seq_q=m * unit * ratio_q, seq_k=m * unit * ratio_k) for m in multiples]
         futures = [self._once(p) for p in points]
 
         def fitted():
@@ -283,7 +290,7 @@ class Estimator:
             failed = next((r for r in results if r.get("status") != "ok" or r.get("est_cycles") is None), None)
             if failed:
                 return failed
-            cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip(multiples, results)], case.seq_q / unit)
+            cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip(multiples, results)], scale / unit)
             fit = [(p.seq_q, r["est_cycles"]) for p, r in zip(points, results)]
             return results[-1] | {"est_cycles": round(cycles), "fit": fit}
 
@@ -318,6 +325,12 @@ class Estimator:
             return results[-1] | {"est_cycles": round(cycles), "fit": [(n1, c1), (n2, c2)]}
 
         return fitted
+
+    def profile(self, case: cases.Case):
+        """A callable returning the profile of one chip's `case` at its implementation's blocks (for
+        one KV head's group of one sequence, its cycles to be scaled by `case.profile_scale`):
+        simulated, or fitted through shorter lengths as the rows are."""
+        return self._submit(cases.fixed_blocks(case))
 
     def _once(self, case: cases.Case) -> concurrent.futures.Future:
         """The profile future of a case, shared by every case that needs the same profile (a fit
@@ -418,7 +431,8 @@ def describe(case: cases.Case) -> str:
     if case.pass_ == "decode":
         return (f"{case.impl} decode ctx={case.seq_k} T={case.seq_q} B={case.batch} Hq={case.heads} "
                 f"Hkv={case.kv_heads} mesh={case.mesh}" + (f" page={case.page_size}" if case.page_size else ""))
-    return (f"{case.impl} {case.pass_} N={case.seq_q} D={case.dim} {case.dtype} "
+    length = f"N={case.seq_q}" if case.seq_q == case.seq_k else f"Nq={case.seq_q} Nk={case.seq_k}"
+    return (f"{case.impl} {case.pass_} {length} D={case.dim} {case.dtype} "
             f"{case.mask_name}" + (f" blocks={case.blocks}" if case.blocks else ""))
 
 

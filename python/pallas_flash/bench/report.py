@@ -12,7 +12,8 @@ from pallas_flash.hardware import Chip
 TIME_RULE = ("time = max(estimated cycles / clock, HBM bytes / HBM bandwidth): the compiler's static "
              "estimate simulates the scheduled bundles of every grid step but moves HBM data at 1-2 TB/s, "
              "not 819 GB/s, so a memory-bound kernel is held to the bandwidth floor")
-ESTIMATE_LIMITS = ("not modelled: collectives (the 2x2 decode's all-gather), scalar-prefetch values "
+ESTIMATE_LIMITS = ("not modelled: collectives (the 2x2 decode's all-gather; context-parallel rows model theirs, "
+                   "pallas_flash.bench.context_parallel), scalar-prefetch values "
                    "(read as 0: our decode is profiled with its length known at trace time), DMA contention "
                    "beyond the bandwidth floor. Attention cycles are profiled for one KV head's group of one "
                    "sequence and scaled by batch x KV heads; decode is profiled whole")
@@ -22,7 +23,7 @@ def make_row(case: Case, chip: Chip, *, status: str, source: str, est_cycles: fl
              hbm_bytes: float | None, vmem_bytes: int | None = None, spill_slots: int | None = None,
              **extra) -> dict:
     """One JSON row: the case's key, the measurement, and every figure derived from it."""
-    chips = case.devices if case.pass_ == "decode" else 1
+    chips = case.devices if case.pass_ == "decode" or case.context_parallel else 1
     row = dict(case.key())
     row.update(status=status, source=source, est_cycles=est_cycles, time_s=time_s, tflops=None, mfu=None,
                hbm_bytes=hbm_bytes, hbm_gbps=None, hbm_utilization=None, tokens_per_s=None,
@@ -71,6 +72,8 @@ def print_table(rows: list[dict], out) -> None:
             if r["seq_q"] != r["seq_k"]:
                 shape = (f"Nq={r['seq_q']} Nk={r['seq_k']} D={r['dim']} H={heads} "
                          f"{r.get('mask') or ('causal' if r['causal'] else 'full')}")
+            if r.get("context_parallel"):
+                shape += f" {r['mesh']} {r['context_parallel']}"
         cycles = r["est_cycles"] / 1e6 if r["est_cycles"] else None
         print(f"{r['impl']:<20} {r['pass']:<7} {shape:<40} {r['status']:<6} {_fmt(cycles, '8.2f'):>8} "
               f"{_fmt(r['time_s'] and r['time_s'] * 1e3, '9.3f'):>9} {_fmt(r['tflops'], '8.1f'):>8} "
