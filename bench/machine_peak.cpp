@@ -171,10 +171,24 @@ MachinePeak measure_machine_peak(int threads) {
   peak.widest_fma_flops = widest > active ? fma_at(widest) : peak.peak_flops_fp32;
   // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
   peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
-  // The kernel table (src/cpu/dispatch.cpp): on AVX512-BF16 the bf16 products are vdpbf16ps.
-  peak.peak_flops_bf16 = active >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : peak.peak_flops_fp32;
+  // The kernel set each bf16 pass runs (src/cpu/dispatch.cpp): on AVX512-BF16 its products are vdpbf16ps.
+  const auto unit = [&](CpuPass pass, std::string& isa, std::string& reason) {
+    const CpuKernelChoice choice = cpu_kernel_choice(pass, DType::kBFloat16);
+    isa = std::string(to_string(choice.isa));
+    reason = choice.reason;
+    return choice.isa >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : peak.peak_flops_fp32;
+  };
+  peak.peak_flops_bf16 = unit(CpuPass::kForward, peak.bf16_forward_isa, peak.bf16_forward_reason);
+  peak.peak_flops_bf16_backward = unit(CpuPass::kBackward, peak.bf16_backward_isa, peak.bf16_backward_reason);
   peak.read_bw = measure_read_bw(threads, has_avx2);
   return peak;
+}
+
+double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass) {
+  if (!bf16) return peak.peak_flops_fp32;
+  if (pass == "bwd") return peak.peak_flops_bf16_backward;
+  if (pass == "fwd+bwd") return 3.5 / (1.0 / peak.peak_flops_bf16 + 2.5 / peak.peak_flops_bf16_backward);
+  return peak.peak_flops_bf16;
 }
 
 }  // namespace pflash::bench

@@ -7,15 +7,19 @@
 namespace pflash::bench {
 
 // The ceilings rows are judged against are those of the unit the kernels use: fp32 FMA at the vector
-// width of the active instruction set, and for bf16 rows on AVX512-BF16 the bf16 dot product
-// (vdpbf16ps) their products use (the backward's dV and dK on masked tiles excepted: an upper bound).
+// width of the active instruction set, and for bf16 rows the unit of the kernel set each pass runs
+// (pflash::cpu_kernel_choice): the bf16 dot product (vdpbf16ps) for the AVX512-BF16 set (the
+// backward's dV and dK on masked tiles excepted: an upper bound), else fp32 FMA.
 // The hardware's widest FMA and its bf16 dot product are measured beside them, for reference.
 struct MachinePeak {
   int threads = 1;
   std::string cpu_name;
   std::string isa;                       // instruction set of the kernels (pflash::active_cpu_isa)
   double peak_flops_fp32 = 0.0;          // FLOP/s, fp32 FMA at the kernels' vector width, every thread
-  double peak_flops_bf16 = 0.0;          // FLOP/s, the bf16 rows' unit: vdpbf16ps, or that fp32 FMA
+  double peak_flops_bf16 = 0.0;          // FLOP/s, the bf16 forward's unit: vdpbf16ps, or that fp32 FMA
+  double peak_flops_bf16_backward = 0.0; // FLOP/s, the bf16 backward's unit
+  std::string bf16_forward_isa, bf16_backward_isa;  // the kernel sets bf16 calls run, and why
+  std::string bf16_forward_reason, bf16_backward_reason;
   double widest_fma_flops = 0.0;         // FLOP/s, fp32 FMA at the widest width this CPU has
   double bf16_dot_flops = 0.0;           // FLOP/s, vdpbf16ps (0: the CPU has none)
   bool native_bf16 = false;              // whether the CPU has vdpbf16ps
@@ -23,5 +27,9 @@ struct MachinePeak {
 };
 
 MachinePeak measure_machine_peak(int threads);
+
+// The ceiling of a row: its dtype's unit for its pass ("fwd", "bwd", "fwd+bwd": the forward's FLOPs,
+// 1 of 3.5, at the forward's unit and the backward's at the backward's).
+double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass);
 
 }  // namespace pflash::bench

@@ -20,9 +20,12 @@ std::string format_machine(const MachinePeak& peak) {
       "ceiling of the kernels' units: fp32 FMA on the {} kernels' vectors {:.1f} GFLOP/s; bf16 rows {}; "
       "DRAM read {:.1f} GB/s; for reference: {} GFLOP/s\n",
       peak.cpu_name, peak.threads, peak.isa, peak.isa, peak.peak_flops_fp32 / 1e9,
-      peak.peak_flops_bf16 != peak.peak_flops_fp32
-          ? fmt::format("vdpbf16ps {:.1f} GFLOP/s (their products' unit)", peak.peak_flops_bf16 / 1e9)
-          : std::string("the same (bf16 widened to fp32)"),
+      fmt::format("forward on {} ({:.1f} GFLOP/s), backward on {} ({:.1f} GFLOP/s): {}",
+                  peak.bf16_forward_isa, peak.peak_flops_bf16 / 1e9, peak.bf16_backward_isa,
+                  peak.peak_flops_bf16_backward / 1e9,
+                  peak.bf16_forward_reason == peak.bf16_backward_reason
+                      ? peak.bf16_forward_reason
+                      : peak.bf16_forward_reason + "; " + peak.bf16_backward_reason),
       peak.read_bw / 1e9, reference);
 }
 
@@ -84,6 +87,11 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                     {"isa", peak.isa},
                     {"peak_flops_fp32", peak.peak_flops_fp32},
                     {"peak_flops_bf16", peak.peak_flops_bf16},
+                    {"peak_flops_bf16_backward", peak.peak_flops_bf16_backward},
+                    {"bf16_forward_kernels", peak.bf16_forward_isa},
+                    {"bf16_backward_kernels", peak.bf16_backward_isa},
+                    {"bf16_forward_reason", peak.bf16_forward_reason},
+                    {"bf16_backward_reason", peak.bf16_backward_reason},
                     {"native_bf16", peak.native_bf16},
                     {"widest_fma_flops", peak.widest_fma_flops},
                     {"bf16_dot_flops", peak.bf16_dot_flops},

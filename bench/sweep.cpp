@@ -145,7 +145,7 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   result.repeats = timing.repeats;
   result.extra_bytes = timing.extra_bytes;
   result.tflops = result.flops / result.median_s / 1e12;
-  const double ceiling = config.dtype == DType::kBFloat16 ? peak.peak_flops_bf16 : peak.peak_flops_fp32;
+  const double ceiling = ceiling_flops(peak, config.dtype == DType::kBFloat16, naive ? "fwd" : config.pass);
   result.fraction_of_peak = result.flops / result.median_s / ceiling;
   result.tokens_per_s = static_cast<double>(config.batch * config.seq_q) / result.median_s;
   return result;

@@ -1,9 +1,12 @@
-// Process-wide facts and knobs: which CPU instruction set the kernels use, and how much memory
-// the library's calls have allocated.
+// Process-wide facts and knobs: which CPU instruction set the kernels use (and, per pass, which kernel
+// set runs), and how much memory the library's calls have allocated.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
+
+#include "pflash/dtype.hpp"
 
 namespace pflash {
 
@@ -26,6 +29,38 @@ void set_max_cpu_isa(CpuIsa isa);
 
 // Back to the cap PFLASH_MAX_CPU_ISA sets (none when it is unset).
 void reset_max_cpu_isa();
+
+// The passes whose CPU kernels are chosen apart.
+enum class CpuPass { kForward, kBackward, kDecode };
+
+std::string_view to_string(CpuPass pass);
+
+// How cpu_kernel_choice picks among the kernel sets active_cpu_isa() allows.
+enum class CpuKernelRule {
+  kMeasured,  // the faster where width does not say it (below); the default
+  kWidest,    // always the widest allowed set (what a cap via set_max_cpu_isa then tests)
+};
+
+// Sets the rule for the process (as set_max_cpu_isa sets the cap); until called, the environment
+// variable PFLASH_CPU_KERNELS ("measured" or "widest"; unset: measured) decides.
+void set_cpu_kernel_rule(CpuKernelRule rule);
+void reset_cpu_kernel_rule();
+
+// Which kernel set a CPU call of `pass` on `dtype` inputs runs, and why.
+struct CpuKernelChoice {
+  CpuIsa isa = CpuIsa::kPortable;
+  std::string reason;
+};
+
+// The widest set under active_cpu_isa(), but one: for bf16 forward and backward, where both the
+// AVX512-BF16 kernels (vdpbf16ps products) and the AVX-512 ones (bf16 widened to fp32 FMAs) may run,
+// the rule kMeasured takes the faster on this CPU. vdpbf16ps issues at twice the fp32 FMA rate on
+// AMD Zen 5 and at half of it on Intel's cores, so no rule of width holds on both. The first such call
+// times both sets on a small problem of its pass (256 queries x 256 keys x 128, one thread, best of 5
+// interleaved runs: a few milliseconds) and the process keeps the result. The decode stays widest: it
+// streams the cache at memory speed either way. Throws pflash::Error (kInvalidArgument) when
+// PFLASH_CPU_KERNELS or PFLASH_MAX_CPU_ISA holds a value they do not take.
+CpuKernelChoice cpu_kernel_choice(CpuPass pass, DType dtype);
 
 // The library's version, "MAJOR.MINOR.PATCH" (the CMake project's).
 std::string_view version();

@@ -16,6 +16,7 @@ MachinePeak fake_peak() {
   peak.isa = "avx2";
   peak.peak_flops_fp32 = 1e11;
   peak.peak_flops_bf16 = 2e11;
+  peak.peak_flops_bf16_backward = 2e11;
   peak.read_bw = 1e10;
   return peak;
 }

@@ -15,11 +15,18 @@ inline std::vector<CpuIsa> kernel_isas() {
   return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16};
 }
 
-// Sets the instruction-set cap for one test and restores it.
+// Sets the instruction-set cap for one test, with the widest-set rule so that the kernels capped to
+// are the ones that run (the measured rule may pick AVX-512 under an AVX512-BF16 cap), and restores both.
 class IsaScope {
  public:
-  explicit IsaScope(CpuIsa isa) { set_max_cpu_isa(isa); }
-  ~IsaScope() { set_max_cpu_isa(CpuIsa::kAvx512Bf16); }
+  explicit IsaScope(CpuIsa isa) {
+    set_max_cpu_isa(isa);
+    set_cpu_kernel_rule(CpuKernelRule::kWidest);
+  }
+  ~IsaScope() {
+    set_max_cpu_isa(CpuIsa::kAvx512Bf16);
+    reset_cpu_kernel_rule();
+  }
   IsaScope(const IsaScope&) = delete;
   IsaScope& operator=(const IsaScope&) = delete;
 };

@@ -248,14 +248,19 @@ int main(int argc, char** argv) {
   CLI::App app{"pflash: IO-aware exact attention (FlashAttention-2) kernels and their benchmarks"};
   app.require_subcommand(0, 1);
   app.set_version_flag("--version", [] {
-    std::string isa;
+    std::string isa, choices;
     try {
       isa = std::string(pflash::to_string(pflash::active_cpu_isa()));
+      for (pflash::CpuPass pass : {pflash::CpuPass::kForward, pflash::CpuPass::kBackward, pflash::CpuPass::kDecode}) {
+        const pflash::CpuKernelChoice choice = pflash::cpu_kernel_choice(pass, pflash::DType::kBFloat16);
+        choices += fmt::format("\n  bf16 {}: {} ({})", pflash::to_string(pass), pflash::to_string(choice.isa),
+                               choice.reason);
+      }
     } catch (const pflash::Error& e) {
       isa = e.what();
     }
-    return fmt::format("pflash {} (kernels on this CPU: {}; detected: {})", pflash::version(), isa,
-                       pflash::to_string(pflash::detected_cpu_isa()));
+    return fmt::format("pflash {} (kernels on this CPU: {}; detected: {}; fp32 runs the widest){}", pflash::version(),
+                       isa, pflash::to_string(pflash::detected_cpu_isa()), choices);
   });
   BenchArgs args;
   CLI::App* bench = app.add_subcommand(
