@@ -6,9 +6,10 @@ keeps its queries and computes their rows of O and the LSE, forward and backward
   its queries against the keys they see; the backward gathers them again (nothing of size N is
   saved) and reduce-scatters dK and dV.
 - ring: K and V travel around a ring of the devices (ppermute to the next one), P steps; each step's
-  partial (O, LSE) is merged exactly by merge_attention_states. The transfer of the next block has no
-  data dependence on the current step's kernels, so the scheduler overlaps the two. The backward
-  sends the float32 dK, dV accumulators around with K and V, and one last step brings them home.
+  partial (O, LSE) is merged exactly by merge_attention_states. The next block arrives while the
+  current step's kernels run, and the one after is sent only once they are done (_next_block): one
+  block computing, one in flight, whatever P. The backward sends the float32 dK, dV accumulators
+  around with K and V, and one last step brings them home.
 
 Causal load balance. With the sequence in P contiguous blocks, device P-1's queries see every key
 and device 0's one block: the slowest device does 2P - 1 of the P^2 half-blocks' work. Here each
@@ -409,11 +410,22 @@ def _ring_steps(plan, n: int) -> int:
     return _banded_steps(plan, n) if plan.window is not None else plan.devices - 1
 
 
+def _next_block(plan, k, v, after):
+    """The K, V block the ring brings next, sent while this step's kernels run, and `after` (this step's
+    results) passed through a barrier with it. Without the barrier, a block's send depends only on the
+    previous send, so XLA would issue every step's transfer at once and hold all P - 1 blocks (v5e:4x4,
+    N = 2M, 131072 tokens a chip: 30.5 GiB); with it, the next send waits for this step's kernels: one
+    block computing, one arriving."""
+    k, v = _send((k, v), plan, _ring_perm(plan))
+    return lax.optimization_barrier(((k, v), after))
+
+
 def _ring_forward(plan, q, k, v):
+    steps = _ring_steps(plan, q.shape[2])
     o, lse = _local_forward(plan, q, k, v)
-    for step in range(1, _ring_steps(plan, q.shape[2]) + 1):
-        # sent before this step's kernels and not needed by them: the transfer overlaps the compute
-        k, v = _send((k, v), plan, _ring_perm(plan))
+    for step in range(1, steps + 1):
+        # The block of this step arrived during the previous step's kernels.
+        (k, v), (o, lse) = _next_block(plan, k, v, (o, lse))
         me, source = _ring_source(plan, step)
         o, lse = _merge(plan, o, lse, *_remote_forward(plan, source - me, q, k, v))
     return o.astype(q.dtype), lse
@@ -423,7 +435,10 @@ def _ring_backward(plan, q, k, v, o, lse, do):
     dq, dk, dv = _local_backward(plan, q, k, v, o, lse, do)
     steps = _ring_steps(plan, q.shape[2])
     for step in range(1, steps + 1):
-        k, v, dk, dv = _send((k, v, dk, dv), plan, _ring_perm(plan))
+        # K, V as in the forward; the accumulators follow once this step's sums are done, and are
+        # needed only by the next step's sums, so their transfer overlaps its kernels.
+        (k, v), dq = _next_block(plan, k, v, dq)
+        dk, dv = _send((dk, dv), plan, _ring_perm(plan))
         me, source = _ring_source(plan, step)
         dq_part, dk_part, dv_part = _remote_backward(plan, source - me, q, k, v, o, lse, do)
         dq, dk, dv = dq + dq_part, dk + dk_part, dv + dv_part
@@ -609,6 +624,10 @@ def _local_attention_fwd(plan, q, k, v):
 def _local_attention_bwd(plan, residuals, cotangents):
     q, k, v, o, lse = residuals
     do, _ = cotangents  # the LSE's cotangent is dropped, as flash_attention's is
+    # The backward's ppermutes (or all-gathers) of K and V are the forward's, of the same arrays: left
+    # alone, XLA may compute them once and keep what they received (the gathered sequence) alive from
+    # the forward to the backward. Tied to dO, they are the backward's own, sent again when it runs.
+    k, v, do = lax.optimization_barrier((k, v, do))
     dq, dk, dv = _BACKWARD[plan.strategy, plan.window is not None](plan, q, k, v, o, lse, do)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -61,9 +61,10 @@ class CompileError(RuntimeError):
 
 
 @functools.cache
-def topology():
-    """The v5e:2x2 topology: four 'TPU v5 lite' devices, no TPU attached."""
-    return topologies.get_topology_desc(platform="tpu", topology_name=V5E_TOPOLOGY)
+def topology(name: str = V5E_TOPOLOGY):
+    """The v5e:2x2 topology: four 'TPU v5 lite' devices, no TPU attached (or another v5e slice,
+    e.g. "v5e:4x4": 16 chips of 4 hosts, for multi-host compiles)."""
+    return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 
 def chip(index: int = 0) -> jax.sharding.Sharding:
