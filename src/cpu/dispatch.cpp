@@ -170,14 +170,17 @@ CpuKernelRule rule() {
   return set == kRuleFromEnvironment ? environment_rule() : static_cast<CpuKernelRule>(set);
 }
 
-// The kernel set of a call: where the choice is the widest, without building its reason.
+// Whether a call's set is the measured one: bf16 products where both AVX512-BF16 and AVX-512 are
+// allowed, under the measured rule (the decode is widest whatever the rule).
+bool measured_choice(CpuPass pass, DType dtype, CpuIsa active) {
+  return active == CpuIsa::kAvx512Bf16 && dtype == DType::kBFloat16 && pass != CpuPass::kDecode &&
+         rule() == CpuKernelRule::kMeasured;
+}
+
+// The kernel set of a call, without building the reason cpu_kernel_choice gives.
 const KernelSet& kernels(CpuPass pass, DType dtype) {
   const CpuIsa active = active_cpu_isa();
-  if (active == CpuIsa::kAvx512Bf16 && dtype == DType::kBFloat16 && pass != CpuPass::kDecode &&
-      rule() == CpuKernelRule::kMeasured) {
-    return widest_under(measured(pass).isa);
-  }
-  return widest_under(active);
+  return widest_under(measured_choice(pass, dtype, active) ? measured(pass).isa : active);
 }
 
 }  // namespace
@@ -205,13 +208,13 @@ void reset_cpu_kernel_rule() { cpu::g_rule.store(cpu::kRuleFromEnvironment); }
 
 CpuKernelChoice cpu_kernel_choice(CpuPass pass, DType dtype) {
   const CpuIsa active = active_cpu_isa();
+  if (cpu::measured_choice(pass, dtype, active)) return cpu::measured(pass);
   const CpuIsa isa = cpu::widest_under(active).isa;
   if (isa != CpuIsa::kAvx512Bf16 || dtype != DType::kBFloat16) {
     return {isa, active == detected_cpu_isa() ? "the widest this CPU has" : "the widest under the cap"};
   }
   if (pass == CpuPass::kDecode) return {isa, "the widest (the decode streams the cache at memory speed)"};
-  if (cpu::rule() == CpuKernelRule::kWidest) return {isa, "the widest (PFLASH_CPU_KERNELS=widest or set rule)"};
-  return cpu::measured(pass);
+  return {isa, "the widest (PFLASH_CPU_KERNELS=widest or set rule)"};
 }
 
 }  // namespace pflash
