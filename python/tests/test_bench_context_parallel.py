@@ -32,13 +32,13 @@ def test_every_chip_does_a_quarter_of_the_visible_pairs(strategy, causal):
     case = _case(strategy, causal)
     total = cases.MaskRules().visible_pairs(case.seq_q, case.seq_k, causal)
     per_chip = 0
-    for step in cp.kernel_steps(case, "fwd"):
+    for step in cp.kernel_steps(case):
         work = [sum(cases.MaskRules().visible_pairs(c.seq_q, c.seq_k, c.causal) for c in calls) for calls in step]
         assert len(set(work)) == 1, work  # every alternative of a step is the same work
         per_chip += work[0]
         assert all(c.mesh == "1x1" and not c.context_parallel for calls in step for c in calls)
     assert per_chip * case.devices == total
-    assert len(cp.kernel_steps(case, "fwd")) == (case.devices if strategy == "ring" else 1)
+    assert len(cp.kernel_steps(case)) == (case.devices if strategy == "ring" else 1)
 
 
 def test_unsupported_context_parallel_cases_say_why():
@@ -64,7 +64,7 @@ class _FakeEstimator:
 def test_long_causal_key_ranges_are_taken_from_two_profiles():
     fake = _FakeEstimator()
     cycles = cp._Cycles(fake)
-    call = cp._call(_case("all_gather", True), 2048, 5 * 2048, True, "fwd")
+    call = cp._call(_case("all_gather", True), 2048, 5 * 2048, True)
     cycles.submit(call, "fwd")
     assert sorted(c.seq_k for c in fake.asked) == [2048, 4096]  # k = 1 and 2 only
     one = fake.profile(dataclasses.replace(call, seq_k=2048))()["est_cycles"]
@@ -156,3 +156,15 @@ ENTRY %main (a: f32[1024], b: f32[1024]) -> f32[1024] {
     received = {c.opcode: c.received_bytes for c in program.collectives(4)}
     assert received == {"all-gather": 16 * 256 * 2 * 3 / 4, "collective-permute": 4096,  # not the one to itself
                         "all-reduce": 4096 * 2 * 3 / 4, "reduce-scatter": 4096 * 3 / 4}
+
+
+def test_context_parallel_cases_follow_the_attention_grid():
+    from pallas_flash.bench import __main__ as cli
+
+    args = cli.parse_args(["--seq", "16384", "--pass", "fwd,fwd+bwd,decode", "--mask", "causal,full,window:64",
+                           "--context-parallel", "ring,all_gather", "--mesh", "1x1,2x2"])
+    built, skipped = cli.build_context_parallel_cases(args)
+    # 2 strategies x the 2x2 x 2 attention passes x 3 masks: the window's rows skipped (no rules yet)
+    assert {(c.context_parallel, c.pass_, c.causal, c.mesh) for c in built} == {
+        (s, p, causal, "2x2") for s in ("ring", "all_gather") for p in ("fwd", "fwd+bwd") for causal in (True, False)}
+    assert len(built) == 8 and len(skipped) == 4 and all(c.mask == "window:64" for c in skipped)

@@ -181,32 +181,31 @@ def build_cases(args):
                                       dtype, True, mesh, page)
                     (skipped if cases.supported(case) else result).append(case)
                 continue
-            for dtype in args.dtype:
-                for dim in args.dim:
-                    masks = args.mask or [(causal == "on", "") for causal in args.causal]
-                    for causal, mask in masks:
-                        for seq in args.seq:
-                            case = cases.Case(impl, pass_, args.batch, args.heads, args.kv_heads or args.heads, seq,
-                                              seq, dim, dtype, causal, mask=mask)
-                            (skipped if cases.supported(case) else result).append(case)
+            for case in _attention_grid(args, impl, pass_):
+                (skipped if cases.supported(case) else result).append(case)
     return result, skipped
 
 
+def _attention_grid(args, impl, pass_, **fields):
+    """The attention cases of one implementation and pass: dtypes x head dims x masks x lengths."""
+    masks = args.mask or [(causal == "on", "") for causal in args.causal]
+    for dtype in args.dtype:
+        for dim in args.dim:
+            for causal, mask in masks:
+                for seq in args.seq:
+                    yield cases.Case(impl, pass_, args.batch, args.heads, args.kv_heads or args.heads, seq, seq, dim,
+                                     dtype, causal, mask=mask, **fields)
+
+
 def build_context_parallel_cases(args):
+    """The attention grid of pallas_flash once per strategy and mesh of several chips (a mask with rules
+    beyond causality is skipped, as cases.supported says)."""
     result, skipped = [], []
-    meshes = [m for m in args.mesh if m != "1x1"]
     for strategy in args.context_parallel:
-        for mesh in meshes:
+        for mesh in [m for m in args.mesh if m != "1x1"]:
             for pass_ in [p for p in args.passes if p in ("fwd", "fwd+bwd")]:
-                for dtype in args.dtype:
-                    for dim in args.dim:
-                        for causal in ([c for c, _ in args.mask] if args.mask else
-                                       [c == "on" for c in args.causal]):
-                            for seq in args.seq:
-                                case = cases.Case("pallas_flash", pass_, args.batch, args.heads,
-                                                  args.kv_heads or args.heads, seq, seq, dim, dtype, causal,
-                                                  mesh=mesh, context_parallel=strategy)
-                                (skipped if cases.supported(case) else result).append(case)
+                for case in _attention_grid(args, "pallas_flash", pass_, mesh=mesh, context_parallel=strategy):
+                    (skipped if cases.supported(case) else result).append(case)
     return result, skipped
 
 

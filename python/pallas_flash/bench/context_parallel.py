@@ -32,6 +32,7 @@ time for the whole sequence (profiled, or fitted, even where the single-chip ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
@@ -39,21 +40,22 @@ from pallas_flash import context_parallel, hardware
 from pallas_flash.bench import cases, estimate, report
 
 
-def _call(case: cases.Case, rows: int, keys: int, causal: bool, pass_: str) -> cases.Case:
-    """One chip's kernel call of `case`: `rows` queries against `keys` keys (bottom-right causal)."""
-    return dataclasses.replace(case, pass_=pass_, seq_q=rows, seq_k=keys, causal=causal, mesh="1x1",
+def _call(case: cases.Case, rows: int, keys: int, causal: bool) -> cases.Case:
+    """One chip's kernel call of `case`: `rows` queries against `keys` keys (bottom-right causal), as a
+    forward case; _Cycles profiles its forward or its backward program."""
+    return dataclasses.replace(case, pass_="fwd", seq_q=rows, seq_k=keys, causal=causal, mesh="1x1",
                                context_parallel="", blocks=None)
 
 
-def kernel_steps(case: cases.Case, pass_: str) -> list[list[list[cases.Case]]]:
-    """The kernel calls of one pass ("fwd" or "fwd+bwd") on every chip: a list of steps, each a list
-    of the alternatives different chips run in it, each the calls one chip makes.
+def kernel_steps(case: cases.Case) -> list[list[list[cases.Case]]]:
+    """The kernel calls on every chip (the backward's mirror the forward's): a list of steps, each a
+    list of the alternatives different chips run in it, each the calls one chip makes.
     Causal (zigzag, c = N / 2P): the ring's first step is the chip's own halves (c x c and c x 2c,
     causal), every later one a full 2c x c (a lower source block) or c x 2c (a higher one); the
     all-gather's chip i runs its halves against (i + 1) c and (2P - i) c keys. Full: n = N / P per
     chip, the ring P calls of n x n, the all-gather one of n x N."""
     devices, seq = case.devices, case.seq_q
-    call = lambda rows, keys, causal: _call(case, rows, keys, causal, pass_)  # noqa: E731
+    call = functools.partial(_call, case)
     if not case.causal:
         n = seq // devices
         if case.context_parallel == "ring":
@@ -152,14 +154,12 @@ def estimate_rows(case_list: list[cases.Case], chip: hardware.Chip, estimator: e
     """(rows, scaling): a row per context-parallel case, and per shape the faster strategy against a
     P-th of the single-chip kernels' time."""
     profiles = _Cycles(estimator)
+    steps = {case: kernel_steps(case) for case in case_list}
     for case in case_list:
+        whole = _call(case, case.seq_q, case.seq_k, case.causal)  # the single chip's, for _scaling
         for part in _parts(case):
-            for step in kernel_steps(case, "fwd"):
-                for alternative in step:
-                    for call in alternative:
-                        profiles.submit(call, part)
-        for part in _parts(case):
-            profiles.submit(_call(single_chip(case), case.seq_q, case.seq_k, case.causal, "fwd"), part)
+            for call in [whole] + [call for step in steps[case] for calls in step for call in calls]:
+                profiles.submit(call, part)
     rows = []
     for case in case_list:
         full = estimate.compile_full(case)
@@ -169,7 +169,7 @@ def estimate_rows(case_list: list[cases.Case], chip: hardware.Chip, estimator: e
         step_cycles, note = {}, []
         for part in _parts(case):
             per_step = []
-            for step in kernel_steps(case, "fwd"):
+            for step in steps[case]:
                 alternatives = [[profiles.cycles(call, part) for call in calls] for calls in step]
                 per_step.append(None if any(None in a for a in alternatives) else max(sum(a) for a in alternatives))
             step_cycles[part] = per_step
@@ -206,7 +206,7 @@ def _scaling(case_list, rows, profiles: _Cycles, chip) -> list[dict]:
     for case, row in zip(case_list, rows):
         by_shape.setdefault(single_chip(case), []).append(row)
     for one, shape_rows in by_shape.items():
-        parts = [profiles.cycles(_call(one, one.seq_q, one.seq_k, one.causal, "fwd"), part) for part in _parts(one)]
+        parts = [profiles.cycles(_call(one, one.seq_q, one.seq_k, one.causal), part) for part in _parts(one)]
         timed = [r for r in shape_rows if r.get("time_s")]
         if None in parts or not timed:
             continue
