@@ -168,3 +168,12 @@ def test_context_parallel_cases_follow_the_attention_grid():
     assert {(c.context_parallel, c.pass_, c.causal, c.mesh) for c in built} == {
         (s, p, causal, "2x2") for s in ("ring", "all_gather") for p in ("fwd", "fwd+bwd") for causal in (True, False)}
     assert len(built) == 8 and len(skipped) == 4 and all(c.mask == "window:64" for c in skipped)
+
+
+@requires_libtpu
+def test_context_parallel_without_a_case_it_supports_says_so(capsys):
+    from pallas_flash.bench import __main__ as cli
+
+    assert cli.main(["--seq", "4096", "--pass", "fwd", "--impl", "pallas_flash", "--context-parallel", "ring",
+                     "--mesh", "1x1", "--oom-wall", "off"]) == 2
+    assert "--context-parallel: no case it supports" in capsys.readouterr().err
