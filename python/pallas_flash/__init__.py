@@ -8,7 +8,7 @@ jax.numpy reference path runs.
 """
 
 from pallas_flash.context_parallel import context_parallel_attention, zigzag_permutation
-from pallas_flash.decode import append_kv, flash_decode, sharded_flash_decode
+from pallas_flash.decode import append_kv, flash_decode, sharded_append_kv, sharded_flash_decode
 from pallas_flash.dot_product_attention import dot_product_attention
 from pallas_flash.flash_attention import alignment_padding, flash_attention
 from pallas_flash.mask import Mask
@@ -29,6 +29,7 @@ __all__ = [
     "merge_attention_states",
     "plan_block_sizes",
     "reference_attention",
+    "sharded_append_kv",
     "sharded_flash_decode",
     "zigzag_permutation",
 ]

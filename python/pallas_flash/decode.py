@@ -37,7 +37,7 @@ from pallas_flash.flash_attention import check_variants
 from pallas_flash.mask import Mask, divide, soft_cap
 from pallas_flash.merge import merge_attention_states
 from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, finish_state, init_state, stat_shape, update_state
-from pallas_flash.partition import AutoAxes, per_shard
+from pallas_flash.partition import AutoAxes, per_shard, place_on_mesh
 from pallas_flash.planner import vmem_budget_bytes
 from pallas_flash.reference import masked_attention
 
@@ -611,12 +611,67 @@ def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
     return k_cache, v_cache
 
 
-def _place(x, mesh, spec):
-    """Lays x out as spec on mesh inside jit: jax.reshard for explicit mesh axes, a sharding
-    constraint for automatic ones."""
-    if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        return jax.reshard(x, NamedSharding(mesh, spec))
-    return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def sharded_append_kv(k_cache, v_cache, lengths, mesh, page_table, k_new, v_new):
+    """append_kv for a cache laid out as sharded_flash_decode reads it (device i of the mesh, in
+    row-major order, holds positions [i * C/S, (i + 1) * C/S) of every sequence: a contiguous cache
+    split along Nmax, or page pools split along num_pages with the page table split along
+    pages_per_seq, each device's part of the table naming pages of its own part of the pools).
+
+    Each device writes only the new rows that fall in its positions, into its own shard: nothing
+    moves between devices, where a plain append_kv on sharded pools would leave the partitioner to
+    gather them. lengths [B] int32 (the positions already in the cache), k_new, v_new [B, Hkv, T, D]
+    replicated. Returns the updated (k_cache, v_cache), sharded as given; functional, as append_kv
+    (under jax.jit(..., donate_argnums=...) of the caller the shards are updated in place)."""
+    name = "sharded_append_kv"
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
+    _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
+    if k_new.shape[1] != k_cache.shape[1]:
+        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+    axes = tuple(mesh.axis_names)
+    devices = mesh.devices.size
+    layout = _layout(k_cache, page_table)
+    if page_table is None and k_cache.shape[2] % devices:
+        raise ValueError(f"{name}: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
+    if page_table is not None and (layout.pages_per_seq % devices or k_cache.shape[0] % devices):
+        raise ValueError(f"{name}: expected pages_per_seq and num_pages divisible by the {devices} devices, got "
+                         f"page_table {list(page_table.shape)} and {k_cache.shape[0]} pages")
+    batch, heads, tokens, _ = k_new.shape
+    if isinstance(lengths, (int, np.integer)):
+        lengths = jnp.full((batch,), lengths, jnp.int32)
+    _check_lengths(name, lengths, batch, layout.capacity, new_tokens=tokens)
+    shard_len = layout.capacity // devices
+    cache_spec = P(axes, None, None, None) if page_table is not None else P(None, None, axes, None)
+    table = page_table if page_table is not None else jnp.zeros((batch, devices), jnp.int32)
+
+    def local(k_shard, v_shard, lengths, table_shard, k_new, v_new):
+        shard = lax.axis_index(axes)
+        positions = lengths.astype(jnp.int32)[:, None] - shard * shard_len + jnp.arange(tokens, dtype=jnp.int32)
+        owned = (positions >= 0) & (positions < shard_len)  # [B, T]: rows this device holds
+        local_positions = jnp.clip(positions, 0, shard_len - 1)
+        head_index = jnp.arange(heads)[None, :, None]
+        if page_table is None:
+            rows = jnp.where(owned, local_positions, shard_len)  # past the end: dropped
+            index = (jnp.arange(batch)[:, None, None], head_index, rows[:, None, :])
+        else:
+            page_size = k_shard.shape[2]
+            pages = jnp.take_along_axis(table_shard.astype(jnp.int32), local_positions // page_size, axis=1)
+            pages = jnp.where(owned, pages - shard * k_shard.shape[0], k_shard.shape[0])
+            index = (pages[:, None, :], head_index, (local_positions % page_size)[:, None, :])
+        k_shard = k_shard.at[index].set(k_new.astype(k_shard.dtype), mode="drop")
+        v_shard = v_shard.at[index].set(v_new.astype(v_shard.dtype), mode="drop")
+        return k_shard, v_shard
+
+    @jax.jit
+    def sharded(k_cache, v_cache, lengths, table, k_new, v_new):
+        k_cache, v_cache = (place_on_mesh(c, mesh, cache_spec) for c in (k_cache, v_cache))
+        lengths, k_new, v_new = (place_on_mesh(x, mesh, P()) for x in (lengths, k_new, v_new))
+        table = place_on_mesh(table, mesh, P(None, axes))
+        return jax.shard_map(local, mesh=mesh, in_specs=(cache_spec, cache_spec, P(), P(None, axes), P(), P()),
+                             out_specs=(cache_spec, cache_spec), check_vma=False)(k_cache, v_cache, lengths, table,
+                                                                                  k_new, v_new)
+
+    return sharded(k_cache, v_cache, lengths, table, k_new, v_new)
 
 
 def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None, sm_scale: float | None = None,
@@ -693,9 +748,9 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
     # resharded (moved) once on the way in.
     @jax.jit
     def sharded(q, k_cache, v_cache, lengths, table):
-        k_cache, v_cache = (_place(c, mesh, cache_spec) for c in (k_cache, v_cache))
-        q, lengths = (_place(x, mesh, P()) for x in (q, lengths))
-        table = _place(table, mesh, table_spec)
+        k_cache, v_cache = (place_on_mesh(c, mesh, cache_spec) for c in (k_cache, v_cache))
+        q, lengths = (place_on_mesh(x, mesh, P()) for x in (q, lengths))
+        table = place_on_mesh(table, mesh, table_spec)
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P(), table_spec),
                              out_specs=(P(), P()), check_vma=False)(q, k_cache, v_cache, lengths, table)
 

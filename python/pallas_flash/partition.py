@@ -64,6 +64,14 @@ INTERPRET_UNPARTITIONABLE = (
     "PALLAS_FLASH_CPU_KERNELS=cpp), or call inside jax.shard_map, where each device runs them whole")
 
 
+def place_on_mesh(x, mesh: Mesh, spec: P):
+    """Lays x out as spec on mesh inside jit: jax.reshard for explicit mesh axes, a sharding
+    constraint for automatic ones."""
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def parse_rule(rule: str) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """("b h n d, b g m d -> b h n d") -> ([("b","h","n","d"), ("b","g","m","d")], [("b","h","n","d")]);
     a scalar operand is the empty term."""
