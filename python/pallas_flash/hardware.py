@@ -101,3 +101,18 @@ def with_price(chip: Chip, price_per_chip_hour: float | None) -> Chip:
         raise ValueError(f"price_per_chip_hour: expected a positive price in USD, got {price_per_chip_hour}")
     return dataclasses.replace(chip, price_per_chip_hour=float(price_per_chip_hour),
                                price_source="given on the command line (--price-per-chip-hour)")
+
+
+# A cloud CPU for the measured CPU rows' tokens per dollar, priced per vCPU: Google Cloud's
+# n2d-standard-2 (2 vCPUs of an AMD EPYC, 8 GB), $0.0845 an hour on demand in us-central1, so
+# $0.0423 a vCPU-hour (Compute Engine's price list as of 2025; not re-checked against the live page).
+CPU_PRICE_PER_VCPU_HOUR = 0.0845 / 2
+
+
+def cpu_chip(vcpus: int) -> Chip:
+    """This host's CPUs as one priced 'chip' (no FLOP or bandwidth ceiling in this table: a CPU's
+    peak depends on its instruction set, which `pflash bench` measures)."""
+    return Chip(name=f"CPU ({vcpus} vCPUs)", peak_flops=0.0, hbm_bytes_per_s=0.0, hbm_capacity=0, clock_hz=None,
+                price_per_chip_hour=CPU_PRICE_PER_VCPU_HOUR * vcpus,
+                price_source=f"{vcpus} x ${CPU_PRICE_PER_VCPU_HOUR:.4f} a vCPU-hour: Google Cloud n2d-standard-2 "
+                             "on demand, us-central1, $0.0845 an hour for 2 vCPUs (not re-checked)")

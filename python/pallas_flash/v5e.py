@@ -150,10 +150,20 @@ class Instruction:
     operands: tuple[str, ...]
     attributes: str  # everything after the operand list
     is_root: bool
+    operand_text: str = ""  # the operand list with its shapes
 
     @property
     def arrays(self) -> list[ArrayShape]:
         return parse_arrays(self.shape)
+
+    @property
+    def operand_arrays(self) -> list[ArrayShape]:
+        return parse_arrays(self.operand_text)
+
+    @property
+    def op_name(self) -> str:
+        match = re.search(r'op_name="([^"]*)"', self.attributes)
+        return match.group(1) if match else ""
 
     @property
     def custom_call_target(self) -> str | None:
@@ -195,7 +205,29 @@ def _split_instruction(line: str) -> Instruction | None:
             break
     operands = tuple(re.findall(r"%([^\s,)]+)", rest[:end]))
     attributes = rest[end + 1:].lstrip(", ")
-    return Instruction(match.group(2), opcode.strip(), shape, operands, attributes, bool(match.group(1)))
+    return Instruction(match.group(2), opcode.strip(), shape, operands, attributes, bool(match.group(1)), rest[:end])
+
+
+def computations(hlo_text: str) -> dict[str, list[Instruction]]:
+    """Every computation of the compiled module by name (the entry's under "ENTRY" too), its
+    instructions in order."""
+    found, name, body = {}, None, []
+    for line in hlo_text.splitlines():
+        header = re.match(r"(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name, body = header.group(2), []
+            found[name] = body
+            if header.group(1):
+                found["ENTRY"] = body
+            continue
+        if line.startswith("}"):
+            name = None
+            continue
+        if name is not None:
+            inst = _split_instruction(line)
+            if inst:
+                body.append(inst)
+    return found
 
 
 def entry_instructions(hlo_text: str) -> list[Instruction]:

@@ -1,0 +1,177 @@
+"""The model report's v5e rows: each pass compiled for the 2x2 mesh and timed op by op
+(pallas_flash.bench.program), its Pallas kernels priced by their own static profiles
+(pallas_flash.bench.estimate). A v5e compiler estimate, not a measurement."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pallas_flash import v5e
+from pallas_flash.bench import cases as attention_cases
+from pallas_flash.bench import program
+from pallas_flash.bench.estimate import Estimator
+from pallas_flash.bench.model import PAGE_SIZE, V5E_DEVICES, ModelCase, finish_row, skip_reason
+from pallas_flash.hardware import TPU_V5E, with_price
+from pallas_flash.models import attention as attention_impls
+from pallas_flash.models import generate, llama, train
+
+# How many times each layer runs the attention kernels in a pass: the training step's layers are
+# rematerialised (jax.checkpoint), so its forward kernel runs twice, once more in the backward.
+KERNEL_CALLS = {"train": {"fwd": 2, "bwd": 1}, "prefill": {"fwd": 1}, "decode": {"decode": 1}}
+KERNEL_IMPL = {"pallas_flash": "pallas_flash", "jax_flash": "jax_flash_attention"}
+
+
+def mesh() -> Mesh:
+    return Mesh(np.array(v5e.topology().devices).reshape(2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def build(case: ModelCase, m: Mesh):
+    """(fn, abstract args, jit options) of one pass on the mesh."""
+    c = llama.config(case.model)
+    axes = tuple(m.axis_names)
+    attn = attention_impls.attention_fn(case.attention, window=c.window, logits_soft_cap=c.logits_soft_cap,
+                                        interpret=False) if case.pass_ != "decode" else None
+    if case.pass_ == "train":
+        params, opt_state = train.abstract_state(c)
+        ps, os_ = train.state_shardings(params, m), train.state_shardings(opt_state, m)
+        tokens = jax.ShapeDtypeStruct((case.batch, case.seq), jnp.int32, sharding=NamedSharding(m, P(axes, None)))
+        step = train.make_train_step(c, attn, mesh=m)
+        args = (_abstract(params, ps), _abstract(opt_state, os_), tokens)
+        return step, args, dict(in_shardings=(ps, os_, tokens.sharding),
+                                out_shardings=(ps, os_, NamedSharding(m, P())), donate_argnums=(0, 1))
+    params = jax.eval_shape(lambda: llama.init_params(c, jax.random.PRNGKey(0), jnp.bfloat16))
+    replicated = jax.tree.map(lambda _: NamedSharding(m, P()), params)
+    split = "batch" if case.batch % V5E_DEVICES == 0 else "sequence"
+    cache = generate.abstract_cache(c, case.batch, case.seq, page_size=PAGE_SIZE, devices=V5E_DEVICES, split=split)
+    cache_sh = generate.cache_shardings(cache, m)
+    abstract_cache = _abstract(cache, cache_sh)
+    if case.pass_ == "prefill":
+        tokens = jax.ShapeDtypeStruct((case.batch, case.seq), jnp.int32, sharding=NamedSharding(m, P(axes, None)))
+        fn = lambda p, t, cache: generate.prefill(c, p, t, cache, attn, mesh=m)  # noqa: E731
+    else:
+        tokens = jax.ShapeDtypeStruct((case.batch,), jnp.int32,
+                                      sharding=NamedSharding(m, P(axes) if split == "batch" else P()))
+        fn = lambda p, t, cache: generate.decode_step(c, p, t, cache, mesh=m, interpret=False,  # noqa: E731
+                                                      context=case.seq, attention=case.attention)
+    return fn, (_abstract(params, replicated), tokens, abstract_cache), dict(donate_argnums=(2,))
+
+
+def kernel_cases(case: ModelCase) -> dict[str, attention_cases.Case]:
+    """The attention kernel calls of one layer of one chip, as the attention benchmark's cases."""
+    c = llama.config(case.model)
+    impl = KERNEL_IMPL.get(case.attention)
+    if impl is None:
+        return {}
+    if case.pass_ == "decode":
+        split_batch = case.batch % V5E_DEVICES == 0
+        return {"decode": attention_cases.Case(
+            impl, "decode", case.batch // V5E_DEVICES if split_batch else case.batch, c.heads, c.kv_heads, 1, case.seq,
+            c.head_dim, "bf16", True, mesh="1x1" if split_batch else "2x2", page_size=PAGE_SIZE)}
+    base = attention_cases.Case(impl, "fwd", case.batch // V5E_DEVICES, c.heads, c.kv_heads, case.seq, case.seq,
+                                c.head_dim, "bf16", True)
+    if impl == "jax_flash_attention":
+        base = attention_cases.fixed_blocks(base)
+    out = {"fwd": base}
+    if case.pass_ == "train":
+        out["bwd"] = dataclasses.replace(base, pass_="bwd")
+    return out
+
+
+def _kernel_seconds(kcase: attention_cases.Case, profile: dict) -> float | None:
+    cycles = profile.get("est_cycles")
+    if profile.get("status") != "ok" or cycles is None:
+        return None
+    compute = cycles * kcase.profile_scale / TPU_V5E.clock_hz
+    if kcase.pass_ == "decode":  # memory bound: the cache a chip holds, read once, at 819 GB/s
+        read = 2 * kcase.cache_bytes_per_device()
+        return max(compute, read / TPU_V5E.hbm_bytes_per_s)
+    return compute
+
+
+def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
+    chip = with_price(TPU_V5E, args.price_per_chip_hour)
+    log = sys.stderr
+    print("calibrating the op rule against the compiler's profile (two small programs)", file=log, flush=True)
+    calibration = program.calibrate(chip)
+    m = mesh()
+    estimator = Estimator(args.jobs, log=log)
+    pending = []
+    rows = []
+    try:
+        for case in case_list:
+            common = dict(target="v5e", chip_name=f"{chip.name} x{V5E_DEVICES} (2x2)", chips=V5E_DEVICES,
+                          price_per_chip_hour=chip.price_per_chip_hour, peak_flops=chip.peak_flops,
+                          source="v5e compiler estimate")
+            reason = skip_reason(case, "v5e")
+            if reason:
+                rows.append(finish_row(case, seconds=None, attention_seconds=None, status="skipped", note=reason,
+                                       **common))
+                continue
+            kernels = kernel_cases(case)
+            profiles = {kind: estimator.profile(k) for kind, k in kernels.items()}  # profiled while we compile
+            start = time.perf_counter()
+            fn, abstract_args, options = build(case, m)
+            try:
+                prog = v5e.compile_for_v5e(fn, *abstract_args, **options)
+            except v5e.CompileError as exc:
+                rows.append(finish_row(case, seconds=None, attention_seconds=None,
+                                       status="oom" if exc.oom else "error", note=exc.summary, **common))
+                continue
+            print(f"  compiled {case}: {time.perf_counter() - start:.0f} s, "
+                  f"{prog.hbm_bytes_in_use / 2**30:.2f} GiB a chip", file=log, flush=True)
+            pending.append((case, common, prog, kernels, profiles))
+        for case, common, prog, kernels, profiles in pending:
+            cost = program.program_cost(prog, chip, V5E_DEVICES)
+            c = llama.config(case.model)
+            kernel_time, missing = 0.0, []
+            for kind, kcase in kernels.items():
+                seconds = _kernel_seconds(kcase, profiles[kind]())
+                if seconds is None:
+                    missing.append(kind)
+                    continue
+                kernel_time += seconds * KERNEL_CALLS[case.pass_][kind] * c.layers
+            if kernels and not cost.kernels():
+                missing.append("no Pallas kernel in the compiled program")
+            xla = cost.seconds()
+            total = xla + kernel_time
+            note = [f"XLA ops {xla * 1e3:.1f} ms (of which memory-bound {cost.seconds(bound='memory') * 1e3:.1f}, "
+                    f"collectives {cost.seconds(bound='ici') * 1e3:.1f}: {cost.received_bytes() / 1e9:.2f} GB received "
+                    f"in {cost.collectives()} transfers), attention kernels {kernel_time * 1e3:.1f} ms"]
+            status = "ok"
+            if missing:
+                status, total = "error", None
+                note.append("kernel profile failed: " + ", ".join(missing))
+            hbm = prog.hbm_bytes_in_use
+            if hbm > chip.hbm_capacity:
+                status = "oom"
+            rows.append(finish_row(case, seconds=total, attention_seconds=cost.seconds(attention=True) + kernel_time
+                                   if total else None, status=status, hbm_bytes=hbm, note="; ".join(note),
+                                   xla_ops_seconds=xla, kernel_seconds=kernel_time,
+                                   ici_received_bytes=cost.received_bytes(), **common))
+    finally:
+        estimator.close()
+    meta = {"target": "v5e", "chip": chip.as_json(), "devices": V5E_DEVICES, "calibration": calibration,
+            "method": [
+                "v5e compiler estimate (deviceless jax 0.10.2 / libtpu 0.0.42.1, v5e:2x2), not a measurement",
+                "XLA ops: XLA:TPU's per-op cost model, held to HBM bytes / 819 GB/s; loops counted per trip",
+                "collectives: bytes a chip receives / 400 GB/s ICI + 10 us each; exposed unless fused with a matmul",
+                "attention kernels: their static profiles (one KV head's group, scaled; fitted past N = 4096), "
+                "x layers x calls per layer (training: the forward twice, rematerialised)",
+                "calibration (rule / profile): " + ", ".join(
+                    f"{label}: {v['rule_over_profile']:.2f}x" for label, v in calibration.items()
+                    if v.get("rule_over_profile")),
+                "MFU: model FLOPs (6 x matmul weights x tokens + attention, rematerialisation not counted) "
+                "over 197 TFLOP/s a chip"]}
+    return rows, meta
