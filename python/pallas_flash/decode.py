@@ -606,9 +606,35 @@ def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
         _check_pages(name, page_table, None if known is None else known + tokens, page_size, range(k_cache.shape[0]))
         pages = jnp.take_along_axis(page_table.astype(jnp.int32), positions // page_size, axis=1)
         index = (pages[:, None, :], head_index, (positions % page_size)[:, None, :])
-    k_cache = k_cache.at[index].set(k_new.astype(k_cache.dtype), unique_indices=True, mode="drop")
-    v_cache = v_cache.at[index].set(v_new.astype(v_cache.dtype), unique_indices=True, mode="drop")
-    return k_cache, v_cache
+    return _write_rows(k_cache, k_new, index), _write_rows(v_cache, v_new, index)
+
+
+# Up to this many new rows (batch x tokens) are written one at a time, each an in-place
+# dynamic_update_slice (unrolled: a loop would carry the cache); more by one scatter. On the v5e a
+# scatter into a bf16 [..., 128, 64] pool makes XLA lay the pool out as the scatter likes (page
+# positions minor) and copy it to the kernels' row-major layout and back around every write: in a
+# model's decode step, the whole pool twice a layer. A dynamic_update_slice takes the pool as it is.
+# A prefill's thousands of rows stay one scatter.
+ROW_LOOP_MAX = 64
+
+
+def _write_rows(cache, new, index):
+    """cache[index] = new: index (first [B, 1, T], heads [1, H, 1], second [B, 1, T]) names the row of
+    new [B, H, T, D]'s (b, t) as cache[first, :, second, :]; an index past the end of its axis drops
+    the row."""
+    batch, heads, tokens, dim = new.shape
+    new = new.astype(cache.dtype)
+    if batch * tokens > ROW_LOOP_MAX:
+        return cache.at[index].set(new, unique_indices=True, mode="drop")
+    first = jnp.broadcast_to(index[0], (batch, 1, tokens))[:, 0]
+    second = jnp.broadcast_to(index[2], (batch, 1, tokens))[:, 0]
+    for b in range(batch):
+        for t in range(tokens):
+            inside = (first[b, t] < cache.shape[0]) & (second[b, t] < cache.shape[2])
+            at = (jnp.minimum(first[b, t], cache.shape[0] - 1), 0, jnp.minimum(second[b, t], cache.shape[2] - 1), 0)
+            kept = lax.dynamic_slice(cache, at, (1, heads, 1, dim))
+            cache = lax.dynamic_update_slice(cache, jnp.where(inside, new[b:b + 1, :, t:t + 1, :], kept), at)
+    return cache
 
 
 def sharded_append_kv(k_cache, v_cache, lengths, mesh, page_table, k_new, v_new):
@@ -658,9 +684,7 @@ def sharded_append_kv(k_cache, v_cache, lengths, mesh, page_table, k_new, v_new)
             pages = jnp.take_along_axis(table_shard.astype(jnp.int32), local_positions // page_size, axis=1)
             pages = jnp.where(owned, pages - shard * k_shard.shape[0], k_shard.shape[0])
             index = (pages[:, None, :], head_index, (local_positions % page_size)[:, None, :])
-        k_shard = k_shard.at[index].set(k_new.astype(k_shard.dtype), mode="drop")
-        v_shard = v_shard.at[index].set(v_new.astype(v_shard.dtype), mode="drop")
-        return k_shard, v_shard
+        return _write_rows(k_shard, k_new, index), _write_rows(v_shard, v_new, index)
 
     @jax.jit
     def sharded(k_cache, v_cache, lengths, table, k_new, v_new):

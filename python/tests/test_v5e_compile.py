@@ -149,9 +149,9 @@ def test_paged_decode_compiles_reading_the_pools_in_place(context, tokens, batch
     cache_parameters_feed_only_the_kernel(program, pools)
 
 
-def compile_append(donate):
-    pool = v5e.abstract((2048, 8, 128, 128), jnp.bfloat16)  # 512 MiB each
-    new = v5e.abstract((8, 8, 1, 128), jnp.bfloat16)
+def compile_append(donate, tokens=1, dim=128):
+    pool = v5e.abstract((2048, 8, 128, dim), jnp.bfloat16)  # 512 MiB each (D = 128)
+    new = v5e.abstract((8, 8, tokens, dim), jnp.bfloat16)
     table, lengths = v5e.abstract((8, 256), jnp.int32), v5e.abstract((8,), jnp.int32)
     program = v5e.compile_for_v5e(append_kv, pool, pool, lengths, table, new, new,
                                   donate_argnums=(0, 1) if donate else ())
@@ -159,18 +159,23 @@ def compile_append(donate):
 
 
 def pool_copies(program, pool_bytes):
-    """Instructions that move a pool's worth of data, other than the scatters that write the new rows
-    into their operand's buffer (XLA's aliasing_operands: in place)."""
+    """Instructions that move a pool's worth of data, other than the writes of the new rows into their
+    operand's buffer: scatters (XLA's aliasing_operands: in place) and dynamic-update-slices (in
+    place whenever the result shares the operand's buffer, which the alias check below pins)."""
     return [f"{i.opcode} {i.name}" for i in program.data_movement()
-            if any(a.logical_bytes >= pool_bytes for a in i.arrays)
+            if any(a.logical_bytes >= pool_bytes for a in i.arrays) and i.opcode != "dynamic-update-slice"
             and not ("scatter" in i.name and "aliasing_operands" in i.attributes)]
 
 
-def test_append_with_donated_pools_writes_in_place():
-    program, pool_bytes = compile_append(donate=True)
+@pytest.mark.parametrize("tokens, dim, writes", [(1, 128, "dynamic_update_slice"), (1, 64, "dynamic_update_slice"),
+                                                  (16, 128, "scatter")])
+def test_append_with_donated_pools_writes_in_place(tokens, dim, writes):
+    # 8 rows: one in-place update each; 128 (past decode.ROW_LOOP_MAX): one scatter per pool. D = 64
+    # is where a scatter made XLA copy a pool the kernels read to its own layout and back.
+    program, pool_bytes = compile_append(donate=True, tokens=tokens, dim=dim)
     assert not pool_copies(program, pool_bytes)
     assert program.memory.alias_size_in_bytes == 2 * pool_bytes  # both pools are the outputs' buffers
-    assert sum("scatter" in i.name for i in program.entry) == 2
+    assert sum(writes in i.name for i in program.entry) == (2 * 8 * tokens if writes != "scatter" else 2)
 
 
 def test_checks_catch_an_append_that_copies_the_pools():
