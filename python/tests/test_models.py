@@ -175,7 +175,8 @@ def test_configs_have_the_published_sizes_and_bad_names_say_so():
     assert abs(llama.config("llama-1b").params_count - 1.236e9) < 1e7  # Llama-3.2-1B: 1.24B
     assert abs(llama.config("llama-8b").params_count - 7.505e9) < 1e7  # 8.03B untied; tied here
     assert llama.config("llama-1b:2").layers == 2
-    for bad in ("llama-2b", "llama-1b:0", "llama-1b:x"):
+    assert llama.config("llama-1b:2:32000").vocab == 32000
+    for bad in ("llama-2b", "llama-1b:0", "llama-1b:x", "llama-1b:2:3:4"):
         with pytest.raises(ValueError, match="--model"):
             llama.config(bad)
     with pytest.raises(ValueError, match="kv_heads"):
@@ -250,3 +251,25 @@ def test_program_cost_counts_a_loop_body_per_trip():
     assert 5.5 * single.seconds() < looped.seconds() < 7 * single.seconds()
     flops = 2 * 1024**3
     assert single.seconds() > flops / TPU_V5E.peak_flops  # never faster than the peak
+
+
+@requires_libtpu
+def test_v5e_kernel_calls_scale_to_the_chip_and_correct_for_gqa_sharing():
+    from pallas_flash.bench.model import ModelCase
+    from pallas_flash.bench.model_v5e import _kernel_seconds, kernel_cases
+    from pallas_flash.hardware import TPU_V5E
+
+    short = kernel_cases(ModelCase("llama-1b", "train", "pallas_flash", 2048, 8))
+    assert set(short) == {"fwd", "bwd"}
+    assert (short["fwd"].case.heads, short["fwd"].case.kv_heads, short["fwd"].scale) == (4, 1, 2 * 8)
+    long = kernel_cases(ModelCase("llama-1b", "prefill", "pallas_flash", 8192, 4))
+    assert set(long) == {"fwd"} and long["fwd"].scale == 32 and long["fwd"].sharing[0].seq_q == 4096
+    ok = {"status": "ok", "est_cycles": 1000}
+    seconds = _kernel_seconds(long["fwd"], ok, ({"status": "ok", "est_cycles": 3000}, {"status": "ok", "est_cycles": 1000}))
+    assert seconds == pytest.approx(1000 * 32 * 3000 / (4 * 1000) / TPU_V5E.clock_hz)
+    assert _kernel_seconds(long["fwd"], {"status": "error"}, None) is None
+    jax_flash = kernel_cases(ModelCase("llama-1b", "train", "jax_flash", 8192, 4))
+    assert jax_flash["fwd"].sharing is None and jax_flash["fwd"].scale == 32  # MHA: K, V repeated
+    decode = kernel_cases(ModelCase("llama-1b", "decode", "pallas_flash", 32768, 1))["decode"]
+    assert (decode.case.mesh, decode.case.batch, decode.case.seq_k) == ("1x1", 1, 32768 // 4)
+    assert kernel_cases(ModelCase("llama-1b", "decode", "jax_xla", 32768, 32)) == {}

@@ -23,9 +23,9 @@ def _no_attention(q, k, v):
     return q
 
 
-def step_fn(case: ModelCase, attention_name: str | None, cpu_fallback: bool):
-    """(fn, args) of one pass on one device with real (random) weights; attention_name None: the
-    step without attention (O = Q)."""
+def step_fn(case: ModelCase, attention_name: str | None, cpu_fallback: bool, dtype):
+    """(fn, args) of one pass on one device with real (random) weights, products in `dtype`;
+    attention_name None: the step without attention (O = Q)."""
     c = llama.config(case.model)
     key = jax.random.PRNGKey(0)
     if case.pass_ != "decode":
@@ -35,17 +35,17 @@ def step_fn(case: ModelCase, attention_name: str | None, cpu_fallback: bool):
     if case.pass_ == "train":
         params = llama.init_params(c, key)
         opt_state = train.optimizer().init(params)
-        return train.make_train_step(c, attn), (params, opt_state, tokens)
-    params = llama.init_params(c, key, jnp.bfloat16)
-    cache = generate.init_cache(c, case.batch, -(-case.seq // PAGE_SIZE) * PAGE_SIZE, page_size=PAGE_SIZE)
+        return train.make_train_step(c, attn, dtype=dtype), (params, opt_state, tokens)
+    params = llama.init_params(c, key, dtype)
+    cache = generate.init_cache(c, case.batch, -(-case.seq // PAGE_SIZE) * PAGE_SIZE, page_size=PAGE_SIZE, dtype=dtype)
     if case.pass_ == "prefill":
-        return (lambda p, t, cache: generate.prefill(c, p, t, cache, attn)), (params, tokens, cache)
+        return (lambda p, t, cache: generate.prefill(c, p, t, cache, attn, dtype=dtype)), (params, tokens, cache)
     # Decode: the new token at the last position of a full context (the cache's contents do not
     # change the time).
     cache = generate.PagedCache(cache.k, cache.v, cache.page_table, jnp.full((case.batch,), case.seq - 1, jnp.int32),
                                 cache.layer_stride, cache.split)
     decode_attention = "none" if attention_name is None else case.attention
-    return (lambda p, t, cache: generate.decode_step(c, p, t, cache, attention=decode_attention)), (
+    return (lambda p, t, cache: generate.decode_step(c, p, t, cache, dtype=dtype, attention=decode_attention)), (
         params, tokens[:, 0], cache)
 
 
@@ -62,6 +62,8 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
         chip = cpu_chip(cores)
     if chip is not None:
         chip = with_price(chip, args.price_per_chip_hour)
+    # A CPU multiplies in float32: XLA's CPU bfloat16 products are far slower than its float32 ones.
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
     rows = []
     for case in case_list:
         common = dict(target=args.target, chip_name=chip.name if chip else "GPU", chips=1,
@@ -77,15 +79,16 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
             rows.append(finish_row(case, seconds=None, attention_seconds=None, status="skipped", note=reason, **common))
             continue
         print(f"  measuring {case} on {device.device_kind}", file=sys.stderr, flush=True)
-        fn, step_args = step_fn(case, case.attention, cpu_fallback=not on_gpu)
-        seconds, _ = time_call(fn, step_args, warmup=1, repeats=5, max_time=60.0)
-        fn, step_args = step_fn(case, None, cpu_fallback=not on_gpu)
-        rest, _ = time_call(fn, step_args, warmup=1, repeats=5, max_time=60.0)
+        fn, step_args = step_fn(case, case.attention, not on_gpu, dtype)
+        seconds, _ = time_call(fn, step_args, warmup=1, repeats=3, max_time=60.0)
+        fn, step_args = step_fn(case, None, not on_gpu, dtype)
+        rest, _ = time_call(fn, step_args, warmup=1, repeats=3, max_time=60.0)
         rows.append(finish_row(case, seconds=seconds, attention_seconds=max(0.0, seconds - rest), status="ok",
                                note=f"without attention {rest * 1e3:.1f} ms", **common))
     meta = {"target": args.target, "backend": backend, "device": device.device_kind, "machine": platform.processor()
             or platform.machine(), "chip": chip.as_json() if chip else None,
-            "method": [f"measured on {device.device_kind}: median of up to 5 runs after one warm-up, one device",
+            "method": [f"measured on {device.device_kind}: median of up to 3 runs after one warm-up, one device, "
+                       f"products in {jnp.dtype(dtype).name}",
                        "attention share: 1 - (the step with O = Q in place of attention) / (the step), same run",
                        "MFU: model FLOPs over the chip's peak (none for a CPU: no ceiling in the price table)"]}
     return rows, meta

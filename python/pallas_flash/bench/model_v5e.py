@@ -42,7 +42,8 @@ def build(case: ModelCase, m: Mesh):
     c = llama.config(case.model)
     axes = tuple(m.axis_names)
     attn = attention_impls.attention_fn(case.attention, window=c.window, logits_soft_cap=c.logits_soft_cap,
-                                        interpret=False) if case.pass_ != "decode" else None
+                                        interpret=False, mesh=m if case.pass_ == "train" else None
+                                        ) if case.pass_ != "decode" else None  # prefill: already per device
     if case.pass_ == "train":
         params, opt_state = train.abstract_state(c)
         ps, os_ = train.state_shardings(params, m), train.state_shardings(opt_state, m)
@@ -65,37 +66,82 @@ def build(case: ModelCase, m: Mesh):
                                       sharding=NamedSharding(m, P(axes) if split == "batch" else P()))
         fn = lambda p, t, cache: generate.decode_step(c, p, t, cache, mesh=m, interpret=False,  # noqa: E731
                                                       context=case.seq, attention=case.attention)
-    return fn, (_abstract(params, replicated), tokens, abstract_cache), dict(donate_argnums=(2,))
+    # The cache row-major at the program's boundary, as the kernels read it: jit's default layout for
+    # a bf16 [..., 128, 64] array puts the page positions minor, and the pools would be copied into
+    # the kernels' layout and back every step.
+    from jax.experimental.layout import Format, Layout
+
+    def row_major(sharding, shape):
+        return Format(Layout(major_to_minor=tuple(range(len(shape)))), sharding)
+
+    cache_formats = jax.tree.map(lambda a, sh: row_major(sh, a.shape), cache, cache_sh)
+    in_shardings = (replicated, tokens.sharding, cache_formats)
+    out_shardings = (NamedSharding(m, P(axes) if split == "batch" or case.pass_ == "prefill" else P()), cache_formats)
+    return fn, (_abstract(params, replicated), tokens, abstract_cache), dict(
+        in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(2,))
 
 
-def kernel_cases(case: ModelCase) -> dict[str, attention_cases.Case]:
-    """The attention kernel calls of one layer of one chip, as the attention benchmark's cases."""
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """One kind of attention kernel call of a layer on one chip: `case` profiled, its cycles times
+    `scale`, times (when `sharing` is set: a GQA group and its MHA head at a length short enough to
+    profile the group) the group's cycles over `group` MHA heads' at that length."""
+
+    case: attention_cases.Case
+    scale: int
+    sharing: tuple[attention_cases.Case, attention_cases.Case, int] | None = None
+
+
+def kernel_cases(case: ModelCase, max_group_seq: int = 4096) -> dict[str, KernelCall]:
+    """The attention kernel calls of one layer of one chip, as the attention benchmark's cases.
+    Training and prefill: one KV head's group of one sequence, scaled by the chip's sequences x KV
+    heads. Past `max_group_seq` a group is not simulated (a group of 4 heads at N = 6144 took the
+    simulator past 9 GB and 27 minutes here): one MHA head is, fitted and scaled by the query heads,
+    then corrected by the group's sharing of K and V measured at max_group_seq (for JAX's flash
+    attention, MHA with K and V repeated, the MHA head is the kernel). Decode: profiled whole."""
     c = llama.config(case.model)
     impl = KERNEL_IMPL.get(case.attention)
     if impl is None:
         return {}
     if case.pass_ == "decode":
+        # A chip decodes its own sequences whole, or (the cache split along the sequence) every
+        # sequence's quarter: profiled as that one-chip decode (the 2x2 program's profile aborts
+        # inside libtpu's DMA latency model at a 32768 context); the partials' all-gather and merge
+        # are in the model's program.
         split_batch = case.batch % V5E_DEVICES == 0
-        return {"decode": attention_cases.Case(
-            impl, "decode", case.batch // V5E_DEVICES if split_batch else case.batch, c.heads, c.kv_heads, 1, case.seq,
-            c.head_dim, "bf16", True, mesh="1x1" if split_batch else "2x2", page_size=PAGE_SIZE)}
-    base = attention_cases.Case(impl, "fwd", case.batch // V5E_DEVICES, c.heads, c.kv_heads, case.seq, case.seq,
-                                c.head_dim, "bf16", True)
-    if impl == "jax_flash_attention":
-        base = attention_cases.fixed_blocks(base)
-    out = {"fwd": base}
-    if case.pass_ == "train":
-        out["bwd"] = dataclasses.replace(base, pass_="bwd")
+        decode = attention_cases.Case(
+            impl, "decode", case.batch // V5E_DEVICES if split_batch else case.batch, c.heads, c.kv_heads, 1,
+            case.seq if split_batch else case.seq // V5E_DEVICES, c.head_dim, "bf16", True, page_size=PAGE_SIZE)
+        return {"decode": KernelCall(decode, decode.profile_scale)}
+    sequences = case.batch // V5E_DEVICES
+    group = c.heads // c.kv_heads
+    passes = ("fwd", "bwd") if case.pass_ == "train" else ("fwd",)
+    out = {}
+    for pass_ in passes:
+        def at(n, heads, kv_heads):
+            k = attention_cases.Case(impl, pass_, 1, heads, kv_heads, n, n, c.head_dim, "bf16", True)
+            return attention_cases.fixed_blocks(k) if impl == "jax_flash_attention" else k
+        if impl == "jax_flash_attention" or group == 1:
+            out[pass_] = KernelCall(at(case.seq, 1, 1), sequences * c.heads)
+        elif case.seq <= max_group_seq:
+            out[pass_] = KernelCall(at(case.seq, group, 1), sequences * c.kv_heads)
+        else:
+            out[pass_] = KernelCall(at(case.seq, 1, 1), sequences * c.heads,
+                                    (at(max_group_seq, group, 1), at(max_group_seq, 1, 1), group))
     return out
 
 
-def _kernel_seconds(kcase: attention_cases.Case, profile: dict) -> float | None:
-    cycles = profile.get("est_cycles")
-    if profile.get("status") != "ok" or cycles is None:
+def _kernel_seconds(call: KernelCall, profile: dict, sharing: tuple[dict, dict] | None) -> float | None:
+    results = [profile] + list(sharing or ())
+    if any(r.get("status") != "ok" or r.get("est_cycles") is None for r in results):
         return None
-    compute = cycles * kcase.profile_scale / TPU_V5E.clock_hz
-    if kcase.pass_ == "decode":  # memory bound: the cache a chip holds, read once, at 819 GB/s
-        read = 2 * kcase.cache_bytes_per_device()
+    cycles = profile["est_cycles"] * call.scale
+    if sharing:
+        grouped, single = sharing
+        cycles *= grouped["est_cycles"] / (call.sharing[2] * single["est_cycles"])
+    compute = cycles / TPU_V5E.clock_hz
+    if call.case.pass_ == "decode":  # memory bound: the cache a chip holds, read once, at 819 GB/s
+        read = 2 * call.case.cache_bytes_per_device()
         return max(compute, read / TPU_V5E.hbm_bytes_per_s)
     return compute
 
@@ -120,14 +166,22 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
                                        **common))
                 continue
             kernels = kernel_cases(case)
-            profiles = {kind: estimator.profile(k) for kind, k in kernels.items()}  # profiled while we compile
+            # Profiled in the workers while this process compiles.
+            profiles = {kind: (estimator.profile(call.case), call.sharing and (
+                estimator.profile(call.sharing[0]), estimator.profile(call.sharing[1]))) for kind, call in kernels.items()}
             start = time.perf_counter()
-            fn, abstract_args, options = build(case, m)
             try:
+                fn, abstract_args, options = build(case, m)
                 prog = v5e.compile_for_v5e(fn, *abstract_args, **options)
             except v5e.CompileError as exc:
                 rows.append(finish_row(case, seconds=None, attention_seconds=None,
                                        status="oom" if exc.oom else "error", note=exc.summary, **common))
+                continue
+            except Exception as exc:  # a model this implementation cannot build: the row says why
+                message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                print(f"  {case}: {type(exc).__name__}: {message}", file=log, flush=True)
+                rows.append(finish_row(case, seconds=None, attention_seconds=None, status="error",
+                                       note=f"{type(exc).__name__}: {message}", **common))
                 continue
             print(f"  compiled {case}: {time.perf_counter() - start:.0f} s, "
                   f"{prog.hbm_bytes_in_use / 2**30:.2f} GiB a chip", file=log, flush=True)
@@ -136,8 +190,9 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
             cost = program.program_cost(prog, chip, V5E_DEVICES)
             c = llama.config(case.model)
             kernel_time, missing = 0.0, []
-            for kind, kcase in kernels.items():
-                seconds = _kernel_seconds(kcase, profiles[kind]())
+            for kind, call in kernels.items():
+                profile, sharing = profiles[kind]
+                seconds = _kernel_seconds(call, profile(), sharing and (sharing[0](), sharing[1]()))
                 if seconds is None:
                     missing.append(kind)
                     continue
@@ -167,8 +222,10 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
                 "v5e compiler estimate (deviceless jax 0.10.2 / libtpu 0.0.42.1, v5e:2x2), not a measurement",
                 "XLA ops: XLA:TPU's per-op cost model, held to HBM bytes / 819 GB/s; loops counted per trip",
                 "collectives: bytes a chip receives / 400 GB/s ICI + 10 us each; exposed unless fused with a matmul",
-                "attention kernels: their static profiles (one KV head's group, scaled; fitted past N = 4096), "
-                "x layers x calls per layer (training: the forward twice, rematerialised)",
+                "attention kernels: their static profiles (one KV head's group of one sequence, scaled; past "
+                "N = 4096 one MHA head fitted, scaled by query heads and corrected by the group's K/V sharing "
+                "measured at 4096; decode whole), x layers x calls per layer (training: the forward twice, "
+                "rematerialised)",
                 "calibration (rule / profile): " + ", ".join(
                     f"{label}: {v['rule_over_profile']:.2f}x" for label, v in calibration.items()
                     if v.get("rule_over_profile")),

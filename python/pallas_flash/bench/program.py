@@ -104,7 +104,7 @@ def _walk(comps, name: str, runs: int, chip: Chip, devices: int, ops: list[OpCos
             continue
         if inst.opcode in _FREE:
             continue
-        moved = _hbm_bytes(inst, by_name)
+        moved = _hbm_bytes(inst, by_name, comps)
         memory = moved / chip.hbm_bytes_per_s
         cycles = inst.backend_config.get("window_config", {}).get("estimated_cycles")
         compute = int(cycles) / chip.clock_hz if cycles is not None and int(cycles) < 2**62 else 0.0
@@ -119,23 +119,49 @@ def _walk(comps, name: str, runs: int, chip: Chip, devices: int, ops: list[OpCos
                           received))
 
 
-def _hbm_bytes(inst: v5e.Instruction, by_name) -> int:
-    """The bytes an op reads and writes in HBM (arrays placed in VMEM left out). A slice reads only
-    its result's worth of its operand; an update in place (a scan writing one layer's slice of a
-    stacked array) writes only its update: the large buffer it names is not streamed."""
+_PARTIAL_READS = frozenset({"gather", "dynamic-slice", "slice"})
+
+
+def _hbm_bytes(inst: v5e.Instruction, by_name, comps) -> int:
+    """The bytes an op reads and writes in HBM (arrays placed in VMEM left out). A slice or gather
+    reads only its result's worth of its operand, inside a fusion too (a scan's fusion that takes
+    one layer of the stacked weights, an embedding lookup); an update in place (a scan writing one
+    layer's slice of a stacked array) writes only its update."""
     def hbm(arrays):
         return sum(a.tiled_bytes for a in arrays if a.memory_space == 0 and a.dims)
 
     results = inst.arrays
-    operands = [by_name[o].arrays for o in inst.operands if o in by_name]
+    operands = [by_name[o].arrays if o in by_name else [] for o in inst.operands]
     if inst.opcode == "copy-start":  # (destination, source, context): the source read, the destination written
         return hbm(results[:2])
     if "dynamic-update-slice" in inst.name or inst.opcode in ("dynamic-update-slice", "scatter"):
         sizes = sorted((hbm(a) for a in operands), reverse=True)
         return 2 * sum(sizes[1:])
-    if "slice" in inst.name or inst.opcode in ("slice-start", "slice", "dynamic-slice", "gather"):
+    if inst.opcode in ("slice-start", "slice", "dynamic-slice", "gather"):
         return 2 * hbm(results) + sum(sorted((hbm(a) for a in operands), reverse=True)[1:])
-    return hbm(results) + sum(hbm(a) for a in operands)
+    read = [hbm(a) for a in operands]
+    called = re.findall(r"calls=%([^\s,]+)", inst.attributes)
+    if inst.opcode == "fusion" and called and called[0] in comps:
+        for index, partial in _partially_read_parameters(comps[called[0]]).items():
+            if index < len(read):
+                read[index] = min(read[index], partial)
+    return hbm(results) + sum(read)
+
+
+def _partially_read_parameters(body: list[v5e.Instruction]) -> dict[int, int]:
+    """A fused computation's parameters whose every use slices or gathers them: parameter index ->
+    the bytes those uses read."""
+    params = {i.name: int(i.operand_text) for i in body if i.opcode == "parameter" and i.operand_text.isdigit()}
+    users: dict[str, list[tuple[v5e.Instruction, int]]] = {name: [] for name in params}
+    for inst in body:
+        for position, operand in enumerate(inst.operands):
+            if operand in users:
+                users[operand].append((inst, position))
+    out = {}
+    for name, uses in users.items():
+        if uses and all(u.opcode in _PARTIAL_READS and position == 0 for u, position in uses):
+            out[params[name]] = sum(a.tiled_bytes for u, _ in uses for a in u.arrays if a.dims)
+    return out
 
 
 def _fused_received_bytes(comps, inst: v5e.Instruction, devices: int) -> float:

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import pallas_flash as pf
 
@@ -25,10 +26,21 @@ TPU_ONLY = ("jax_flash", "jax_splash")
 
 
 def attention_fn(name: str, *, window: int | None = None, logits_soft_cap: float | None = None,
-                 cpu_fallback: bool = False, interpret: bool | None = None):
+                 cpu_fallback: bool = False, interpret: bool | None = None, mesh=None):
     """f(q, k, v) -> O, causal, for the implementation `name` (ATTENTION_IMPLS). window: keys at most
     `window` positions before the query (None: every earlier key). interpret: as flash_attention's
-    (False: compiled by Mosaic, what a deviceless v5e compile needs)."""
+    (False: compiled by Mosaic, what a deviceless v5e compile needs). mesh: q, k, v arrive split
+    over all its devices along the batch; JAX's TPU kernels (which Mosaic cannot partition) then run
+    per device under shard_map (ours partition themselves)."""
+    fn = _attention_fn(name, window=window, logits_soft_cap=logits_soft_cap, cpu_fallback=cpu_fallback,
+                       interpret=interpret)
+    if mesh is None or name not in TPU_ONLY:
+        return fn
+    batch = P(tuple(mesh.axis_names))
+    return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False)
+
+
+def _attention_fn(name, *, window, logits_soft_cap, cpu_fallback, interpret):
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"--attention: unknown implementation {name!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
     if name == "jax_cudnn" and cpu_fallback:

@@ -105,16 +105,20 @@ CONFIGS = {
 
 
 def config(name: str) -> LlamaConfig:
-    """A named configuration; "llama-1b:4" is llama-1b's layer shapes with 4 layers."""
-    base, _, layers = name.partition(":")
+    """A named configuration; "llama-1b:4" is llama-1b's layer shapes with 4 layers, "llama-1b:4:32000"
+    also with a vocabulary of 32000 (a smaller head, for a CPU)."""
+    base, *rest = name.split(":")
     if base not in CONFIGS:
         raise ValueError(f"--model: unknown model {base!r}; expected one of {', '.join(CONFIGS)} "
-                         f"(optionally ':LAYERS')")
-    if not layers:
-        return CONFIGS[base]
-    if not layers.isdigit() or int(layers) < 1:
-        raise ValueError(f"--model: expected {base}:LAYERS with LAYERS an int >= 1, got {name!r}")
-    return CONFIGS[base].with_layers(int(layers))
+                         f"(optionally ':LAYERS' or ':LAYERS:VOCAB')")
+    if len(rest) > 2 or not all(x.isdigit() and int(x) >= 1 for x in rest):
+        raise ValueError(f"--model: expected {base}[:LAYERS[:VOCAB]] with ints >= 1, got {name!r}")
+    c = CONFIGS[base]
+    if rest:
+        c = c.with_layers(int(rest[0]))
+    if len(rest) == 2:
+        c = dataclasses.replace(c, name=f"{c.name}-v{rest[1]}", vocab=int(rest[1]))
+    return c
 
 
 # --------------------------------------------------------------------------------------------------
