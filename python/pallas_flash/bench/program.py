@@ -142,15 +142,15 @@ def _hbm_bytes(inst: v5e.Instruction, by_name, comps) -> int:
     read = [hbm(a) for a in operands]
     called = re.findall(r"calls=%([^\s,]+)", inst.attributes)
     if inst.opcode == "fusion" and called and called[0] in comps:
-        for index, partial in _partially_read_parameters(comps[called[0]]).items():
+        for index, partial in _partially_read_parameters(comps[called[0]], comps).items():
             if index < len(read):
                 read[index] = min(read[index], partial)
     return hbm(results) + sum(read)
 
 
-def _partially_read_parameters(body: list[v5e.Instruction]) -> dict[int, int]:
-    """A fused computation's parameters whose every use slices or gathers them: parameter index ->
-    the bytes those uses read."""
+def _partially_read_parameters(body: list[v5e.Instruction], comps) -> dict[int, int]:
+    """A fused computation's parameters whose every use slices or gathers them (directly, or in a
+    nested fusion that does): parameter index -> the bytes those uses read."""
     params = {i.name: int(i.operand_text) for i in body if i.opcode == "parameter" and i.operand_text.isdigit()}
     users: dict[str, list[tuple[v5e.Instruction, int]]] = {name: [] for name in params}
     for inst in body:
@@ -159,8 +159,20 @@ def _partially_read_parameters(body: list[v5e.Instruction]) -> dict[int, int]:
                 users[operand].append((inst, position))
     out = {}
     for name, uses in users.items():
-        if uses and all(u.opcode in _PARTIAL_READS and position == 0 for u, position in uses):
-            out[params[name]] = sum(a.tiled_bytes for u, _ in uses for a in u.arrays if a.dims)
+        read = 0
+        for use, position in uses:
+            if use.opcode in _PARTIAL_READS and position == 0:
+                read += sum(a.tiled_bytes for a in use.arrays if a.dims)
+                continue
+            nested = re.findall(r"calls=%([^\s,]+)", use.attributes)
+            partial = _partially_read_parameters(comps[nested[0]], comps).get(position) if (
+                use.opcode == "fusion" and nested and nested[0] in comps) else None
+            if partial is None:
+                break
+            read += partial
+        else:
+            if uses:
+                out[params[name]] = read
     return out
 
 
