@@ -3,6 +3,7 @@ gradients; generation over the paged cache equals recomputing the causal forward
 equals the one-device step; sharded_append_kv equals append_kv; the model report's rows."""
 
 import dataclasses
+import importlib.util
 import json
 
 import jax
@@ -191,12 +192,13 @@ def test_model_report_on_cpu_writes_every_column(tmp_path, capsys):
 
     out = tmp_path / "rows.json"
     plot = tmp_path / "rows.png"
+    plotting = importlib.util.find_spec("matplotlib") is not None  # not in the oldest-JAX environment
     code = model.main(["--target", "cpu", "--model", "tiny", "--pass", "train,prefill,decode", "--seq", "32",
-                       "--batch", "1", "--attention", "pallas_flash,jax_xla,jax_flash", "--json", str(out),
-                       "--plot", str(plot)])
+                       "--batch", "1", "--attention", "pallas_flash,jax_xla,jax_flash", "--json", str(out)]
+                      + (["--plot", str(plot)] if plotting else []))
     assert code == 0
     rows = json.loads(out.read_text())["results"]
-    assert plot.stat().st_size > 0
+    assert not plotting or plot.stat().st_size > 0
     required = {"model", "pass", "attention", "seq", "batch", "status", "source", "tokens_per_s", "mfu",
                 "attention_share", "hbm_bytes", "usd_per_million_tokens"}
     assert all(required <= set(r) for r in rows)

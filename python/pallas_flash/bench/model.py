@@ -90,6 +90,11 @@ def parse_args(argv=None):
     if bad or not passes:
         parser.error(f"--pass: expected some of {', '.join(PASSES)}, got {args.passes!r}")
     args.passes = passes
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot: needs matplotlib (pip install 'pallas-flash[models]')")
     return args
 
 
