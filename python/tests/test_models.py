@@ -239,7 +239,7 @@ def test_program_cost_counts_a_loop_body_per_trip():
     from pallas_flash.hardware import TPU_V5E
 
     x = v5e.abstract((1024, 1024), jnp.bfloat16)
-    ws = v5e.abstract((6, 1024, 1024), jnp.bfloat16)
+    ws = v5e.abstract((32, 1024, 1024), jnp.bfloat16)  # 64 MiB stacked: a body reads 2 MiB of it
 
     def scanned(x, ws):
         return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
@@ -249,8 +249,10 @@ def test_program_cost_counts_a_loop_body_per_trip():
 
     looped = program.program_cost(v5e.compile_for_v5e(scanned, x, ws), TPU_V5E, 1)
     single = program.program_cost(v5e.compile_for_v5e(once, x, v5e.abstract((1024, 1024), jnp.bfloat16)), TPU_V5E, 1)
-    assert max(o.runs for o in looped.ops) == 6
-    assert 5.5 * single.seconds() < looped.seconds() < 7 * single.seconds()
+    assert max(o.runs for o in looped.ops) == 32
+    # Each trip's matmul reads its layer's slice, not the stacked array (64 MiB / 819 GB/s = 82 us a
+    # trip, against about 20 us of compute, were the whole array counted: ~150x one call).
+    assert 30 * single.seconds() < looped.seconds() < 45 * single.seconds()
     flops = 2 * 1024**3
     assert single.seconds() > flops / TPU_V5E.peak_flops  # never faster than the peak
 
