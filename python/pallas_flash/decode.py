@@ -573,12 +573,38 @@ def _per_shard_decode(q, k_cache, v_cache, lengths, page_table, **options):
     return per_shard(kernel, rule, auto=auto)(*operands)
 
 
+def _check_new_rows(name: str, k_new, v_new, k_cache, v_cache, page_table):
+    """append_kv's and sharded_append_kv's checks of the new rows against the cache."""
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
+    _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
+    if k_new.shape[1] != k_cache.shape[1]:
+        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+
+
+def _check_sequence_split(name: str, k_cache, page_table, layout: CacheLayout, devices: int):
+    """A cache split along the sequence over `devices`: a contiguous cache's Nmax, or a paged one's
+    pages per sequence and pool, divide evenly."""
+    if page_table is None:
+        if k_cache.shape[2] % devices:
+            raise ValueError(f"{name}: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
+    elif layout.pages_per_seq % devices or k_cache.shape[0] % devices:
+        raise ValueError(f"{name}: expected pages_per_seq and num_pages divisible by the {devices} devices, got "
+                         f"page_table {list(page_table.shape)} and {k_cache.shape[0]} pages")
+
+
+def _length_array(lengths, batch: int):
+    """One Python int length for every sequence, as a [B] int32 array; an array as it is."""
+    return jnp.full((batch,), lengths, jnp.int32) if isinstance(lengths, (int, np.integer)) else lengths
+
+
 def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
     """Writes the new tokens' keys and values k_new, v_new [B, Hkv, T, D] at positions
     lengths .. lengths + T - 1 of each sequence (lengths [B]: the positions already in the cache) and
     returns the updated (k_cache, v_cache); page_table as in flash_decode (None: contiguous caches).
 
-    Functional: only the B x Hkv x T new rows are written (one scatter each), so under
+    Functional: only the B x Hkv x T new rows are written (each an in-place update, or one scatter
+    past ROW_LOOP_MAX rows), so under
     jax.jit(..., donate_argnums=(0, 1)) the caches are updated in place, not copied. A decode loop:
 
         k_cache, v_cache = append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new)
@@ -586,15 +612,10 @@ def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
         o = flash_decode(q, k_cache, v_cache, lengths, page_table=page_table)
     """
     name = "append_kv"
-    if k_new.shape != v_new.shape:
-        raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
-    _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
-    if k_new.shape[1] != k_cache.shape[1]:
-        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+    _check_new_rows(name, k_new, v_new, k_cache, v_cache, page_table)
     batch, heads, tokens, _ = k_new.shape
     capacity = _layout(k_cache, page_table).capacity if page_table is not None else k_cache.shape[2]
-    if isinstance(lengths, (int, np.integer)):
-        lengths = jnp.full((batch,), lengths, jnp.int32)
+    lengths = _length_array(lengths, batch)
     _check_lengths(name, lengths, batch, capacity, new_tokens=tokens)
     positions = lengths.astype(jnp.int32)[:, None] + jnp.arange(tokens, dtype=jnp.int32)[None, :]  # [B, T]
     head_index = jnp.arange(heads)[None, :, None]
@@ -649,22 +670,13 @@ def sharded_append_kv(k_cache, v_cache, lengths, mesh, page_table, k_new, v_new)
     replicated. Returns the updated (k_cache, v_cache), sharded as given; functional, as append_kv
     (under jax.jit(..., donate_argnums=...) of the caller the shards are updated in place)."""
     name = "sharded_append_kv"
-    if k_new.shape != v_new.shape:
-        raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
-    _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
-    if k_new.shape[1] != k_cache.shape[1]:
-        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+    _check_new_rows(name, k_new, v_new, k_cache, v_cache, page_table)
     axes = tuple(mesh.axis_names)
     devices = mesh.devices.size
     layout = _layout(k_cache, page_table)
-    if page_table is None and k_cache.shape[2] % devices:
-        raise ValueError(f"{name}: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
-    if page_table is not None and (layout.pages_per_seq % devices or k_cache.shape[0] % devices):
-        raise ValueError(f"{name}: expected pages_per_seq and num_pages divisible by the {devices} devices, got "
-                         f"page_table {list(page_table.shape)} and {k_cache.shape[0]} pages")
+    _check_sequence_split(name, k_cache, page_table, layout, devices)
     batch, heads, tokens, _ = k_new.shape
-    if isinstance(lengths, (int, np.integer)):
-        lengths = jnp.full((batch,), lengths, jnp.int32)
+    lengths = _length_array(lengths, batch)
     _check_lengths(name, lengths, batch, layout.capacity, new_tokens=tokens)
     shard_len = layout.capacity // devices
     cache_spec = P(axes, None, None, None) if page_table is not None else P(None, None, axes, None)
@@ -719,12 +731,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
     axes = tuple(mesh.axis_names)
     devices = mesh.devices.size
     layout = _layout(k_cache, page_table)
-    if page_table is None:
-        if k_cache.shape[2] % devices:
-            raise ValueError(f"{name}: expected Nmax divisible by the {devices} devices, got {k_cache.shape[2]}")
-    elif layout.pages_per_seq % devices or k_cache.shape[0] % devices:
-        raise ValueError(f"{name}: expected pages_per_seq and num_pages divisible by the {devices} devices, got "
-                         f"page_table {list(page_table.shape)} and {k_cache.shape[0]} pages")
+    _check_sequence_split(name, k_cache, page_table, layout, devices)
     _check_lengths(name, lengths, q.shape[0], layout.capacity)
     shard_len = layout.capacity // devices
     pool_part = k_cache.shape[0] // devices  # paged: each device's pages

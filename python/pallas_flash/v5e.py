@@ -150,15 +150,11 @@ class Instruction:
     operands: tuple[str, ...]
     attributes: str  # everything after the operand list
     is_root: bool
-    operand_text: str = ""  # the operand list with its shapes
+    operand_text: str = ""  # the operand list as written (a constant's value, a parameter's index)
 
     @property
     def arrays(self) -> list[ArrayShape]:
         return parse_arrays(self.shape)
-
-    @property
-    def operand_arrays(self) -> list[ArrayShape]:
-        return parse_arrays(self.operand_text)
 
     @property
     def op_name(self) -> str:
@@ -364,17 +360,9 @@ class CompiledProgram:
             if inst is None:
                 continue
             by_name[inst.name] = inst
-            kind = inst.opcode.removesuffix("-done")
-            if kind not in _COLLECTIVE_SHARE or inst.opcode.endswith("-start"):
-                continue
-            result = sum(a.logical_bytes for a in inst.arrays if a.dims)
-            start = by_name.get(inst.operands[0]) if inst.opcode.endswith("-done") and inst.operands else None
-            pairs = re.findall(r"\{(\d+),(\d+)\}", _attribute((start or inst).attributes, "source_target_pairs"))
-            if kind == "collective-permute" and pairs and all(a == b for a, b in pairs):
-                continue  # every device keeps its own block
-            if kind == "reduce-scatter":  # the result is a P-th of the operand
-                result *= devices
-            found.append(Collective(kind, inst.name, result * _COLLECTIVE_SHARE[kind](devices)))
+            received = received_bytes(inst, by_name, devices)
+            if received is not None:
+                found.append(Collective(inst.opcode.removesuffix("-done"), inst.name, received))
         return found
 
     @staticmethod
@@ -408,6 +396,25 @@ class Collective:
 _COLLECTIVE_SHARE = {"collective-permute": lambda p: 1.0, "all-gather": lambda p: (p - 1) / p,
                      "reduce-scatter": lambda p: (p - 1) / p, "all-reduce": lambda p: 2 * (p - 1) / p,
                      "all-to-all": lambda p: (p - 1) / p}
+COLLECTIVE_OPCODES = frozenset(_COLLECTIVE_SHARE)  # each also as -start / -done
+
+
+def received_bytes(inst: Instruction, by_name: dict, devices: int) -> float | None:
+    """The bytes one of `devices` devices receives in the collective `inst` (CompiledProgram.collectives'
+    rule; by_name: the instructions before it, to find an asynchronous one's -start). None where
+    nothing is counted: not a collective, the -start of an asynchronous one (counted at its -done,
+    whose shape is the result), or a permute in which every device keeps its own block."""
+    kind = inst.opcode.removesuffix("-done")
+    if kind not in _COLLECTIVE_SHARE:
+        return None
+    result = sum(a.logical_bytes for a in inst.arrays if a.dims)
+    start = by_name.get(inst.operands[0]) if inst.opcode.endswith("-done") and inst.operands else None
+    pairs = re.findall(r"\{(\d+),(\d+)\}", _attribute((start or inst).attributes, "source_target_pairs"))
+    if kind == "collective-permute" and pairs and all(a == b for a, b in pairs):
+        return None
+    if kind == "reduce-scatter":  # the result is a P-th of the operand
+        result *= devices
+    return result * _COLLECTIVE_SHARE[kind](devices)
 
 _MOVING_OPCODES = frozenset({"copy", "copy-start", "copy-done", "pad", "transpose", "slice", "dynamic-slice",
                              "dynamic-update-slice", "concatenate", "gather", "scatter", "reshape"})

@@ -5,6 +5,7 @@ same run: the difference is attention's share."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -42,8 +43,7 @@ def step_fn(case: ModelCase, attention_name: str | None, cpu_fallback: bool, dty
         return (lambda p, t, cache: generate.prefill(c, p, t, cache, attn, dtype=dtype)), (params, tokens, cache)
     # Decode: the new token at the last position of a full context (the cache's contents do not
     # change the time).
-    cache = generate.PagedCache(cache.k, cache.v, cache.page_table, jnp.full((case.batch,), case.seq - 1, jnp.int32),
-                                cache.layer_stride, cache.split)
+    cache = dataclasses.replace(cache, lengths=jnp.full((case.batch,), case.seq - 1, jnp.int32))
     decode_attention = "none" if attention_name is None else case.attention
     return (lambda p, t, cache: generate.decode_step(c, p, t, cache, dtype=dtype, attention=decode_attention)), (
         params, tokens[:, 0], cache)

@@ -30,7 +30,6 @@ from pallas_flash.hardware import Chip, V5E_ICI_BYTES_PER_S, V5E_ICI_LATENCY_S
 
 _FREE = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "partition-id", "replica-id",
                    "after-all", "opt-barrier", "copy-done", "slice-done", "while", "conditional", "call"})
-_COLLECTIVES = frozenset({"all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +90,8 @@ def _walk(comps, name: str, runs: int, chip: Chip, devices: int, ops: list[OpCos
         attention = "/attention/" in op_name
         backward = "transpose(" in op_name and "rematted_computation" not in op_name
         kind = inst.opcode.removesuffix("-start").removesuffix("-done")
-        if kind in _COLLECTIVES:
-            if inst.opcode.endswith("-start"):
-                continue  # counted once, at its -done
-            received = _received_bytes(inst, by_name, kind, devices)
+        if kind in v5e.COLLECTIVE_OPCODES:
+            received = v5e.received_bytes(inst, by_name, devices)  # None at a -start: counted at its -done
             if received:
                 ops.append(OpCost(inst.name, kind, runs, received / V5E_ICI_BYTES_PER_S + V5E_ICI_LATENCY_S, "ici",
                                   attention, backward, received))
@@ -183,21 +180,12 @@ def _fused_received_bytes(comps, inst: v5e.Instruction, devices: int) -> float:
         body = comps.get(name, [])
         by_name = {i.name: i for i in body}
         for child in body:
-            kind = child.opcode.removesuffix("-start").removesuffix("-done")
-            if kind in _COLLECTIVES and not child.opcode.endswith("-start"):
-                total += _received_bytes(child, by_name, kind, devices)
+            received = v5e.received_bytes(child, by_name, devices)
+            if received is not None:
+                total += received
             elif "calls=%" in child.attributes:
                 total += _fused_received_bytes(comps, child, devices)
     return total
-
-
-def _received_bytes(inst: v5e.Instruction, by_name, kind: str, devices: int) -> float:
-    result = sum(a.logical_bytes for a in inst.arrays if a.dims)
-    if kind == "reduce-scatter":
-        result *= devices
-    share = {"collective-permute": 1.0, "all-gather": (devices - 1) / devices, "reduce-scatter": (devices - 1) / devices,
-             "all-reduce": 2 * (devices - 1) / devices, "all-to-all": (devices - 1) / devices}[kind]
-    return result * share
 
 
 CALIBRATION = (("matmul bf16 2048^3", "matmul", 2 * 2048**3, 0),

@@ -103,13 +103,13 @@ def cache_shardings(cache: PagedCache, mesh) -> PagedCache:
                       "batch")
 
 
-def _per_device(fn, mesh, cache: PagedCache, n_args: int):
-    """fn(params, *args, cache) run per device on its part of a "batch"-split cache and its
-    sequences (the args split along their batch axis, the weights replicated)."""
+def _per_device(fn, mesh, cache: PagedCache):
+    """fn(params, tokens, cache) run per device on its part of a "batch"-split cache and its
+    sequences (the tokens split along their batch axis, the weights replicated)."""
     axes = tuple(mesh.axis_names)
     part = P(axes)
     cache_spec = PagedCache(part, part, part, part, cache.layer_stride, "batch")
-    in_specs = (P(),) + (part,) * n_args + (cache_spec,)
+    in_specs = (P(), part, cache_spec)
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(part, cache_spec), check_vma=False)
 
     def run(*args):
@@ -127,11 +127,12 @@ def prefill(c: llama.LlamaConfig, params: dict, tokens, cache: PagedCache, atten
     float32, the cache with lengths N). mesh: with a cache split by "batch" (init_cache(devices=...)),
     data parallel, each device its own sequences; by "sequence", the prompt runs on every device and
     each keeps its positions' K and V (sharded_append_kv)."""
-    append = pf.append_kv if mesh is None or cache.split == "batch" else _append(mesh)
     if mesh is not None and cache.split == "batch":
         local = lambda p, t, cache: prefill(c, p, t, cache, attention, dtype=dtype)  # noqa: E731
-        return _per_device(local, mesh, cache, 1)(params, tokens, cache)
+        return _per_device(local, mesh, cache)(params, tokens, cache)
+    append = _append(mesh)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
     def layer(carry, xs):
         x, k_pool, v_pool = carry
         p, index = xs
@@ -184,7 +185,7 @@ def decode_step(c: llama.LlamaConfig, params: dict, token, cache: PagedCache, *,
     if mesh is not None and cache.split == "batch":
         local = lambda p, t, cache: decode_step(c, p, t, cache, dtype=dtype, interpret=interpret,  # noqa: E731
                                                 context=context, attention=attention)
-        return _per_device(local, mesh, cache, 1)(params, token, cache)
+        return _per_device(local, mesh, cache)(params, token, cache)
     positions = cache.lengths[:, None]
     new_lengths = cache.lengths + 1
     append = _append(mesh)
