@@ -151,7 +151,18 @@ std::string cpu_model_name() {
 
 }  // namespace
 
-MachinePeak measure_machine_peak(int threads) {
+namespace {
+
+// fp32 FMA at the vector width of a kernel set (the AVX512-BF16 set's fp32 products are AVX-512's).
+double fma_flops_of(const MachinePeak& peak, CpuIsa set) {
+  if (set >= CpuIsa::kAvx512) return peak.fma_flops_avx512;
+  if (set == CpuIsa::kAvx2) return peak.fma_flops_avx2;
+  return peak.fma_flops_portable;
+}
+
+}  // namespace
+
+MachinePeak measure_machine_peak(int threads, bool measure_portable) {
   MachinePeak peak;
   peak.threads = threads;
   peak.cpu_name = cpu_model_name();
@@ -166,9 +177,12 @@ MachinePeak measure_machine_peak(int threads) {
     if (isa >= CpuIsa::kAvx2 && has_avx2) return best_flops(threads, fma_chains_avx2, kChains * 8 * 2.0);
     return best_flops(threads, fma_chains_portable, kChains * 2.0);
   };
-  peak.peak_flops_fp32 = fma_at(active);
+  if (has_avx512) peak.fma_flops_avx512 = fma_at(CpuIsa::kAvx512);
+  if (has_avx2) peak.fma_flops_avx2 = fma_at(CpuIsa::kAvx2);
+  if (measure_portable || active == CpuIsa::kPortable) peak.fma_flops_portable = fma_at(CpuIsa::kPortable);
   const CpuIsa widest = has_avx512 ? CpuIsa::kAvx512 : has_avx2 ? CpuIsa::kAvx2 : CpuIsa::kPortable;
-  peak.widest_fma_flops = widest > active ? fma_at(widest) : peak.peak_flops_fp32;
+  peak.peak_flops_fp32 = fma_flops_of(peak, active);
+  peak.widest_fma_flops = fma_flops_of(peak, widest);
   // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
   peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
   // The kernel set each bf16 pass runs (src/cpu/dispatch.cpp): on AVX512-BF16 its products are vdpbf16ps.
@@ -184,11 +198,28 @@ MachinePeak measure_machine_peak(int threads) {
   return peak;
 }
 
+namespace {
+
+// The forward's FLOPs are 1 of 3.5 of a training step's, the backward's 2.5.
+double ceiling_of_pass(const std::string& pass, double forward_unit, double backward_unit) {
+  if (pass == "bwd") return backward_unit;
+  if (pass == "fwd+bwd") return 3.5 / (1.0 / forward_unit + 2.5 / backward_unit);
+  return forward_unit;
+}
+
+}  // namespace
+
 double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass) {
   if (!bf16) return peak.peak_flops_fp32;
-  if (pass == "bwd") return peak.peak_flops_bf16_backward;
-  if (pass == "fwd+bwd") return 3.5 / (1.0 / peak.peak_flops_bf16 + 2.5 / peak.peak_flops_bf16_backward);
-  return peak.peak_flops_bf16;
+  return ceiling_of_pass(pass, peak.peak_flops_bf16, peak.peak_flops_bf16_backward);
+}
+
+double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass, CpuIsa forward_set,
+                     CpuIsa backward_set) {
+  const auto unit = [&](CpuIsa set) {
+    return bf16 && set >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : fma_flops_of(peak, set);
+  };
+  return ceiling_of_pass(pass, unit(forward_set), unit(backward_set));
 }
 
 }  // namespace pflash::bench

@@ -30,15 +30,19 @@ std::string format_machine(const MachinePeak& peak) {
 }
 
 std::string format_table_header() {
-  return fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
-                     "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "mask", "median", "tokens/s",
+  return fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} {:<11} {:>11} {:>11} {:>8} {:>7} {:>11} {:>3}",
+                     "impl", "pass", "B", "Hq", "Hkv", "Nq", "Nk", "D", "dtype", "mask", "kernels", "median", "tokens/s",
                      "TFLOP/s", "%peak", "extra mem", "n");
 }
 
 std::string format_row(const BenchResult& r) {
   const BenchConfig& c = r.config;
-  std::string row = fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} ", c.impl, c.pass, c.batch,
-                                c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.mask_name());
+  // A forced set is marked with '=' (the widest under that cap), the measured rule's choice bare.
+  const std::string kernels =
+      r.kernel_sets.empty() ? std::string("-") : fmt::format("{}{}", c.kernels == "measured" ? "" : "=", r.kernel_sets);
+  std::string row = fmt::format("{:<6} {:<7} {:>3} {:>4} {:>4} {:>6} {:>6} {:>4} {:<5} {:<20} {:<11} ", c.impl, c.pass,
+                                c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim, to_string(c.dtype), c.mask_name(),
+                                kernels);
   if (r.status == "oom") {
     return row + fmt::format("OOM (needs {})", format_bytes(double(r.bytes_needed.value_or(0))));
   }
@@ -94,6 +98,8 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                     {"bf16_backward_reason", peak.bf16_backward_reason},
                     {"native_bf16", peak.native_bf16},
                     {"widest_fma_flops", peak.widest_fma_flops},
+                    {"fma_flops_avx512", peak.fma_flops_avx512},
+                    {"fma_flops_avx2", peak.fma_flops_avx2},
                     {"bf16_dot_flops", peak.bf16_dot_flops},
                     {"read_bw", peak.read_bw}};
   out["results"] = nlohmann::json::array();
@@ -104,6 +110,7 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                           {"seq_q", c.seq_q},      {"seq_k", c.seq_k},     {"dim", c.dim},
                           {"dtype", to_string(c.dtype)}, {"causal", c.causal}, {"window", c.window},
                           {"segments", c.segments}, {"soft_cap", c.soft_cap}, {"mask", c.mask_name()},
+                          {"kernels", c.kernels}, {"kernel_sets", r.kernel_sets},
                           {"status", r.status},
                           {"flops", r.flops},      {"extra_bytes", r.extra_bytes}};
     if (r.status == "ok") {

@@ -42,6 +42,28 @@ AttentionMask mask_of(const BenchConfig& c, std::vector<std::int32_t>& q_ids, st
   return mask;
 }
 
+// Applies a row's kernel selection (BenchConfig::kernels) for its lifetime; the library's default
+// (the environment's cap and rule) after.
+class KernelSelection {
+ public:
+  explicit KernelSelection(const std::string& kernels) {
+    if (kernels == "measured") return;
+    const std::optional<CpuIsa> cap = cpu_isa_from_string(kernels);
+    if (!cap) {
+      throw Error(ErrorCode::kInvalidArgument, "pflash bench: kernels: expected measured or an instruction set (" +
+                                                   std::string(cpu_isa_names()) + "), got '" + kernels + "'");
+    }
+    set_max_cpu_isa(*cap);
+    set_cpu_kernel_rule(CpuKernelRule::kWidest);
+  }
+  ~KernelSelection() {
+    reset_max_cpu_isa();
+    reset_cpu_kernel_rule();
+  }
+  KernelSelection(const KernelSelection&) = delete;
+  KernelSelection& operator=(const KernelSelection&) = delete;
+};
+
 }  // namespace
 
 double visible_pairs(const BenchConfig& c) {
@@ -118,6 +140,13 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   }
 
   const bool naive = config.impl == "naive";
+  const KernelSelection selection(naive ? std::string("measured") : config.kernels);
+  const CpuIsa forward_set = cpu_kernel_choice(CpuPass::kForward, config.dtype).isa;
+  const CpuIsa backward_set = cpu_kernel_choice(CpuPass::kBackward, config.dtype).isa;
+  if (!naive) {
+    result.kernel_sets = std::string(to_string(config.pass == "bwd" ? backward_set : forward_set));
+    if (config.pass == "fwd+bwd" && backward_set != forward_set) result.kernel_sets += "/" + std::string(to_string(backward_set));
+  }
   if (naive && backward) throw Error(ErrorCode::kUnsupported, "pflash bench: the naive baseline has no backward pass");
   if (naive) result.bytes_needed = naive_attention_bytes(params);
   const auto call = [&] {
@@ -145,7 +174,10 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   result.repeats = timing.repeats;
   result.extra_bytes = timing.extra_bytes;
   result.tflops = result.flops / result.median_s / 1e12;
-  const double ceiling = ceiling_flops(peak, config.dtype == DType::kBFloat16, naive ? "fwd" : config.pass);
+  const bool bf16 = config.dtype == DType::kBFloat16;
+  const double ceiling = naive || config.kernels == "measured"
+                             ? ceiling_flops(peak, bf16, naive ? "fwd" : config.pass)
+                             : ceiling_flops(peak, bf16, config.pass, forward_set, backward_set);
   result.fraction_of_peak = result.flops / result.median_s / ceiling;
   result.tokens_per_s = static_cast<double>(config.batch * config.seq_q) / result.median_s;
   return result;

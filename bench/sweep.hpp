@@ -22,6 +22,9 @@ struct BenchConfig {
   std::int64_t window = -1;    // a left window (pflash::AttentionMask::window_left); -1: none
   std::int64_t segments = 1;   // packed documents of equal length per sequence (1: one)
   float soft_cap = 0.0f;       // logits_soft_cap; 0: none
+  // Which CPU kernel sets run (flash rows): "measured", the library's default rule (the environment's
+  // cap and rule), or an instruction set's name: the widest set under it, whatever it measures.
+  std::string kernels = "measured";
 
   // The mask in a word or a few: "full", "causal", "causal w4096 seg8 cap50".
   std::string mask_name() const;
@@ -50,6 +53,9 @@ struct BenchResult {
   double tokens_per_s = 0.0;  // query tokens per second
   std::uint64_t extra_bytes = 0;
   std::optional<std::uint64_t> bytes_needed;  // naive rows
+  // The kernel sets the row's passes ran (pflash::cpu_kernel_choice): "avx512", or "avx512/avx512_bf16"
+  // for a training step whose forward and backward differ; empty for naive rows.
+  std::string kernel_sets;
 };
 
 // The (query, key) pairs the mask lets through, per batch entry and head (Nq * Nk when it masks nothing).

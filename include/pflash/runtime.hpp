@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -14,6 +15,10 @@ namespace pflash {
 enum class CpuIsa { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
 
 std::string_view to_string(CpuIsa isa);
+// The instruction set to_string names `name`; nullopt for any other text.
+std::optional<CpuIsa> cpu_isa_from_string(std::string_view name);
+// Every name to_string gives, least capable first, comma-separated: for messages.
+std::string_view cpu_isa_names();
 
 // The best instruction set this CPU supports and this build contains.
 CpuIsa detected_cpu_isa();

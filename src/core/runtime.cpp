@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -46,12 +47,9 @@ constexpr CpuIsa kIsas[] = {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, C
 CpuIsa environment_cap() {
   const char* env = std::getenv("PFLASH_MAX_CPU_ISA");
   if (env == nullptr || *env == '\0') return CpuIsa::kAvx512Bf16;
-  const std::string_view name(env);
-  for (CpuIsa isa : kIsas) {
-    if (name == to_string(isa)) return isa;
-  }
-  throw Error(ErrorCode::kInvalidArgument, "PFLASH_MAX_CPU_ISA: expected one of portable, avx2, avx512, "
-                                           "avx512_bf16 (or unset), got '" + std::string(name) + "'");
+  if (const std::optional<CpuIsa> isa = cpu_isa_from_string(env)) return *isa;
+  throw Error(ErrorCode::kInvalidArgument, "PFLASH_MAX_CPU_ISA: expected one of " + std::string(cpu_isa_names()) +
+                                               " (or unset), got '" + std::string(env) + "'");
 }
 
 constexpr int kCapFromEnvironment = -1;
@@ -68,6 +66,15 @@ std::string_view to_string(CpuIsa isa) {
   }
   return "unknown";
 }
+
+std::optional<CpuIsa> cpu_isa_from_string(std::string_view name) {
+  for (CpuIsa isa : kIsas) {
+    if (name == to_string(isa)) return isa;
+  }
+  return std::nullopt;
+}
+
+std::string_view cpu_isa_names() { return "portable, avx2, avx512, avx512_bf16"; }
 
 CpuIsa detected_cpu_isa() {
   static const CpuIsa detected = [] {

@@ -3,6 +3,7 @@
 
 #include "decode_bench.hpp"
 #include "pflash/error.hpp"
+#include "pflash/runtime.hpp"
 #include "report.hpp"
 #include "sweep.hpp"
 
@@ -94,6 +95,50 @@ TEST(RunConfig, FlashRowIsTimedAgainstTheDtypePeak) {
   EXPECT_GT(r.extra_bytes, 0u);
 }
 
+// --cpu-kernels: a row forced onto a set runs that set (the widest under it, where the CPU has it) and
+// is judged against that set's unit; the library's own rule is back in force after the row.
+TEST(RunConfig, AForcedKernelSetRunsAndIsJudgedAgainstItsUnit) {
+  BenchOptions options;
+  options.threads = 2;
+  options.repeats = 1;
+  MachinePeak peak = fake_peak();
+  peak.fma_flops_portable = 1e9;
+  peak.fma_flops_avx2 = 3e10;
+  peak.fma_flops_avx512 = 6e10;
+  peak.bf16_dot_flops = 9e10;
+  peak.native_bf16 = true;
+  const CpuIsa detected = detected_cpu_isa();
+  for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+    BenchConfig c = config("flash", true, 40, 40);
+    c.pass = "fwd+bwd";
+    c.kernels = std::string(to_string(isa));
+    const BenchResult r = run_config(c, options, peak);
+    const CpuIsa ran = std::min(isa, detected);
+    EXPECT_EQ(r.kernel_sets, to_string(ran));
+    const double unit = ran == CpuIsa::kAvx512Bf16 ? 9e10
+                        : ran == CpuIsa::kAvx512   ? 6e10
+                        : ran == CpuIsa::kAvx2     ? 3e10
+                                                   : 1e9;
+    EXPECT_DOUBLE_EQ(r.fraction_of_peak, r.flops / r.median_s / unit) << c.kernels;
+    EXPECT_NE(format_row(r).find("=" + r.kernel_sets), std::string::npos) << format_row(r);
+    EXPECT_EQ(to_json(peak, {r})["results"][0]["kernels"], c.kernels);
+    EXPECT_EQ(to_json(peak, {r})["results"][0]["kernel_sets"], r.kernel_sets);
+    EXPECT_EQ(active_cpu_isa(), detected) << "the cap outlived the row";
+  }
+  BenchConfig measured = config("flash", false, 40, 40);
+  const BenchResult r = run_config(measured, options, peak);
+  EXPECT_EQ(r.kernel_sets, to_string(cpu_kernel_choice(CpuPass::kForward, DType::kBFloat16).isa));
+  EXPECT_DOUBLE_EQ(r.fraction_of_peak, r.flops / r.median_s / 2e11);  // the default rule's unit
+  BenchConfig bad = config("flash", false, 40, 40);
+  bad.kernels = "avx1024";
+  try {
+    run_config(bad, options, peak);
+    ADD_FAILURE() << "no error for kernels avx1024";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected measured or an instruction set"), std::string::npos) << e.what();
+  }
+}
+
 TEST(RunConfig, NaiveOverBudgetIsAnOomRowWithBytesNeeded) {
   BenchOptions options;
   options.memory_budget = 1024;
@@ -119,7 +164,7 @@ TEST(Report, JsonKeepsTheContractKeys) {
     EXPECT_EQ(row["mode"], "attention");
     for (const char* key : {"impl", "pass", "batch", "heads", "kv_heads", "seq_q", "seq_k", "dim", "dtype", "causal",
                             "status", "median_s", "flops", "tflops", "fraction_of_peak", "extra_bytes",
-                            "bytes_needed"}) {
+                            "bytes_needed", "kernels", "kernel_sets"}) {
       EXPECT_TRUE(row.contains(key)) << key;
     }
   }

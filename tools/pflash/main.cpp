@@ -51,6 +51,7 @@ struct BenchArgs {
   std::vector<float> soft_cap{0.0f};
   std::vector<std::string> impl{"flash", "naive"};
   std::vector<std::string> pass{"fwd"};
+  std::vector<std::string> cpu_kernels{"measured"};
   std::string memory_budget = "16GiB";
   int threads = 0;
   int repeats = 5;
@@ -118,9 +119,9 @@ std::vector<pflash::bench::DecodeBenchConfig> make_decode_configs(const BenchArg
   return configs;
 }
 
-pflash::bench::MachinePeak measure_peak(int threads) {
+pflash::bench::MachinePeak measure_peak(int threads, bool measure_portable = false) {
   std::cerr << "measuring this machine's peak FLOP/s and read bandwidth...\n";
-  const auto peak = pflash::bench::measure_machine_peak(threads);
+  const auto peak = pflash::bench::measure_machine_peak(threads, measure_portable);
   std::cout << pflash::bench::format_machine(peak);
   return peak;
 }
@@ -192,9 +193,11 @@ std::vector<BenchConfig> make_configs(const BenchArgs& a) {
             for (auto hkv : a.kv_heads.empty() ? std::vector<std::int64_t>{h} : a.kv_heads)
               for (auto d : a.dim)
                 for (auto [nq, nk] : lengths)
-                  for (const auto& impl : a.impl) {
+                  for (const auto& impl : a.impl)
+                  for (const auto& kernels : impl == "naive" ? std::vector<std::string>{"measured"} : a.cpu_kernels) {
                     if (impl == "naive" && pass != "fwd") continue;  // no naive backward
                     BenchConfig c;
+                    c.kernels = kernels;
                     c.impl = impl;
                     c.pass = pass;
                     c.batch = b;
@@ -220,7 +223,9 @@ int run_bench(const BenchArgs& args) {
   options.block_k = args.block_k;
   const std::vector<BenchConfig> configs = make_configs(args);
 
-  const auto peak = measure_peak(options.threads);
+  const bool portable_rows =
+      std::find(args.cpu_kernels.begin(), args.cpu_kernels.end(), "portable") != args.cpu_kernels.end();
+  const auto peak = measure_peak(options.threads, portable_rows);
   std::cout << fmt::format(
       "timing: median of up to {} repeats (n; fewer when they would pass {} s) after {} warm-up; naive memory budget: {}\n\n",
       options.repeats, options.max_seconds, options.warmup,
@@ -231,9 +236,10 @@ int run_bench(const BenchArgs& args) {
   std::vector<pflash::bench::BenchResult> results;
   for (std::size_t i = 0; i < configs.size(); ++i) {
     const BenchConfig& c = configs[i];
-    progress.show(fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} {}", i + 1, configs.size(),
+    progress.show(fmt::format("[{}/{}] {} {} B={} Hq={} Hkv={} Nq={} Nk={} D={} {} {}{}", i + 1, configs.size(),
                               c.impl, c.pass, c.batch, c.heads, c.kv_heads, c.seq_q, c.seq_k, c.dim,
-                              pflash::to_string(c.dtype), c.mask_name()));
+                              pflash::to_string(c.dtype), c.mask_name(),
+                              c.kernels == "measured" ? "" : " kernels " + c.kernels));
     results.push_back(pflash::bench::run_config(c, options, peak));
     progress.clear();
     std::cout << pflash::bench::format_row(results.back()) << std::endl;
@@ -284,6 +290,16 @@ int main(int argc, char** argv) {
   bench->add_option("--impl", args.impl, "flash, naive")->delimiter(',')->check(CLI::IsMember({"flash", "naive"}))->capture_default_str();
   bench->add_option("--pass", args.pass, "fwd, bwd, fwd+bwd (the naive baseline runs fwd only)")
       ->delimiter(',')->check(CLI::IsMember({"fwd", "bwd", "fwd+bwd"}))->capture_default_str();
+  std::vector<std::string> kernel_choices{"measured"};
+  for (pflash::CpuIsa isa : {pflash::CpuIsa::kPortable, pflash::CpuIsa::kAvx2, pflash::CpuIsa::kAvx512,
+                             pflash::CpuIsa::kAvx512Bf16}) {
+    kernel_choices.emplace_back(pflash::to_string(isa));
+  }
+  bench->add_option("--cpu-kernels", args.cpu_kernels,
+                    "flash rows' CPU kernel sets, each a row of its own, run back to back: measured (the library's "
+                    "rule: pflash --version says what it picks) or an instruction set (the widest set under it, "
+                    "as PFLASH_MAX_CPU_ISA with PFLASH_CPU_KERNELS=widest); a set above this CPU's runs its best")
+      ->delimiter(',')->check(CLI::IsMember(kernel_choices))->capture_default_str();
   bench->add_option("--memory-budget", args.memory_budget, "naive's memory budget, e.g. 16GiB, or none")
       ->check([](const std::string& s) {
         try {
