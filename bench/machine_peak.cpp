@@ -61,6 +61,39 @@ __attribute__((target("avx512f,avx512bf16"))) float dpbf16_chains(std::int64_t i
   return _mm512_cvtss_f32(sum);
 }
 
+// Eight independent tdpbf16ps chains over tiles 0-5 (four accumulators, each product issued twice
+// per iteration to cover the instruction's latency): 16 x 16 x 32 multiply-adds a product. Runs only
+// where pflash detected AMX, which also asked the system for the tile state.
+__attribute__((target("amx-tile,amx-bf16"))) float amx_chains(std::int64_t iterations) {
+  struct alignas(64) {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64};
+    std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+  } config;
+  alignas(64) static const std::uint16_t ones[16 * 32] = {};  // bf16 zeros: the sums stay finite
+  alignas(64) float out[16 * 16];
+  _tile_loadconfig(&config);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (std::int64_t i = 0; i < iterations; ++i) {
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(3, 4, 5);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 5);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return out[0];
+}
+
 float fma_chains_portable(std::int64_t iterations) {
   float acc[kChains];
   for (int c = 0; c < kChains; ++c) acc[c] = 0.001f * static_cast<float>(c);
@@ -72,10 +105,11 @@ float fma_chains_portable(std::int64_t iterations) {
 }
 
 // Best FLOP/s over the trials of `chains` run on every thread; flops_per_iteration counts one
-// iteration of all chains.
+// iteration of all chains (fewer iterations for wider units, so that each trial takes about as long).
 template <class Fn>
 double best_flops(int threads, Fn chains, double flops_per_iteration) {
-  const std::int64_t iterations = kIterations / (flops_per_iteration > 400 ? 4 : 1);
+  const std::int64_t iterations =
+      kIterations / (flops_per_iteration > 1e5 ? 256 : flops_per_iteration > 400 ? 4 : 1);
   double best = 0.0;
   volatile float sink = 0.0f;
   for (int trial = 0; trial < kTrials; ++trial) {
@@ -185,11 +219,15 @@ MachinePeak measure_machine_peak(int threads, bool measure_portable) {
   peak.widest_fma_flops = fma_flops_of(peak, widest);
   // one vdpbf16ps: 16 lanes x 2 products x (multiply + add)
   peak.bf16_dot_flops = peak.native_bf16 ? best_flops(threads, dpbf16_chains, kChains * 16 * 4.0) : 0.0;
+  // 8 tile products of 16 x 16 x 32 multiply-adds an iteration.
+  peak.amx_flops =
+      detected_cpu_isa() >= CpuIsa::kAmxBf16 ? best_flops(threads, amx_chains, 8 * 16 * 16 * 32 * 2.0) : 0.0;
   // The kernel set each bf16 pass runs (src/cpu/dispatch.cpp): on AVX512-BF16 its products are vdpbf16ps.
   const auto unit = [&](CpuPass pass, std::string& isa, std::string& reason) {
     const CpuKernelChoice choice = cpu_kernel_choice(pass, DType::kBFloat16);
     isa = std::string(to_string(choice.isa));
     reason = choice.reason;
+    if (choice.isa >= CpuIsa::kAmxBf16 && peak.amx_flops > 0.0) return peak.amx_flops;
     return choice.isa >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : peak.peak_flops_fp32;
   };
   peak.peak_flops_bf16 = unit(CpuPass::kForward, peak.bf16_forward_isa, peak.bf16_forward_reason);
@@ -217,6 +255,7 @@ double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass
 double ceiling_flops(const MachinePeak& peak, bool bf16, const std::string& pass, CpuIsa forward_set,
                      CpuIsa backward_set) {
   const auto unit = [&](CpuIsa set) {
+    if (bf16 && set >= CpuIsa::kAmxBf16 && peak.amx_flops > 0.0) return peak.amx_flops;
     return bf16 && set >= CpuIsa::kAvx512Bf16 && peak.native_bf16 ? peak.bf16_dot_flops : fma_flops_of(peak, set);
   };
   return ceiling_of_pass(pass, unit(forward_set), unit(backward_set));

@@ -10,8 +10,9 @@ namespace pflash::bench {
 
 // The ceilings rows are judged against are those of the unit the kernels use: fp32 FMA at the vector
 // width of the active instruction set, and for bf16 rows the unit of the kernel set each pass runs
-// (pflash::cpu_kernel_choice): the bf16 dot product (vdpbf16ps) for the AVX512-BF16 set (the
-// backward's dV and dK on masked tiles excepted: an upper bound), else fp32 FMA.
+// (pflash::cpu_kernel_choice): AMX tile products for the AMX set, the bf16 dot product (vdpbf16ps) for
+// the AVX512-BF16 set (the parts those kernels leave to narrower units, such as the backward's dV and
+// dK on masked tiles, excepted: an upper bound), else fp32 FMA.
 // The hardware's widest FMA and its bf16 dot product are measured beside them, for reference.
 struct MachinePeak {
   int threads = 1;
@@ -27,6 +28,7 @@ struct MachinePeak {
   // portable, measured only when asked for), for rows that force a kernel set (BenchConfig::kernels).
   double fma_flops_portable = 0.0, fma_flops_avx2 = 0.0, fma_flops_avx512 = 0.0;
   double bf16_dot_flops = 0.0;           // FLOP/s, vdpbf16ps (0: the CPU has none)
+  double amx_flops = 0.0;                // FLOP/s, AMX tdpbf16ps tile products (0: no AMX)
   bool native_bf16 = false;              // whether the CPU has vdpbf16ps
   double read_bw = 0.0;                  // bytes/s, streaming reads from DRAM on every thread
 };

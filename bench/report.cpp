@@ -14,7 +14,8 @@ std::string format_bytes(double bytes) {
 std::string format_machine(const MachinePeak& peak) {
   const std::string reference =
       fmt::format("widest fp32 FMA {:.1f}", peak.widest_fma_flops / 1e9) +
-      (peak.native_bf16 ? fmt::format(", bf16 vdpbf16ps {:.1f}", peak.bf16_dot_flops / 1e9) : std::string());
+      (peak.native_bf16 ? fmt::format(", bf16 vdpbf16ps {:.1f}", peak.bf16_dot_flops / 1e9) : std::string()) +
+      (peak.amx_flops > 0.0 ? fmt::format(", bf16 AMX tiles {:.1f}", peak.amx_flops / 1e9) : std::string());
   return fmt::format(
       "machine: {} | {} threads | kernels: {}\n"
       "ceiling of the kernels' units: fp32 FMA on the {} kernels' vectors {:.1f} GFLOP/s; bf16 rows {}; "
@@ -101,6 +102,7 @@ nlohmann::json to_json(const MachinePeak& peak, const std::vector<BenchResult>& 
                     {"fma_flops_avx512", peak.fma_flops_avx512},
                     {"fma_flops_avx2", peak.fma_flops_avx2},
                     {"bf16_dot_flops", peak.bf16_dot_flops},
+                    {"amx_flops", peak.amx_flops},
                     {"read_bw", peak.read_bw}};
   out["results"] = nlohmann::json::array();
   for (const BenchResult& r : results) {

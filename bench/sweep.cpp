@@ -145,7 +145,9 @@ BenchResult run_config(const BenchConfig& config, const BenchOptions& options, c
   const CpuIsa backward_set = cpu_kernel_choice(CpuPass::kBackward, config.dtype).isa;
   if (!naive) {
     result.kernel_sets = std::string(to_string(config.pass == "bwd" ? backward_set : forward_set));
-    if (config.pass == "fwd+bwd" && backward_set != forward_set) result.kernel_sets += "/" + std::string(to_string(backward_set));
+    if (config.pass == "fwd+bwd" && backward_set != forward_set) {
+      result.kernel_sets = fmt::format("{}/{}", to_string(forward_set), to_string(backward_set));
+    }
   }
   if (naive && backward) throw Error(ErrorCode::kUnsupported, "pflash bench: the naive baseline has no backward pass");
   if (naive) result.bytes_needed = naive_attention_bytes(params);

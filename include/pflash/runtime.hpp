@@ -12,7 +12,9 @@
 namespace pflash {
 
 // Ordered from least to most capable.
-enum class CpuIsa { kPortable, kAvx2, kAvx512, kAvx512Bf16 };
+// kAmxBf16: AVX512-BF16 plus Intel AMX tiles with bf16 products (tdpbf16ps), and the operating
+// system's leave to use them (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once at detection).
+enum class CpuIsa { kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmxBf16 };
 
 std::string_view to_string(CpuIsa isa);
 // The instruction set to_string names `name`; nullopt for any other text.
@@ -24,7 +26,7 @@ std::string_view cpu_isa_names();
 CpuIsa detected_cpu_isa();
 
 // The instruction set the kernels run with: detected_cpu_isa(), lowered by set_max_cpu_isa() or, until
-// that is called, by the environment variable PFLASH_MAX_CPU_ISA (portable, avx2, avx512, avx512_bf16).
+// that is called, by the environment variable PFLASH_MAX_CPU_ISA (portable, avx2, avx512, avx512_bf16, amx_bf16).
 // Throws pflash::Error (kInvalidArgument) when that variable names none of them, as every kernel
 // call then does.
 CpuIsa active_cpu_isa();

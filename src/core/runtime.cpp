@@ -1,5 +1,13 @@
 #include <omp.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -13,6 +21,32 @@
 namespace pflash {
 namespace {
 
+#if defined(__x86_64__)
+// AMX: the CPU's tiles (CPUID leaf 7: AMX-TILE, AMX-BF16), the OS saving their state (XCR0's tile
+// config and tile data bits), and Linux's per-process leave to use the 8 KiB of tile data, which a
+// process must ask for before its first tile instruction (else the instruction faults).
+bool amx_usable() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  constexpr unsigned kCpuidAmxBf16 = 1u << 22, kCpuidAmxTile = 1u << 24;
+  if ((edx & kCpuidAmxBf16) == 0 || (edx & kCpuidAmxTile) == 0) return false;
+  __cpuid(1, eax, ebx, ecx, edx);
+  if ((ecx & (1u << 27)) == 0) return false;  // OSXSAVE: xgetbv is usable
+  unsigned xcr0_low = 0, xcr0_high = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  constexpr unsigned kTileConfig = 1u << 17, kTileData = 1u << 18;
+  if ((xcr0_low & kTileConfig) == 0 || (xcr0_low & kTileData) == 0) return false;
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;  // no known way to ask other systems for the tile state
+#endif
+}
+#endif
+
 bool cpu_has(CpuIsa isa) {
 #if defined(__x86_64__)
   switch (isa) {
@@ -25,6 +59,8 @@ bool cpu_has(CpuIsa isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case CpuIsa::kAvx512Bf16:
       return cpu_has(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+    case CpuIsa::kAmxBf16:
+      return cpu_has(CpuIsa::kAvx512Bf16) && amx_usable();
   }
   return false;
 #else
@@ -35,18 +71,18 @@ bool cpu_has(CpuIsa isa) {
 // The instruction sets this build carries kernels for (see src/cpu/dispatch.cpp).
 constexpr CpuIsa kBestBuiltIsa =
 #if defined(__x86_64__)
-    CpuIsa::kAvx512Bf16;
+    CpuIsa::kAmxBf16;
 #else
     CpuIsa::kPortable;
 #endif
 
-constexpr CpuIsa kIsas[] = {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16};
+constexpr CpuIsa kIsas[] = {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16};
 
 // The cap PFLASH_MAX_CPU_ISA sets (none when unset or empty), read at each call so that a bad value
 // is an error of the call that would have used it, not of the program's start-up.
 CpuIsa environment_cap() {
   const char* env = std::getenv("PFLASH_MAX_CPU_ISA");
-  if (env == nullptr || *env == '\0') return CpuIsa::kAvx512Bf16;
+  if (env == nullptr || *env == '\0') return CpuIsa::kAmxBf16;
   if (const std::optional<CpuIsa> isa = cpu_isa_from_string(env)) return *isa;
   throw Error(ErrorCode::kInvalidArgument, "PFLASH_MAX_CPU_ISA: expected one of " + std::string(cpu_isa_names()) +
                                                " (or unset), got '" + std::string(env) + "'");
@@ -63,6 +99,7 @@ std::string_view to_string(CpuIsa isa) {
     case CpuIsa::kAvx2: return "avx2";
     case CpuIsa::kAvx512: return "avx512";
     case CpuIsa::kAvx512Bf16: return "avx512_bf16";
+    case CpuIsa::kAmxBf16: return "amx_bf16";
   }
   return "unknown";
 }
@@ -74,12 +111,12 @@ std::optional<CpuIsa> cpu_isa_from_string(std::string_view name) {
   return std::nullopt;
 }
 
-std::string_view cpu_isa_names() { return "portable, avx2, avx512, avx512_bf16"; }
+std::string_view cpu_isa_names() { return "portable, avx2, avx512, avx512_bf16, amx_bf16"; }
 
 CpuIsa detected_cpu_isa() {
   static const CpuIsa detected = [] {
     CpuIsa best = CpuIsa::kPortable;
-    for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+    for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16}) {
       if (isa <= kBestBuiltIsa && cpu_has(isa)) best = isa;
     }
     return best;

@@ -1,13 +1,16 @@
 // The one place the CPU backend chooses an instruction set: a table of kernel sets, widest first; a
 // call runs the first whose instruction set cpu_kernel_choice gives for its pass and dtype (the widest
-// the active one, pflash::active_cpu_isa, includes, or for bf16 products the faster of two, measured).
+// the active one, pflash::active_cpu_isa, includes, or for bf16 products the fastest of the AMX,
+// AVX512-BF16 and AVX-512 sets allowed, measured).
 // A new instruction set is one row here and one <family>_<isa>.cpp per kernel family.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iterator>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -30,8 +33,10 @@ struct KernelSet {
   void (*decode)(detail::DecodeParams);
 };
 
+// AMX-BF16: the bf16 products of 16 query rows on AMX tiles (the decode streams the cache: AVX512-BF16's).
 // AVX512-BF16: the bf16 products are vdpbf16ps pairs (the forward's and backward's; the decode's scores).
 constexpr KernelSet kKernelSets[] = {
+    {CpuIsa::kAmxBf16, flash_forward_amx_bf16, flash_backward_amx_bf16, flash_decode_avx512_bf16},
     {CpuIsa::kAvx512Bf16, flash_forward_avx512_bf16, flash_backward_avx512_bf16, flash_decode_avx512_bf16},
     {CpuIsa::kAvx512, flash_forward_avx512, flash_backward_avx512, flash_decode_avx512},
     {CpuIsa::kAvx2, flash_forward_avx2, flash_backward_avx2, flash_decode_avx2},
@@ -45,7 +50,7 @@ const KernelSet& widest_under(CpuIsa isa) {
   return kKernelSets[std::size(kKernelSets) - 1];
 }
 
-// ---- The measurement: bf16 products on vdpbf16ps or on fp32 FMAs --------------------------------
+// ---- The measurement: bf16 products on AMX tiles, on vdpbf16ps or on fp32 FMAs --------------------
 
 // One pass's problem, in bf16: the size of one of the kernels' tiles of work (a 256-row query block
 // against 256 keys at the common head dim), so that both sets run their steady state, not set-up.
@@ -98,6 +103,22 @@ class Probe {
     }
   }
 
+  // What the last run of `pass` wrote (O; or dQ, dK, dV), widened.
+  std::vector<float> outputs(CpuPass pass) const {
+    std::vector<float> out;
+    const auto append = [&](const std::vector<bfloat16>& x) {
+      for (bfloat16 e : x) out.push_back(static_cast<float>(e));
+    };
+    if (pass == CpuPass::kForward) {
+      append(scratch_o_);
+    } else {
+      append(dq_);
+      append(dk_);
+      append(dv_);
+    }
+    return out;
+  }
+
  private:
   static constexpr std::int64_t kElems = kRows * kDim;
 
@@ -118,40 +139,94 @@ double seconds(const Probe& probe, const KernelSet& set, CpuPass pass) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Best of 5 runs each after one untimed, alternating, so that a slow moment of a shared machine
-// falls on both and the best of each is its undisturbed time.
-CpuKernelChoice measure(CpuPass pass) {
-  static const Probe probe;
-  const KernelSet& dot = widest_under(CpuIsa::kAvx512Bf16);
-  const KernelSet& fma = widest_under(CpuIsa::kAvx512);
-  probe.run(dot, pass);
-  probe.run(fma, pass);
-  double best_dot = 1e30, best_fma = 1e30;
-  for (int i = 0; i < 5; ++i) {
-    best_dot = std::min(best_dot, seconds(probe, dot, pass));
-    best_fma = std::min(best_fma, seconds(probe, fma, pass));
+// Whether two runs' outputs agree to bf16 products' rounding (the AMX and AVX512-BF16 sets round P
+// and dS to bf16, the AVX-512 set does not: a few percent of the largest value at most), where a
+// wrong tile layout would be off by the whole value.
+bool outputs_agree(const std::vector<float>& x, const std::vector<float>& reference) {
+  float largest = 0.0f, worst = 0.0f;
+  for (std::size_t i = 0; i < reference.size(); ++i) {
+    largest = std::max(largest, std::abs(reference[i]));
+    const float error = std::abs(x[i] - reference[i]);
+    worst = std::isnan(error) ? std::numeric_limits<float>::infinity() : std::max(worst, error);
   }
-  // A tie goes to the vdpbf16ps set (the widest, what the cap names).
-  const bool fma_wins = best_fma < best_dot * 0.97;
-  const CpuIsa winner = fma_wins ? CpuIsa::kAvx512 : CpuIsa::kAvx512Bf16;
-  const double ratio = fma_wins ? best_dot / best_fma : best_fma / best_dot;
-  const std::string_view loser = to_string(fma_wins ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512);
-  char text[160];
-  std::snprintf(text, sizeof text, "measured: %.*s %.2fx as fast as %.*s (%.*s, bf16 %d x %d x %d, one thread, best of 5)",
-                static_cast<int>(to_string(winner).size()), to_string(winner).data(), ratio,
-                static_cast<int>(loser.size()), loser.data(), static_cast<int>(to_string(pass).size()),
-                to_string(pass).data(), static_cast<int>(Probe::kRows), static_cast<int>(Probe::kRows),
-                static_cast<int>(Probe::kDim));
-  return {winner, text};
+  return worst <= 0.05f * largest + 1e-3f;
 }
 
-// One measurement per pass per process.
-const CpuKernelChoice& measured(CpuPass pass) {
-  static std::once_flag once[2];
-  static std::optional<CpuKernelChoice> result[2];
+std::string format_choice(CpuIsa winner, const std::vector<std::pair<CpuIsa, double>>& times, CpuPass pass,
+                          const std::string& note) {
+  double best = 0.0;
+  for (const auto& [isa, time] : times) {
+    if (isa == winner) best = time;
+  }
+  std::string text = "measured: " + std::string(to_string(winner));
+  const char* separator = " ";
+  for (const auto& [isa, time] : times) {
+    if (isa == winner) continue;
+    char ratio[96];
+    std::snprintf(ratio, sizeof ratio, "%s%.2fx as fast as %s", separator, time / best, std::string(to_string(isa)).c_str());
+    text += ratio;
+    separator = ", ";
+  }
+  char problem[128];
+  std::snprintf(problem, sizeof problem, " (%s, bf16 %d x %d x %d, one thread, best of 5)", std::string(to_string(pass)).c_str(),
+                static_cast<int>(Probe::kRows), static_cast<int>(Probe::kRows), static_cast<int>(Probe::kDim));
+  return text + problem + note;
+}
+
+// The candidates for bf16 products under `active`: the AMX tiles where allowed, vdpbf16ps pairs, and
+// fp32 FMA on the widened inputs; widest first.
+std::vector<CpuIsa> candidates(CpuIsa active) {
+  std::vector<CpuIsa> sets;
+  if (active >= CpuIsa::kAmxBf16) sets.push_back(CpuIsa::kAmxBf16);
+  sets.push_back(CpuIsa::kAvx512Bf16);
+  sets.push_back(CpuIsa::kAvx512);
+  return sets;
+}
+
+// Best of 5 runs each after one untimed, alternating, so that a slow moment of a shared machine
+// falls on all and the best of each is its undisturbed time. The AMX set must also compute what the
+// AVX-512 set does on the probe (its first run, checked before it is timed): a CPU or a system where
+// the tiles misbehave keeps the vector kernels, and the reason says so.
+CpuKernelChoice measure(CpuPass pass, CpuIsa active) {
+  static const Probe probe;
+  std::vector<CpuIsa> sets = candidates(active);
+  std::string note;
+  if (sets.front() == CpuIsa::kAmxBf16) {
+    probe.run(widest_under(CpuIsa::kAvx512), pass);
+    const std::vector<float> reference = probe.outputs(pass);
+    probe.run(widest_under(CpuIsa::kAmxBf16), pass);
+    if (!outputs_agree(probe.outputs(pass), reference)) {
+      sets.erase(sets.begin());
+      note = "; amx_bf16 left out: its result disagreed with avx512's on the probe";
+    }
+  }
+  for (CpuIsa isa : sets) probe.run(widest_under(isa), pass);
+  std::vector<std::pair<CpuIsa, double>> times;
+  for (CpuIsa isa : sets) times.emplace_back(isa, 1e30);
+  for (int i = 0; i < 5; ++i) {
+    for (auto& [isa, best] : times) best = std::min(best, seconds(probe, widest_under(isa), pass));
+  }
+  // Ties (within 3%) go to the wider set: the first of the list, which is widest first.
+  CpuIsa winner = times.front().first;
+  double winner_time = times.front().second;
+  for (const auto& [isa, time] : times) {
+    if (time < winner_time * 0.97) {
+      winner = isa;
+      winner_time = time;
+    }
+  }
+  return {winner, format_choice(winner, times, pass, note)};
+}
+
+// One measurement per pass per process, and per cap: with AMX allowed or not (a cap to avx512_bf16
+// chooses between the vector sets alone).
+const CpuKernelChoice& measured(CpuPass pass, CpuIsa active) {
+  static std::once_flag once[2][2];
+  static std::optional<CpuKernelChoice> result[2][2];
   const int i = pass == CpuPass::kForward ? 0 : 1;
-  std::call_once(once[i], [&] { result[i] = measure(pass); });
-  return *result[i];
+  const int amx = active >= CpuIsa::kAmxBf16 ? 1 : 0;
+  std::call_once(once[i][amx], [&] { result[i][amx] = measure(pass, active); });
+  return *result[i][amx];
 }
 
 constexpr int kRuleFromEnvironment = -1;
@@ -170,17 +245,17 @@ CpuKernelRule rule() {
   return set == kRuleFromEnvironment ? environment_rule() : static_cast<CpuKernelRule>(set);
 }
 
-// Whether a call's set is the measured one: bf16 products where both AVX512-BF16 and AVX-512 are
-// allowed, under the measured rule (the decode is widest whatever the rule).
+// Whether a call's set is the measured one: bf16 products where both AVX512-BF16 and AVX-512 (and
+// perhaps AMX) are allowed, under the measured rule (the decode is widest whatever the rule).
 bool measured_choice(CpuPass pass, DType dtype, CpuIsa active) {
-  return active == CpuIsa::kAvx512Bf16 && dtype == DType::kBFloat16 && pass != CpuPass::kDecode &&
+  return active >= CpuIsa::kAvx512Bf16 && dtype == DType::kBFloat16 && pass != CpuPass::kDecode &&
          rule() == CpuKernelRule::kMeasured;
 }
 
 // The kernel set of a call, without building the reason cpu_kernel_choice gives.
 const KernelSet& kernels(CpuPass pass, DType dtype) {
   const CpuIsa active = active_cpu_isa();
-  return widest_under(measured_choice(pass, dtype, active) ? measured(pass).isa : active);
+  return widest_under(measured_choice(pass, dtype, active) ? measured(pass, active).isa : active);
 }
 
 }  // namespace
@@ -208,12 +283,16 @@ void reset_cpu_kernel_rule() { cpu::g_rule.store(cpu::kRuleFromEnvironment); }
 
 CpuKernelChoice cpu_kernel_choice(CpuPass pass, DType dtype) {
   const CpuIsa active = active_cpu_isa();
-  if (cpu::measured_choice(pass, dtype, active)) return cpu::measured(pass);
+  if (cpu::measured_choice(pass, dtype, active)) return cpu::measured(pass, active);
   const CpuIsa isa = cpu::widest_under(active).isa;
-  if (isa != CpuIsa::kAvx512Bf16 || dtype != DType::kBFloat16) {
+  if (isa < CpuIsa::kAvx512Bf16 || dtype != DType::kBFloat16) {
     return {isa, active == detected_cpu_isa() ? "the widest this CPU has" : "the widest under the cap"};
   }
-  if (pass == CpuPass::kDecode) return {isa, "the widest (the decode streams the cache at memory speed)"};
+  if (pass == CpuPass::kDecode) {
+    // The AMX set's decode is the AVX512-BF16 one: a few query rows against a streamed cache have no
+    // 16-row tiles to fill.
+    return {std::min(isa, CpuIsa::kAvx512Bf16), "the widest (the decode streams the cache at memory speed)"};
+  }
   return {isa, "the widest (PFLASH_CPU_KERNELS=widest or set rule)"};
 }
 

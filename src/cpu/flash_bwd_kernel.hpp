@@ -25,6 +25,8 @@
 // other tiles (the causal diagonal, ragged ends, rows that see nothing) dv and dk stay fp32 FMA: their
 // mask varies along the query rows and across the keys, and a pair product could not keep a masked
 // pair's 0 * inf (a dO or Q row holding inf) out of the keys that row does not see.
+// With AMX (Isa::kAmx), s, dp and dq of each 16 query rows run on tiles (tiles_amx.hpp); dv and dk,
+// whose left operand is P^T or dS^T (the interleaved rows above, not bf16 runs), stay vdpbf16ps.
 #pragma once
 
 #include <omp.h>
@@ -79,6 +81,7 @@ class FlashBackward {
     detail::Workspace<float> sink_parts(static_cast<std::size_t>(p_.dsinks != nullptr ? f_.batch * f_.heads_q : 0));
 #pragma omp parallel num_threads(threads)
     {
+      const TileScope<Isa> tiles;
       Buffers buf = carve(workspace.data() + per_thread * omp_get_thread_num());
       if constexpr (kPairs) carve_pairs(pair_workspace.data() + pairs_per_thread * omp_get_thread_num(), buf);
 #pragma omp for schedule(dynamic, 1)

@@ -18,6 +18,7 @@
 // With bf16 pair products (Isa::kBf16Dot, for bf16 inputs) the panels hold bf16 pairs (tiles_bf16.hpp):
 // scores = (q x k^T) * scale * log2(e) from the unscaled bf16 query, and p x v takes p rounded to
 // bf16, as FlashAttention-2 does on GPUs; the softmax statistics and the accumulator stay fp32.
+// With AMX (Isa::kAmx) the same products of each 16 query rows run on tiles (tiles_amx.hpp).
 #pragma once
 
 #include <omp.h>
@@ -143,6 +144,7 @@ class FlashForward {
 
 #pragma omp parallel num_threads(threads)
     {
+      const TileScope<Isa> tiles;
       const Scratch s = carve(scratch.data() + per_thread * omp_get_thread_num());
       for (int64_t b = 0; b < p_.batch; ++b) {
         for (int64_t h_kv = 0; h_kv < p_.heads_kv; ++h_kv) {
@@ -167,6 +169,7 @@ class FlashForward {
 
 #pragma omp parallel num_threads(threads)
     {
+      const TileScope<Isa> tiles;
       const int thread = omp_get_thread_num();
       const Scratch s = carve(scratch.data() + per_thread * thread);
 #pragma omp for schedule(dynamic, 1)

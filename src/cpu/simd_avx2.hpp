@@ -15,6 +15,8 @@ struct Avx2 {
   // fills 15 of the 16 ymm registers.
   static constexpr int kTileRows = 6;
   static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
+  static constexpr int kRegisterRows = kTileRows;  // the rows a vector tile holds (see simd_amx.hpp)
+  static constexpr bool kAmx = false;              // no AMX tiles
 
   static vec zero() { return _mm256_setzero_ps(); }
   static vec set1(float x) { return _mm256_set1_ps(x); }

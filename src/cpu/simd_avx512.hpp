@@ -17,6 +17,8 @@ struct Avx512 {
   // 32 zmm registers: room left so the compiler never spills a tile (12 rows measured no faster).
   static constexpr int kTileRows = 8;
   static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
+  static constexpr int kRegisterRows = kTileRows;  // the rows a vector tile holds (see simd_amx.hpp)
+  static constexpr bool kAmx = false;              // no AMX tiles
 
   static vec zero() { return _mm512_setzero_ps(); }
   static vec set1(float x) { return _mm512_set1_ps(x); }

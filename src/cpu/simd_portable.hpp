@@ -14,6 +14,8 @@ struct Portable {
   static constexpr int kWidth = 1;
   static constexpr int kTileRows = 4;
   static constexpr bool kBf16Dot = false;  // no bf16 pair products: bf16 is widened to fp32
+  static constexpr int kRegisterRows = kTileRows;  // the rows a vector tile holds (see simd_amx.hpp)
+  static constexpr bool kAmx = false;              // no AMX tiles
 
   static vec zero() { return 0.0f; }
   static vec set1(float x) { return x; }

@@ -93,6 +93,12 @@ void pack_v_panel(const T* v, int64_t row_stride, int64_t seq_k, int64_t dim, in
 // scores[Rows][kPanel] = q[Rows][D] x k_panel^T, k_panel packed by pack_k_panel.
 template <class Isa, int Rows>
 inline void qk_tile(const float* q, int64_t q_ld, const float* k_panel, int64_t dim, float* scores, int64_t s_ld) {
+  if constexpr (Rows > Isa::kRegisterRows) {  // a row sweep wider than a vector tile (AMX's 16 rows)
+    constexpr int R0 = Isa::kRegisterRows;
+    qk_tile<Isa, R0>(q, q_ld, k_panel, dim, scores, s_ld);
+    qk_tile<Isa, Rows - R0>(q + R0 * q_ld, q_ld, k_panel, dim, scores + R0 * s_ld, s_ld);
+    return;
+  }
   using V = typename Isa::vec;
   constexpr int W = Isa::kWidth;
   V c0[Rows], c1[Rows];
@@ -154,6 +160,13 @@ inline void qk_rows_tile(const float* q, int64_t q_ld, const T* const (&k)[3], i
 template <class Isa, int Rows, int Vecs, class T>
 inline void pv_tile(const float* p, int64_t p_rs, int64_t p_cs, const float* alpha, const T* v, int64_t v_ld,
                     int64_t cols, float* acc, int64_t acc_ld) {
+  if constexpr (Rows > Isa::kRegisterRows) {  // a row sweep wider than a vector tile (AMX's 16 rows)
+    constexpr int R0 = Isa::kRegisterRows;
+    pv_tile<Isa, R0, Vecs>(p, p_rs, p_cs, alpha, v, v_ld, cols, acc, acc_ld);
+    pv_tile<Isa, Rows - R0, Vecs>(p + R0 * p_rs, p_rs, p_cs, alpha != nullptr ? alpha + R0 : nullptr, v, v_ld, cols,
+                                  acc + R0 * acc_ld, acc_ld);
+    return;
+  }
   using V = typename Isa::vec;
   constexpr int W = Isa::kWidth;
   V c[Rows][Vecs];

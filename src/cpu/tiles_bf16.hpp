@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "cpu/tiles.hpp"
+#include "cpu/tiles_amx.hpp"
 #include "pflash/dtype.hpp"
 
 namespace pflash::cpu {
@@ -53,17 +54,22 @@ void pack_v_pairs(const bfloat16* v, int64_t row_stride, int64_t seq_k, int64_t 
   }
 }
 
-// scores[Rows][kPanel] = (q[Rows][D] x k_panel^T) * scale, q a bf16 tile of even row length 2 * pairs.
+// scores[Rows][kPanel] = (partial + q[Rows][pairs first..pairs) x k_panel^T) * scale in vector tiles, where
+// partial is what scores holds when accumulate, else 0: the whole product (first = 0), or the pairs
+// an AMX product left over and its scale.
 template <class Isa, int Rows>
-inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_panel, int64_t pairs, float scale,
-                          float* scores, int64_t s_ld) {
+inline void qk_tile_pairs_from(const bfloat16* q, int64_t q_ld, const bfloat16* k_panel, int64_t first, int64_t pairs,
+                               float scale, float* scores, int64_t s_ld, bool accumulate) {
   using V = typename Isa::vec;
   using P = typename Isa::pairs;
   constexpr int W = Isa::kWidth;
   V c0[Rows], c1[Rows];
 #pragma GCC unroll 16
-  for (int r = 0; r < Rows; ++r) c0[r] = c1[r] = Isa::zero();
-  for (int64_t d2 = 0; d2 < pairs; ++d2) {
+  for (int r = 0; r < Rows; ++r) {
+    c0[r] = accumulate ? Isa::load(scores + r * s_ld) : Isa::zero();
+    c1[r] = accumulate ? Isa::load(scores + r * s_ld + W) : Isa::zero();
+  }
+  for (int64_t d2 = first; d2 < pairs; ++d2) {
     const P b0 = Isa::load_pairs(k_panel + d2 * 4 * W);
     const P b1 = Isa::load_pairs(k_panel + d2 * 4 * W + 2 * W);
 #pragma GCC unroll 16
@@ -78,6 +84,28 @@ inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_pan
   for (int r = 0; r < Rows; ++r) {
     Isa::store(scores + r * s_ld, Isa::mul(c0[r], s));
     Isa::store(scores + r * s_ld + W, Isa::mul(c1[r], s));
+  }
+}
+
+// scores[Rows][kPanel] = (q[Rows][D] x k_panel^T) * scale, q a bf16 tile of even row length 2 * pairs.
+// With AMX (Rows == 16) the whole chunks of pairs go through tiles; other row counts past a vector
+// tile's are split into vector tiles.
+template <class Isa, int Rows>
+inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_panel, int64_t pairs, float scale,
+                          float* scores, int64_t s_ld) {
+  if constexpr (Rows > Isa::kRegisterRows) {
+    constexpr int R0 = Isa::kRegisterRows;
+    static_assert(Rows <= 2 * R0, "a row sweep is at most two vector tiles");
+    int64_t done = 0;
+    if constexpr (Isa::kAmx && Rows == kAmxRows) {
+      done = pairs / kAmxPairs * kAmxPairs;
+      if (done > 0) amx_pair_product<Isa>(q, q_ld, k_panel, done / kAmxPairs, scores, s_ld, false);
+    }
+    qk_tile_pairs_from<Isa, R0>(q, q_ld, k_panel, done, pairs, scale, scores, s_ld, done > 0);
+    qk_tile_pairs_from<Isa, Rows - R0>(q + R0 * q_ld, q_ld, k_panel, done, pairs, scale, scores + R0 * s_ld, s_ld,
+                                       done > 0);
+  } else {
+    qk_tile_pairs_from<Isa, Rows>(q, q_ld, k_panel, 0, pairs, scale, scores, s_ld, false);
   }
 }
 
@@ -115,6 +143,35 @@ inline void qk_rows_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* 
 template <class Isa, int Rows>
 inline void pv_tile_pairs(const bfloat16* p, int64_t p_rs, int64_t p_cs, const float* alpha, const bfloat16* v_strip,
                           int64_t key_pairs, float* acc, int64_t acc_ld) {
+  if constexpr (Rows > Isa::kRegisterRows) {
+    constexpr int R0 = Isa::kRegisterRows;
+    static_assert(Rows <= 2 * R0, "a row sweep is at most two vector tiles");
+    if constexpr (Isa::kAmx && Rows == kAmxRows) {
+      // On tiles when p's rows are bf16 runs (p_cs == 2; not the backward's interleaved rows) and
+      // hold a whole chunk: the accumulator scaled first, the leftover pairs in vector tiles after.
+      if (p_cs == 2 && key_pairs >= kAmxPairs) {
+        if (alpha != nullptr) {
+          for (int r = 0; r < Rows; ++r) {
+            const typename Isa::vec a = Isa::set1(alpha[r]);
+            for (int c = 0; c < 2 * Isa::kWidth; c += Isa::kWidth) {
+              Isa::storeu(acc + r * acc_ld + c, Isa::mul(Isa::loadu(acc + r * acc_ld + c), a));
+            }
+          }
+        }
+        const int64_t done = key_pairs / kAmxPairs * kAmxPairs;
+        amx_pair_product<Isa>(p, p_rs, v_strip, done / kAmxPairs, acc, acc_ld, true);
+        if (done < key_pairs) {
+          pv_tile_pairs<Isa, Rows>(p + done * p_cs, p_rs, p_cs, nullptr, v_strip + done * 4 * Isa::kWidth,
+                                   key_pairs - done, acc, acc_ld);
+        }
+        return;
+      }
+    }
+    pv_tile_pairs<Isa, R0>(p, p_rs, p_cs, alpha, v_strip, key_pairs, acc, acc_ld);
+    pv_tile_pairs<Isa, Rows - R0>(p + R0 * p_rs, p_rs, p_cs, alpha != nullptr ? alpha + R0 : nullptr, v_strip,
+                                  key_pairs, acc + R0 * acc_ld, acc_ld);
+    return;
+  }
   using V = typename Isa::vec;
   using P = typename Isa::pairs;
   constexpr int W = Isa::kWidth;

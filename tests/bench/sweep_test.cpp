@@ -106,16 +106,18 @@ TEST(RunConfig, AForcedKernelSetRunsAndIsJudgedAgainstItsUnit) {
   peak.fma_flops_avx2 = 3e10;
   peak.fma_flops_avx512 = 6e10;
   peak.bf16_dot_flops = 9e10;
+  peak.amx_flops = 5e11;
   peak.native_bf16 = true;
   const CpuIsa detected = detected_cpu_isa();
-  for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+  for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16}) {
     BenchConfig c = config("flash", true, 40, 40);
     c.pass = "fwd+bwd";
     c.kernels = std::string(to_string(isa));
     const BenchResult r = run_config(c, options, peak);
     const CpuIsa ran = std::min(isa, detected);
     EXPECT_EQ(r.kernel_sets, to_string(ran));
-    const double unit = ran == CpuIsa::kAvx512Bf16 ? 9e10
+    const double unit = ran == CpuIsa::kAmxBf16      ? 5e11
+                        : ran == CpuIsa::kAvx512Bf16 ? 9e10
                         : ran == CpuIsa::kAvx512   ? 6e10
                         : ran == CpuIsa::kAvx2     ? 3e10
                                                    : 1e9;
@@ -130,7 +132,7 @@ TEST(RunConfig, AForcedKernelSetRunsAndIsJudgedAgainstItsUnit) {
   EXPECT_EQ(r.kernel_sets, to_string(cpu_kernel_choice(CpuPass::kForward, DType::kBFloat16).isa));
   EXPECT_DOUBLE_EQ(r.fraction_of_peak, r.flops / r.median_s / 2e11);  // the default rule's unit
   BenchConfig bad = config("flash", false, 40, 40);
-  bad.kernels = "avx1024";
+  bad.kernels = "avx1024";  // no such set
   try {
     run_config(bad, options, peak);
     ADD_FAILURE() << "no error for kernels avx1024";

@@ -264,7 +264,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::memcpy(g_arena + i, &x, 4);
   }
   Builder b(in);
-  pflash::set_max_cpu_isa(b.flag() ? pflash::CpuIsa::kPortable : pflash::CpuIsa::kAvx512Bf16);  // either kernel
+  pflash::set_max_cpu_isa(b.flag() ? pflash::CpuIsa::kPortable : pflash::CpuIsa::kAmxBf16);  // either kernel
   switch (b.small_int(0, 7)) {
     case 0:
     case 1: {  // forward, or the naive baseline

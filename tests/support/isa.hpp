@@ -12,7 +12,7 @@
 namespace pflash::testing {
 
 inline std::vector<CpuIsa> kernel_isas() {
-  return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16};
+  return {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16};
 }
 
 // Sets the instruction-set cap for one test, with the widest-set rule so that the kernels capped to
@@ -24,7 +24,7 @@ class IsaScope {
     set_cpu_kernel_rule(CpuKernelRule::kWidest);
   }
   ~IsaScope() {
-    set_max_cpu_isa(CpuIsa::kAvx512Bf16);
+    set_max_cpu_isa(CpuIsa::kAmxBf16);
     reset_cpu_kernel_rule();
   }
   IsaScope(const IsaScope&) = delete;

@@ -292,7 +292,7 @@ int main(int argc, char** argv) {
       ->delimiter(',')->check(CLI::IsMember({"fwd", "bwd", "fwd+bwd"}))->capture_default_str();
   std::vector<std::string> kernel_choices{"measured"};
   for (pflash::CpuIsa isa : {pflash::CpuIsa::kPortable, pflash::CpuIsa::kAvx2, pflash::CpuIsa::kAvx512,
-                             pflash::CpuIsa::kAvx512Bf16}) {
+                             pflash::CpuIsa::kAvx512Bf16, pflash::CpuIsa::kAmxBf16}) {
     kernel_choices.emplace_back(pflash::to_string(isa));
   }
   bench->add_option("--cpu-kernels", args.cpu_kernels,
