@@ -25,8 +25,11 @@
 // other tiles (the causal diagonal, ragged ends, rows that see nothing) dv and dk stay fp32 FMA: their
 // mask varies along the query rows and across the keys, and a pair product could not keep a masked
 // pair's 0 * inf (a dO or Q row holding inf) out of the keys that row does not see.
-// With AMX (Isa::kAmx), s, dp and dq of each 16 query rows run on tiles (tiles_amx.hpp); dv and dk,
-// whose left operand is P^T or dS^T (the interleaved rows above, not bf16 runs), stay vdpbf16ps.
+// With AMX (Isa::kAmx), s, dp and dq of each 16 query rows run on tiles (tiles_amx.hpp), and on the
+// pair tiles whose query rows come in whole chunks of 32, so do dv and dk, transposed: a tile's left
+// operand must be bf16 runs along the reduction (here the query rows), which P^T is not but dO^T
+// (and Q^T) is, so dV^T += dO^T x P and dK^T += Q^T x dS take P and dS in the interleaved rows above
+// (AMX's right-operand layout) and sum into transposed accumulators added in at the end.
 #pragma once
 
 #include <omp.h>
@@ -121,7 +124,18 @@ class FlashBackward {
     bfloat16* do_strips;  // the same of dO, for dv
     bfloat16* p_by_rows;  // [kBlockQ / 2][kBlockK][2]: P's rows interleaved in pairs (interleave_rows)
     bfloat16* ds_by_rows; // the same of dS
+    // AMX only: Q^T and dO^T of one query head, [D_padded][Nq rounded to 32] bf16, and dK^T, dV^T
+    // [D_padded][Nk_padded] fp32.
+    bfloat16* q_t;
+    bfloat16* do_t;
+    float* dk_t;
+    float* dv_t;
   };
+
+  // The transposed copies AMX's dV and dK take (none without AMX).
+  int64_t q_t_ld() const { return round_up(f_.seq_q, 2 * kAmxPairs); }
+  int64_t transposed_pairs() const { return Isa::kAmx && kPairs ? 2 * dim_padded_ * q_t_ld() : 0; }
+  int64_t transposed_floats() const { return Isa::kAmx && kPairs ? 2 * dim_padded_ * seq_k_padded_ : 0; }
 
   int64_t seq_q_padded() const { return round_up(f_.seq_q, kPanel); }
 
@@ -129,7 +143,7 @@ class FlashBackward {
     if constexpr (!kPairs) return 0;
     const int64_t nq = round_up(f_.seq_q, 16);
     return 2 * seq_k_padded_ * pair_ld_ + seq_k_padded_ * dim_padded_ + 2 * round_up(nq * pair_ld_, 32) +
-           3 * kBlockQ * kBlockK + 2 * seq_q_padded() * dim_padded_;
+           3 * kBlockQ * kBlockK + 2 * seq_q_padded() * dim_padded_ + transposed_pairs();
   }
 
   void carve_pairs(bfloat16* base, Buffers& b) const {
@@ -144,6 +158,8 @@ class FlashBackward {
     b.do_strips = b.q_strips + seq_q_padded() * dim_padded_;
     b.p_by_rows = b.do_strips + seq_q_padded() * dim_padded_;
     b.ds_by_rows = b.p_by_rows + kBlockQ * kBlockK;
+    b.q_t = b.ds_by_rows + kBlockQ * kBlockK;
+    b.do_t = b.q_t + transposed_pairs() / 2;
   }
 
   // The fp32 copies of K and V (none with pair products, which use the bf16 ones instead).
@@ -153,7 +169,7 @@ class FlashBackward {
   int64_t workspace_floats() const {
     const int64_t nq = round_up(f_.seq_q, 16);
     return 2 * kv_panel_floats() + k_row_floats() + 2 * seq_k_padded_ * dim_padded_ + 3 * nq * dim_padded_ + 2 * nq +
-           2 * kBlockQ * kBlockK;
+           2 * kBlockQ * kBlockK + transposed_floats();
   }
 
   Buffers carve(float* base) const {
@@ -171,6 +187,8 @@ class FlashBackward {
     b.delta = b.lse_log2 + nq;
     b.p = b.delta + nq;
     b.dp = b.p + kBlockQ * kBlockK;
+    b.dk_t = b.dp + kBlockQ * kBlockK;
+    b.dv_t = b.dk_t + transposed_floats() / 2;
     return b;
   }
 
@@ -206,6 +224,7 @@ class FlashBackward {
     }
     std::fill(buf.dk_acc, buf.dk_acc + seq_k_padded_ * dim_padded_, 0.0f);
     std::fill(buf.dv_acc, buf.dv_acc + seq_k_padded_ * dim_padded_, 0.0f);
+    std::fill(buf.dk_t, buf.dk_t + transposed_floats(), 0.0f);  // and dv_t, after it
 
     for (int64_t g = 0; g < f_.group_size(); ++g) query_head(b, h_kv * f_.group_size() + g, buf, sink_parts);
 
@@ -214,6 +233,13 @@ class FlashBackward {
       T* dv = static_cast<T*>(p_.dv) + b * p_.dv_strides.batch + h_kv * p_.dv_strides.head + j * p_.dv_strides.row;
       const float* dk_acc = buf.dk_acc + j * dim_padded_;
       const float* dv_acc = buf.dv_acc + j * dim_padded_;
+      if (transposed_floats() > 0) {
+        for (int64_t d = 0; d < f_.dim; ++d) {
+          dk[d] = from_float<T>((dk_acc[d] + buf.dk_t[d * seq_k_padded_ + j]) * f_.scale);
+          dv[d] = from_float<T>(dv_acc[d] + buf.dv_t[d * seq_k_padded_ + j]);
+        }
+        continue;
+      }
       for (int64_t d = 0; d < f_.dim; ++d) {
         dk[d] = from_float<T>(dk_acc[d] * f_.scale);
         dv[d] = from_float<T>(dv_acc[d]);
@@ -259,6 +285,16 @@ class FlashBackward {
         pack_v_pairs<Isa>(q_head, f_.q_strides.row, f_.seq_q, f_.dim, seq_q_padded(), dim_padded_, panel, buf.q_strips);
         pack_v_pairs<Isa>(do_head, p_.dout_strides.row, f_.seq_q, f_.dim, seq_q_padded(), dim_padded_, panel,
                           buf.do_strips);
+      }
+      if (transposed_pairs() > 0) {
+        const int64_t ld = q_t_ld();
+        for (int64_t d = 0; d < dim_padded_; ++d) {
+          for (int64_t i = 0; i < ld; ++i) {
+            const bool inside = d < f_.dim && i < f_.seq_q;
+            buf.q_t[d * ld + i] = inside ? q_head[i * f_.q_strides.row + d] : bfloat16();
+            buf.do_t[d * ld + i] = inside ? do_head[i * p_.dout_strides.row + d] : bfloat16();
+          }
+        }
       }
     }
 
@@ -393,11 +429,29 @@ class FlashBackward {
     // Pair products over pairs of query rows where every row of the block sees every key of it.
     bool pairs_tile = kPairs && rows % 2 == 0 && !ranges_.elementwise();
     for (int r = 0; r < rows && pairs_tile; ++r) pairs_tile = keys_seen(r) == std::pair<int64_t, int64_t>{0, keys};
+    bool pairs_tile_done = false;  // by AMX tiles
     if constexpr (kPairs) {
       if (pairs_tile) {
         interleave_rows<Isa>(buf.p, s_ld, rows, cols, buf.p_by_rows);
         interleave_rows<Isa>(buf.dp, s_ld, rows, cols, buf.ds_by_rows);
-        for (int64_t k0 = 0; k0 < keys; k0 += kTileRows) {
+        if constexpr (Isa::kAmx) {
+          if (rows % (2 * kAmxPairs) == 0) {
+            // dV^T[d][j] += dO^T[d][i] x P[i][j] and dK^T += Q^T x dS, 16 head_dim rows x 32 keys a tile
+            // product, over the block's query rows in chunks of 32.
+            const int64_t ld = q_t_ld();
+            for (int64_t d0 = 0; d0 < dim_padded_; d0 += kAmxRows) {
+              for (int64_t j0 = 0; j0 < cols; j0 += kPanel) {
+                const int64_t out = d0 * seq_k_padded_ + key_begin + j0;
+                amx_pair_product<Isa>(buf.do_t + d0 * ld + q_begin, ld, buf.p_by_rows + 2 * j0, 2 * cols,
+                                      rows / (2 * kAmxPairs), buf.dv_t + out, seq_k_padded_, true);
+                amx_pair_product<Isa>(buf.q_t + d0 * ld + q_begin, ld, buf.ds_by_rows + 2 * j0, 2 * cols,
+                                      rows / (2 * kAmxPairs), buf.dk_t + out, seq_k_padded_, true);
+              }
+            }
+            pairs_tile_done = true;
+          }
+        }
+        for (int64_t k0 = 0; k0 < keys && !pairs_tile_done; k0 += kTileRows) {
           with_tile_rows<kTileRows>(static_cast<int>(std::min<int64_t>(kTileRows, keys - k0)), [&]<int R>() {
             for (int64_t d = 0; d < ld; d += kPanel) {
               const int64_t strip = ((d / kPanel) * seq_q_padded() + q_begin) * kPanel;

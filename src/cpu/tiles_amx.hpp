@@ -36,15 +36,15 @@ class TileScope {
 };
 
 // out[16][32] (+)= a[16][2 * kAmxPairs * chunks] x b over `chunks` chunks of pairs: a's rows are bf16
-// at a_ld elements apart; b points at the first pair row of 32 columns x 2 bf16 (a K panel's or a V
-// strip's layout); out is fp32 with rows out_ld apart, read first when accumulate.
+// at a_ld elements apart; b points at the first of its pair rows, b_ld bf16 apart, each holding the
+// 32 output columns' pairs (a K panel's or a V strip's layout: b_ld = 64; the backward's interleaved
+// rows of P or dS: twice their columns); out is fp32 with rows out_ld apart, read first when accumulate.
 template <class Isa>
-inline void amx_pair_product(const bfloat16* a, int64_t a_ld, const bfloat16* b, int64_t chunks, float* out,
-                             int64_t out_ld, bool accumulate) {
-  static_assert(Layout<Isa>::kPanel == 32, "a right operand half is 16 of a panel's 32 columns");
+inline void amx_pair_product(const bfloat16* a, int64_t a_ld, const bfloat16* b, int64_t b_ld, int64_t chunks,
+                             float* out, int64_t out_ld, bool accumulate) {
   using Tiles = typename Isa::tiles;
-  constexpr int64_t kRowBytes = 32 * 2 * sizeof(bfloat16);                 // one pair row of 32 columns
-  constexpr int64_t kChunkElements = kAmxPairs * 32 * 2;                   // 16 pair rows
+  constexpr int64_t kHalf = 16 * 2;  // the second half's 16 columns start 16 pairs into a row
+  const int64_t b_stride = b_ld * static_cast<int64_t>(sizeof(bfloat16));
   const int64_t out_stride = out_ld * static_cast<int64_t>(sizeof(float));
   if (accumulate) {
     Tiles::template load<0>(out, out_stride);
@@ -54,9 +54,10 @@ inline void amx_pair_product(const bfloat16* a, int64_t a_ld, const bfloat16* b,
     Tiles::template zero<1>();
   }
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const bfloat16* b_chunk = b + chunk * kAmxPairs * b_ld;
     Tiles::template load<2>(a + chunk * 2 * kAmxPairs, a_ld * static_cast<int64_t>(sizeof(bfloat16)));
-    Tiles::template load<3>(b + chunk * kChunkElements, kRowBytes);
-    Tiles::template load<4>(b + chunk * kChunkElements + 32, kRowBytes);
+    Tiles::template load<3>(b_chunk, b_stride);
+    Tiles::template load<4>(b_chunk + kHalf, b_stride);
     Tiles::template dot<0, 2, 3>();
     Tiles::template dot<1, 2, 4>();
   }

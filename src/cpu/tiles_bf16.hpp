@@ -99,7 +99,7 @@ inline void qk_tile_pairs(const bfloat16* q, int64_t q_ld, const bfloat16* k_pan
     int64_t done = 0;
     if constexpr (Isa::kAmx && Rows == kAmxRows) {
       done = pairs / kAmxPairs * kAmxPairs;
-      if (done > 0) amx_pair_product<Isa>(q, q_ld, k_panel, done / kAmxPairs, scores, s_ld, false);
+      if (done > 0) amx_pair_product<Isa>(q, q_ld, k_panel, 2 * Layout<Isa>::kPanel, done / kAmxPairs, scores, s_ld, false);
     }
     qk_tile_pairs_from<Isa, R0>(q, q_ld, k_panel, done, pairs, scale, scores, s_ld, done > 0);
     qk_tile_pairs_from<Isa, Rows - R0>(q + R0 * q_ld, q_ld, k_panel, done, pairs, scale, scores + R0 * s_ld, s_ld,
@@ -159,7 +159,7 @@ inline void pv_tile_pairs(const bfloat16* p, int64_t p_rs, int64_t p_cs, const f
           }
         }
         const int64_t done = key_pairs / kAmxPairs * kAmxPairs;
-        amx_pair_product<Isa>(p, p_rs, v_strip, done / kAmxPairs, acc, acc_ld, true);
+        amx_pair_product<Isa>(p, p_rs, v_strip, 2 * Layout<Isa>::kPanel, done / kAmxPairs, acc, acc_ld, true);
         if (done < key_pairs) {
           pv_tile_pairs<Isa, Rows>(p + done * p_cs, p_rs, p_cs, nullptr, v_strip + done * 4 * Isa::kWidth,
                                    key_pairs - done, acc, acc_ld);
