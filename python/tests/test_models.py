@@ -30,7 +30,9 @@ def _close(a, b, tol):
 
 @pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("impl", ["pallas_flash", "jax_xla", "jax_cudnn"])
-@pytest.mark.parametrize("variant", [{}, {"window": 5, "logits_soft_cap": 3.0}], ids=["causal", "window+softcap"])
+@pytest.mark.parametrize("variant", [{}, {"window": 5, "logits_soft_cap": 3.0},
+                                     {"window": 5, "logits_soft_cap": 3.0, "global_every": 2}],
+                         ids=["causal", "window+softcap", "gemma-pattern"])
 def test_model_logits_and_gradients_match_the_reference(impl, variant, cpu_kernels):
     if impl != "pallas_flash" and variant.get("logits_soft_cap"):
         pytest.skip("jax.nn.dot_product_attention takes no soft cap")
@@ -59,6 +61,38 @@ def test_chunked_loss_equals_the_plain_cross_entropy():
         _close(llama.loss(TINY, params, tokens, ref, dtype=jnp.float32, loss_chunk=chunk), want, 1e-6)
 
 
+def test_a_layer_pattern_gives_each_layer_its_window():
+    """Gemma's pattern: every global_every-th layer global, the others windowed; each layer's attention
+    is called with its own window, and the logits differ from an all-windowed model's."""
+    c = dataclasses.replace(TINY, layers=4, window=3, global_every=2)
+    assert c.layer_windows() == (3, None)
+    assert dataclasses.replace(c, global_every=None).layer_windows() == (3,)
+    ref = attention.attention_fn("reference")
+    seen = []
+
+    def spy(q, k, v, window=None):
+        seen.append(window)
+        return ref(q, k, v, window=window)
+
+    params = llama.init_params(c, jax.random.PRNGKey(2))
+    tokens = _tokens((1, 19), 3)
+    logits = llama.forward(c, params, tokens, spy, dtype=jnp.float32)
+    assert seen == [3, None]  # one run of the pattern traced, scanned over the model's two runs
+    # The same weights and the same calls by hand: layer 0 windowed, 1 global, 2 windowed, 3 global.
+    x = llama.embed(params, tokens, jnp.float32)
+    positions = jnp.arange(19)[None]
+    for i in range(4):
+        p = jax.tree.map(lambda a: a[i], params["layers"])
+        q, k, v = llama.project_qkv(c, p, x, positions)
+        x = llama.finish_layer(c, p, x, ref(q, k, v, window=3 if i % 2 == 0 else None))
+    _close(logits, llama.head(c, params, x), 1e-5)
+    uniform = llama.forward(dataclasses.replace(c, global_every=None), params, tokens, ref, dtype=jnp.float32)
+    assert float(jnp.max(jnp.abs(uniform - logits))) > 1e-3
+    for bad in (dict(global_every=3), dict(window=None, global_every=2), dict(global_every=0)):
+        with pytest.raises(ValueError, match="global_every"):
+            dataclasses.replace(c, **bad)
+
+
 def test_attention_pairs_closed_form():
     for window in (None, 0, 3, 50):
         c = dataclasses.replace(TINY, window=window)
@@ -66,6 +100,9 @@ def test_attention_pairs_closed_form():
             left = context if window is None else window
             brute = sum(min(context - seq + i, left) + 1 for i in range(seq))
             assert c.attention_pairs(seq, context) == brute
+    pattern = dataclasses.replace(TINY, window=3, global_every=2)  # mean of a windowed and a global layer
+    windowed, full = dataclasses.replace(TINY, window=3), TINY
+    assert pattern.attention_pairs(64, 100) == (windowed.attention_pairs(64, 100) + full.attention_pairs(64, 100)) / 2
 
 
 # The mesh layouts with the C++ kernels only: Pallas' TPU interpret mode aborts the process when
@@ -86,6 +123,21 @@ def test_generation_with_the_paged_cache_equals_recomputing(layout, cpu_kernels)
     recomputed = llama.forward(TINY, params, full, attention.attention_fn("reference"), dtype=jnp.float32)
     _close(logits, np.asarray(recomputed)[:, 10:16], 2e-5)
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("cpu_kernels", ["cpp"], indirect=True)
+def test_generation_with_a_layer_pattern_equals_recomputing(cpu_kernels):
+    """Windowed and global layers decoded from the paged cache (the window shorter than the context)
+    equal the full forward recomputed with each layer's window and the soft cap."""
+    c = dataclasses.replace(TINY, layers=4, window=5, logits_soft_cap=3.0, global_every=2)
+    params = llama.init_params(c, jax.random.PRNGKey(11))
+    prompt = _tokens((2, 9), 12)
+    tokens, logits = generate.generate(c, params, prompt, 5, attention.attention_fn("pallas_flash",
+                                       logits_soft_cap=c.logits_soft_cap), dtype=jnp.float32, page_size=16)
+    full = jnp.concatenate([prompt, tokens], axis=1)
+    recomputed = llama.forward(c, params, full, attention.attention_fn("reference", logits_soft_cap=c.logits_soft_cap),
+                               dtype=jnp.float32)
+    _close(logits, np.asarray(recomputed)[:, 8:13], 2e-5)
 
 
 def test_decode_step_with_gathered_pages_equals_flash_decode():
@@ -221,6 +273,14 @@ def test_model_report_gpu_rows_say_not_measured_without_a_gpu(tmp_path):
     assert rows and all(r["status"] == "not measured" and r["tokens_per_s"] is None for r in rows)
 
 
+def test_model_report_skips_what_an_attention_cannot_take():
+    from pallas_flash.bench.model import ModelCase, skip_reason
+
+    assert "soft cap" in skip_reason(ModelCase("gemma2-2b", "train", "jax_xla", 2048, 4), "cpu")
+    assert "soft cap" in skip_reason(ModelCase("gemma2-2b", "train", "jax_flash", 2048, 4), "v5e")
+    assert skip_reason(ModelCase("gemma2-2b", "train", "pallas_flash", 2048, 4), "v5e") is None
+
+
 def test_model_report_rejects_bad_arguments():
     from pallas_flash.bench import model
 
@@ -277,3 +337,14 @@ def test_v5e_kernel_calls_scale_to_the_chip_and_correct_for_gqa_sharing():
     decode = kernel_cases(ModelCase("llama-1b", "decode", "pallas_flash", 32768, 1))["decode"]
     assert (decode.case.mesh, decode.case.batch, decode.case.seq_k) == ("1x1", 1, 32768 // 4)
     assert kernel_cases(ModelCase("llama-1b", "decode", "jax_xla", 32768, 32)) == {}
+    # Gemma's pattern: the windowed and the global layers profiled apart, each for half the layers,
+    # with the soft cap; a windowed decode prices only the window's bytes.
+    gemma = kernel_cases(ModelCase("gemma2-2b", "train", "pallas_flash", 8192, 4))
+    assert set(gemma) == {"fwd@w4096", "fwd@global", "bwd@w4096", "bwd@global"}
+    assert {k: (v.case.mask, v.layers) for k, v in gemma.items() if k.startswith("fwd")} == {
+        "fwd@w4096": ("window:4096+softcap:50", 13), "fwd@global": ("softcap:50", 13)}
+    gemma_decode = kernel_cases(ModelCase("gemma2-2b", "decode", "pallas_flash", 32768, 32))
+    local = gemma_decode["decode@w4096"].case
+    assert local.cache_bytes_read_per_device() == local.cache_bytes_per_device() * 4097 // 32768
+    assert gemma_decode["decode@global"].case.cache_bytes_read_per_device() == \
+        gemma_decode["decode@global"].case.cache_bytes_per_device()

@@ -110,6 +110,13 @@ class Case:
         """Decode: the bytes of the K cache (or page pool) one chip holds; V's are the same."""
         return self.batch * self.kv_heads * self.seq_k * self.dim * jnp.dtype(DTYPES[self.dtype]).itemsize // self.devices
 
+    def cache_bytes_read_per_device(self) -> int:
+        """Decode: the bytes of K one chip reads, the positions within the window where there is one
+        (V's are the same)."""
+        window = self.rules().window
+        seen = self.seq_k if window is None else min(self.seq_k, window + 1)
+        return self.cache_bytes_per_device() * seen // self.seq_k
+
     def _decode_batch_parts(self) -> int:
         """In how many equal parts of the batch a decode is profiled: the fewest (a divisor of the
         batch) whose cache arrays stay within SIMULATED_ARRAY_BYTES on a chip. The batch's grid rows are
@@ -418,6 +425,7 @@ def _decode_fn(case: Case, place: Placement):
     # Profiling passes the (full) length as a Python int: a trace-time constant, not an SMEM read.
     static_length = context if case.trace_time_lengths else None
     pages_per_seq = context // case.page_size if case.page_size else 0
+    rules = case.rules()  # a window reads only its positions; a soft cap changes no byte
     if case.impl == "jax_paged_attention":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
@@ -447,7 +455,8 @@ def _decode_fn(case: Case, place: Placement):
             table = None
 
         def sharded_decode(q, k, v, lengths, table):
-            return pf.sharded_flash_decode(q, k, v, static_length or lengths, mesh, page_table=table, interpret=False)
+            return pf.sharded_flash_decode(q, k, v, static_length or lengths, mesh, page_table=table, interpret=False,
+                                           window=rules.window, logits_soft_cap=rules.soft_cap)
 
         return sharded_decode, (q, cache, cache, place.index_array(np.full(batch, context), replicated), table)
 
@@ -464,7 +473,8 @@ def _decode_fn(case: Case, place: Placement):
         return _attention_fn(dataclasses.replace(case, causal=True)), (q, cache, cache)
 
     def decode(q, k, v, lengths, table):
-        return pf.flash_decode(q, k, v, static_length or lengths, page_table=table, interpret=False)
+        return pf.flash_decode(q, k, v, static_length or lengths, page_table=table, interpret=False,
+                               window=rules.window, logits_soft_cap=rules.soft_cap)
 
     return decode, (q, cache, cache, place.index_array(np.full(batch, context)), table)
 

@@ -126,6 +126,7 @@ def build_cases(args) -> list[ModelCase]:
 
 def skip_reason(case: ModelCase, target: str) -> str | None:
     """Why a case is not run on this target (None: it is)."""
+    from pallas_flash.models import llama
     from pallas_flash.models.attention import TPU_ONLY
 
     if case.pass_ == "decode" and case.attention not in ("pallas_flash", "jax_xla"):
@@ -142,6 +143,11 @@ def skip_reason(case: ModelCase, target: str) -> str | None:
         return "jax_xla decode over a cache split along the sequence is not built"
     if case.pass_ != "decode" and case.seq < 2:
         return "a training or prompt length of at least 2"
+    c = llama.config(case.model)
+    if c.logits_soft_cap is not None and case.attention in ("jax_xla", "jax_cudnn", "jax_flash"):
+        return f"{case.attention} takes no logit soft cap ({case.model} caps them at {c.logits_soft_cap:g})"
+    if c.window is not None and case.attention == "jax_flash":
+        return f"jax_flash takes no window ({case.model}'s is {c.window})"
     return None
 
 

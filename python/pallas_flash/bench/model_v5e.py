@@ -90,9 +90,32 @@ class KernelCall:
     case: attention_cases.Case
     scale: int
     sharing: tuple[attention_cases.Case, attention_cases.Case, int] | None = None
+    layers: int = 0  # the model's layers that make this call (0: every layer)
+
+
+def _mask(c: llama.LlamaConfig, window: int | None) -> str:
+    """The attention benchmark's mask rules of a layer with this window and the model's soft cap."""
+    rules = ([f"window:{window}"] if window is not None else []) + (
+        [f"softcap:{c.logits_soft_cap:g}"] if c.logits_soft_cap is not None else [])
+    return "+".join(rules)
 
 
 def kernel_cases(case: ModelCase, max_group_seq: int = 4096) -> dict[str, KernelCall]:
+    """The attention kernel calls of the layers of one chip, one entry per pass and layer window
+    (_kernel_cases, per window, with its share of the layers); keys "fwd", "bwd", "decode", suffixed
+    "@w<window>" or "@global" where the layers' windows differ."""
+    c = llama.config(case.model)
+    windows = c.layer_windows()
+    out = {}
+    for window in dict.fromkeys(windows):
+        layers = c.layers * windows.count(window) // len(windows)
+        suffix = "" if len(set(windows)) == 1 else ("@global" if window is None else f"@w{window}")
+        for kind, call in _kernel_cases(case, _mask(c, window), max_group_seq).items():
+            out[kind + suffix] = dataclasses.replace(call, layers=layers)
+    return out
+
+
+def _kernel_cases(case: ModelCase, mask: str, max_group_seq: int) -> dict[str, KernelCall]:
     """The attention kernel calls of one layer of one chip, as the attention benchmark's cases.
     Training and prefill: one KV head's group of one sequence, scaled by the chip's sequences x KV
     heads. Past `max_group_seq` a group is not simulated (a group of 4 heads at N = 6144 took the
@@ -111,7 +134,8 @@ def kernel_cases(case: ModelCase, max_group_seq: int = 4096) -> dict[str, Kernel
         split_batch = case.batch % V5E_DEVICES == 0
         decode = attention_cases.Case(
             impl, "decode", case.batch // V5E_DEVICES if split_batch else case.batch, c.heads, c.kv_heads, 1,
-            case.seq if split_batch else case.seq // V5E_DEVICES, c.head_dim, "bf16", True, page_size=PAGE_SIZE)
+            case.seq if split_batch else case.seq // V5E_DEVICES, c.head_dim, "bf16", True, page_size=PAGE_SIZE,
+            mask=mask)
         return {"decode": KernelCall(decode, decode.profile_scale)}
     sequences = case.batch // V5E_DEVICES
     group = c.heads // c.kv_heads
@@ -119,7 +143,7 @@ def kernel_cases(case: ModelCase, max_group_seq: int = 4096) -> dict[str, Kernel
     out = {}
     for pass_ in passes:
         def at(n, heads, kv_heads):
-            k = attention_cases.Case(impl, pass_, 1, heads, kv_heads, n, n, c.head_dim, "bf16", True)
+            k = attention_cases.Case(impl, pass_, 1, heads, kv_heads, n, n, c.head_dim, "bf16", True, mask=mask)
             return attention_cases.fixed_blocks(k) if impl == "jax_flash_attention" else k
         if impl == "jax_flash_attention" or group == 1:
             out[pass_] = KernelCall(at(case.seq, 1, 1), sequences * c.heads)
@@ -141,7 +165,7 @@ def _kernel_seconds(call: KernelCall, profile: dict, sharing: tuple[dict, dict] 
         cycles *= grouped["est_cycles"] / (call.sharing[2] * single["est_cycles"])
     compute = cycles / TPU_V5E.clock_hz
     if call.case.pass_ == "decode":  # memory bound: the cache a chip holds, read once, at 819 GB/s
-        read = 2 * call.case.cache_bytes_per_device()
+        read = 2 * call.case.cache_bytes_read_per_device()
         return max(compute, read / TPU_V5E.hbm_bytes_per_s)
     return compute
 
@@ -196,7 +220,7 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
                 if seconds is None:
                     missing.append(kind)
                     continue
-                kernel_time += seconds * KERNEL_CALLS[case.pass_][kind] * c.layers
+                kernel_time += seconds * KERNEL_CALLS[case.pass_][call.case.pass_] * (call.layers or c.layers)
             if kernels and not cost.kernels():
                 missing.append("no Pallas kernel in the compiled program")
             xla = cost.seconds()
@@ -225,7 +249,7 @@ def run(case_list: list[ModelCase], args) -> tuple[list[dict], dict]:
                 "attention kernels: their static profiles (one KV head's group of one sequence, scaled; past "
                 "N = 4096 one MHA head fitted, scaled by query heads and corrected by the group's K/V sharing "
                 "measured at 4096; decode whole), x layers x calls per layer (training: the forward twice, "
-                "rematerialised)",
+                "rematerialised); layers of different windows (a Gemma-style pattern) profiled apart",
                 "calibration (rule / profile): " + ", ".join(
                     f"{label}: {v['rule_over_profile']:.2f}x" for label, v in calibration.items()
                     if v.get("rule_over_profile")),

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,17 +28,29 @@ TPU_ONLY = ("jax_flash", "jax_splash")
 
 def attention_fn(name: str, *, window: int | None = None, logits_soft_cap: float | None = None,
                  cpu_fallback: bool = False, interpret: bool | None = None, mesh=None):
-    """f(q, k, v) -> O, causal, for the implementation `name` (ATTENTION_IMPLS). window: keys at most
-    `window` positions before the query (None: every earlier key). interpret: as flash_attention's
-    (False: compiled by Mosaic, what a deviceless v5e compile needs). mesh: q, k, v arrive split
-    over all its devices along the batch; JAX's TPU kernels (which Mosaic cannot partition) then run
-    per device under shard_map (ours partition themselves)."""
-    fn = _attention_fn(name, window=window, logits_soft_cap=logits_soft_cap, cpu_fallback=cpu_fallback,
-                       interpret=interpret)
-    if mesh is None or name not in TPU_ONLY:
-        return fn
-    batch = P(tuple(mesh.axis_names))
-    return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False)
+    """f(q, k, v, window=window) -> O, causal, for the implementation `name` (ATTENTION_IMPLS). window:
+    keys at most `window` positions before the query (None: every earlier key); a model whose layers
+    differ passes each layer's. interpret: as flash_attention's (False: compiled by Mosaic, what a
+    deviceless v5e compile needs). mesh: q, k, v arrive split over all its devices along the batch;
+    JAX's TPU kernels (which Mosaic cannot partition) then run per device under shard_map (ours
+    partition themselves). An implementation that cannot take the options raises here (for `window`)
+    or at the call (for a layer's own)."""
+
+    @functools.cache
+    def for_window(w):
+        fn = _attention_fn(name, window=w, logits_soft_cap=logits_soft_cap, cpu_fallback=cpu_fallback,
+                           interpret=interpret)
+        if mesh is None or name not in TPU_ONLY:
+            return fn
+        batch = P(tuple(mesh.axis_names))
+        return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False)
+
+    for_window(window)
+
+    def attend(q, k, v, window=window):
+        return for_window(window)(q, k, v)
+
+    return attend
 
 
 def _attention_fn(name, *, window, logits_soft_cap, cpu_fallback, interpret):

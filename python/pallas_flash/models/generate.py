@@ -21,7 +21,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,18 +132,18 @@ def prefill(c: llama.LlamaConfig, params: dict, tokens, cache: PagedCache, atten
     append = _append(mesh)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
-    def layer(carry, xs):
+    def layer(carry, xs, window):
         x, k_pool, v_pool = carry
         p, index = xs
         q, k, v = llama.project_qkv(c, p, x, positions)
         with jax.named_scope("attention"):
-            o = attention(q, k, v)
+            o = attention(q, k, v, window=window)
         with jax.named_scope("kv_cache"):
             k_pool, v_pool = append(k_pool, v_pool, cache.lengths, cache.layer_table(index), k, v)
-        return (llama.finish_layer(c, p, x, o), k_pool, v_pool), None
+        return llama.finish_layer(c, p, x, o), k_pool, v_pool
 
     x = llama.embed(params, tokens, dtype)
-    (x, k_pool, v_pool), _ = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], jnp.arange(c.layers)))
+    x, k_pool, v_pool = llama.scan_layers(c, layer, (x, cache.k, cache.v), (params["layers"], jnp.arange(c.layers)))
     logits = llama.head(c, params, x[:, -1])
     return logits, dataclasses.replace(cache, k=k_pool, v=v_pool, lengths=cache.lengths + tokens.shape[1])
 
@@ -152,7 +151,7 @@ def prefill(c: llama.LlamaConfig, params: dict, tokens, cache: PagedCache, atten
 DECODE_ATTENTION = ("pallas_flash", "jax_xla", "none")
 
 
-def _gathered_attention(c: llama.LlamaConfig, q, k_pool, v_pool, lengths, table):
+def _gathered_attention(c: llama.LlamaConfig, q, k_pool, v_pool, lengths, table, window):
     """Decode attention without a paged kernel: the sequence's pages gathered into a contiguous
     [B, Hkv, C, D] copy, then jax.nn.dot_product_attention (XLA) with the positions past each
     length masked: what a model without a paged-attention kernel does."""
@@ -160,7 +159,7 @@ def _gathered_attention(c: llama.LlamaConfig, q, k_pool, v_pool, lengths, table)
         pages = pool[table]  # [B, pages, Hkv, page_size, D]
         return pages.swapaxes(1, 2).reshape(pages.shape[0], pages.shape[2], -1, pages.shape[-1])
 
-    if c.window is not None or c.logits_soft_cap is not None:
+    if window is not None or c.logits_soft_cap is not None:
         raise ValueError("decode_step: attention 'jax_xla' takes neither a window nor a soft cap")
     k, v = gather(k_pool), gather(v_pool)
     lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (q.shape[0],))
@@ -190,7 +189,7 @@ def decode_step(c: llama.LlamaConfig, params: dict, token, cache: PagedCache, *,
     new_lengths = cache.lengths + 1
     append = _append(mesh)
 
-    def layer(carry, xs):
+    def layer(carry, xs, window):
         x, k_pool, v_pool = carry
         p, index = xs
         q, k, v = llama.project_qkv(c, p, x, positions)
@@ -204,17 +203,17 @@ def decode_step(c: llama.LlamaConfig, params: dict, token, cache: PagedCache, *,
             elif attention == "jax_xla":
                 if mesh is not None:
                     raise ValueError("decode_step: attention 'jax_xla' takes no cache split by 'sequence'")
-                o = _gathered_attention(c, q, k_pool, v_pool, lengths, table)
+                o = _gathered_attention(c, q, k_pool, v_pool, lengths, table, window)
             elif mesh is None:
-                o = pf.flash_decode(q, k_pool, v_pool, lengths, page_table=table, window=c.window,
+                o = pf.flash_decode(q, k_pool, v_pool, lengths, page_table=table, window=window,
                                     logits_soft_cap=c.logits_soft_cap, interpret=interpret)
             else:
-                o = pf.sharded_flash_decode(q, k_pool, v_pool, lengths, mesh, page_table=table, window=c.window,
+                o = pf.sharded_flash_decode(q, k_pool, v_pool, lengths, mesh, page_table=table, window=window,
                                             logits_soft_cap=c.logits_soft_cap, interpret=interpret)
-        return (llama.finish_layer(c, p, x, o.astype(x.dtype)), k_pool, v_pool), None
+        return llama.finish_layer(c, p, x, o.astype(x.dtype)), k_pool, v_pool
 
     x = llama.embed(params, token[:, None], dtype)
-    (x, k_pool, v_pool), _ = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], jnp.arange(c.layers)))
+    x, k_pool, v_pool = llama.scan_layers(c, layer, (x, cache.k, cache.v), (params["layers"], jnp.arange(c.layers)))
     logits = llama.head(c, params, x[:, 0])
     return logits, dataclasses.replace(cache, k=k_pool, v=v_pool, lengths=new_lengths)
 

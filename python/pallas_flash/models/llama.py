@@ -38,6 +38,9 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     window: int | None = None  # sliding-window attention (left edge, positions); None: full causal
     logits_soft_cap: float | None = None
+    # With a window: every global_every-th layer (the last of each run of global_every) attends to
+    # every earlier key, the others within the window (Gemma 2: 2, Gemma 3: 6); None: all windowed.
+    global_every: int | None = None
 
     def __post_init__(self):
         for field in ("vocab", "layers", "width", "heads", "kv_heads", "head_dim", "mlp_width"):
@@ -48,9 +51,23 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: expected kv_heads dividing heads, got {self.heads} and {self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: expected an even head_dim (RoPE rotates pairs), got {self.head_dim}")
+        if self.global_every is not None:
+            if self.window is None or not isinstance(self.global_every, int) or self.global_every < 1:
+                raise ValueError(f"LlamaConfig: expected global_every an int >= 1 with a window, got "
+                                 f"{self.global_every!r} (window {self.window!r})")
+            if self.layers % self.global_every:
+                raise ValueError(f"LlamaConfig: expected layers a multiple of global_every, got {self.layers} and "
+                                 f"{self.global_every}")
 
     def with_layers(self, layers: int) -> LlamaConfig:
         return dataclasses.replace(self, name=f"{self.name}-{layers}l", layers=layers)
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The attention window of each layer of one run of the layer pattern (it repeats through the
+        model): (window,) when every layer has the same; Gemma 2's (4096, None)."""
+        if self.global_every is None:
+            return (self.window,)
+        return (self.window,) * (self.global_every - 1) + (None,)
 
     @property
     def params_count(self) -> int:
@@ -64,12 +81,11 @@ class LlamaConfig:
         return self.layers * per_layer + self.vocab * w
 
     def attention_pairs(self, seq: int, context: int | None = None) -> float:
-        """Visible (query, key) pairs of one sequence: `seq` new tokens after `context - seq` cached ones
-        (context None: seq), causal and within the window."""
+        """Visible (query, key) pairs of one sequence in a layer (the mean over the layer pattern): `seq`
+        new tokens after `context - seq` cached ones (context None: seq), causal and within the window."""
         context = seq if context is None else context
-        left = self.window if self.window is not None else context
-        start = context - seq
-        return _pairs(seq, start, left)
+        windows = self.layer_windows()
+        return sum(_pairs(seq, context - seq, context if w is None else w) for w in windows) / len(windows)
 
     def flops(self, seq: int, batch: int, *, context: int | None = None, backward: bool = False) -> float:
         """Model FLOPs of a pass over `batch` sequences of `seq` new tokens (the usual count: 2 per
@@ -99,6 +115,13 @@ CONFIGS = {
                             mlp_width=8192),
     "llama-8b": LlamaConfig("llama-8b", vocab=128256, layers=32, width=4096, heads=32, kv_heads=8, head_dim=128,
                             mlp_width=14336),
+    # Gemma-2-2B's shapes (config.json: 26 layers, width 2304, 8 heads of 256, 4 KV heads, MLP 9216,
+    # vocabulary 256000) and its attention: a 4096-position window on every other layer, the others
+    # global, logits soft-capped at 50. The block stays Llama's (SwiGLU, one norm each side, no final
+    # soft cap, no embedding scale): what differs there is not attention.
+    "gemma2-2b": LlamaConfig("gemma2-2b", vocab=256000, layers=26, width=2304, heads=8, kv_heads=4, head_dim=256,
+                             mlp_width=9216, rope_theta=10000.0, norm_eps=1e-6, window=4096, logits_soft_cap=50.0,
+                             global_every=2),
     # Tests: every shape small, GQA 4:2, an odd vocabulary.
     "tiny": LlamaConfig("tiny", vocab=97, layers=2, width=64, heads=4, kv_heads=2, head_dim=16, mlp_width=128),
 }
@@ -214,26 +237,43 @@ def embed(params: dict, tokens, dtype):
     return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
+def scan_layers(c: LlamaConfig, layer, carry, xs):
+    """Runs layer(carry, x, window) -> carry over the model's layers, x each layer's slice of the
+    stacked xs (leading axis: layers) and window its own (a Python value: the kernels' masks are
+    static). One lax.scan step per run of the layer pattern, its layers unrolled, so a model still
+    compiles as one pattern's program."""
+    windows = c.layer_windows()
+    runs = jax.tree.map(lambda a: a.reshape(a.shape[0] // len(windows), len(windows), *a.shape[1:]), xs)
+
+    def run(carry, xs_run):
+        for i, window in enumerate(windows):
+            carry = layer(carry, jax.tree.map(lambda a: a[i], xs_run), window)
+        return carry, None
+
+    carry, _ = lax.scan(run, carry, runs)
+    return carry
+
+
 def hidden_states(c: LlamaConfig, params: dict, tokens, attention, *, dtype=jnp.bfloat16, remat: bool = True,
                   weights=None):
-    """The final layer's output [B, N, W] for tokens [B, N] at positions 0..N-1. `attention(q, k, v)`
-    is causal attention on [B, H, N, D] (pallas_flash.models.attention). remat: each layer's
-    activations are recomputed in the backward from its input (what a long sequence needs to fit).
-    weights: applied to each layer's weights (and the embedding) where they are used: FSDP's gather
-    (pallas_flash.models.train); None uses them as they are."""
+    """The final layer's output [B, N, W] for tokens [B, N] at positions 0..N-1. `attention(q, k, v,
+    window=W)` is causal attention on [B, H, N, D] within W positions (pallas_flash.models.attention),
+    called with each layer's window. remat: each layer's activations are recomputed in the backward
+    from its input (what a long sequence needs to fit). weights: applied to each layer's weights (and
+    the embedding) where they are used: FSDP's gather (pallas_flash.models.train); None uses them as
+    they are."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     weights = weights or (lambda tree: tree)
 
-    def layer(x, p):
+    def layer(x, p, window):
         p = weights(p)
         q, k, v = project_qkv(c, p, x, positions)
         with jax.named_scope("attention"):
-            o = attention(q, k, v)
-        return finish_layer(c, p, x, o), None
+            o = attention(q, k, v, window=window)
+        return finish_layer(c, p, x, o)
 
-    body = jax.checkpoint(layer) if remat else layer
-    x, _ = lax.scan(body, embed({"embed": weights(params["embed"])}, tokens, dtype), params["layers"])
-    return x
+    body = jax.checkpoint(layer, static_argnums=(2,)) if remat else layer
+    return scan_layers(c, body, embed({"embed": weights(params["embed"])}, tokens, dtype), params["layers"])
 
 
 def forward(c: LlamaConfig, params: dict, tokens, attention, *, dtype=jnp.bfloat16, remat: bool = True):
