@@ -70,11 +70,11 @@ __attribute__((target("amx-tile,amx-bf16"))) float amx_chains(std::int64_t itera
     std::uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64};
     std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
   } config;
-  alignas(64) static const std::uint16_t ones[16 * 32] = {};  // bf16 zeros: the sums stay finite
+  alignas(64) static const std::uint16_t zeros[16 * 32] = {};  // bf16 zeros: the sums stay finite
   alignas(64) float out[16 * 16];
   _tile_loadconfig(&config);
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
