@@ -414,17 +414,21 @@ def _concrete(x):
 
 
 def _check_cache(name: str, what: str, tokens, k_cache, v_cache, page_table):
-    """tokens: the [B, H, T, D] array the call brings (q, or the new K/V), named `what`."""
+    """tokens: the [B, H, T, D] array the call brings (q, or the new K/V), named `what`. The cache's
+    rows are D wide, or a multiple k of D: k KV heads packed per row (heads_per_row)."""
     if tokens.ndim != 4 or k_cache.ndim != 4:
         layout = "page pools [num_pages, Hkv, page_size, D]" if page_table is not None else "caches [B, Hkv, Nmax, D]"
         raise ValueError(f"{name}: expected {what} [B, H, T, D] and {layout}, got ranks {tokens.ndim}, {k_cache.ndim}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{name}: expected k_cache and v_cache of one shape, got {k_cache.shape} and {v_cache.shape}")
-    if tokens.shape[3] != k_cache.shape[3]:
-        raise ValueError(f"{name}: expected caches with {what}'s D = {tokens.shape[3]}, got {k_cache.shape}")
-    if tokens.shape[1] % k_cache.shape[1]:
+    if k_cache.shape[3] % tokens.shape[3]:
+        raise ValueError(f"{name}: expected caches with {what}'s D = {tokens.shape[3]} (or a multiple of it: KV heads "
+                         f"packed per row), got {k_cache.shape}")
+    kv_heads = k_cache.shape[1] * heads_per_row(tokens, k_cache)
+    if tokens.shape[1] % kv_heads:
+        packed = f" ({k_cache.shape[1]} x {heads_per_row(tokens, k_cache)} packed per row)" if kv_heads > k_cache.shape[1] else ""
         raise ValueError(f"{name}: expected the cache's Hkv dividing {what}'s heads (mismatched heads), got "
-                         f"{tokens.shape[1]} and Hkv={k_cache.shape[1]}")
+                         f"{tokens.shape[1]} and Hkv={kv_heads}{packed}")
     if page_table is None:
         if tokens.shape[0] != k_cache.shape[0]:
             raise ValueError(f"{name}: expected a cache with {what}'s B = {tokens.shape[0]}, got {k_cache.shape}")
@@ -471,6 +475,63 @@ def _check_pages(name: str, page_table, lengths, page_size: int, pool_pages: ran
 
 
 # --------------------------------------------------------------------------------------------------
+# KV heads packed per row: caches of D < 128 without lane padding
+
+
+def heads_per_row(tokens, k_cache) -> int:
+    """KV heads per cache row: 1, or k for a cache whose rows hold k heads side by side, [..., Hkv / k,
+    positions, k * D] (KV head h in cache head h // k, lanes (h % k) * D onward).
+
+    Why: a TPU array's last axis is laid out in 128 lanes, so a [..., 64] cache takes twice its size in
+    HBM (a decode at batch 32 and a 32k context of a model with D = 64 then no longer fits a chip), and
+    its reads carry the padding. The kernels take a packed cache unchanged, as k * D-wide heads: a query
+    of head h is spread to k * D lanes, zero outside h's, so its scores are h's keys' alone (the zeros
+    meet the other heads' lanes), and its output is h's lanes of the wide result. The products do k
+    times the MXU work of D lanes, which costs nothing in a decode bound by HBM."""
+    return k_cache.shape[3] // tokens.shape[3]
+
+
+def packed_heads_per_row(kv_heads: int, head_dim: int) -> int:
+    """The heads per row that fill 128 lanes: 128 / D where D divides 128 and that divides Hkv, else 1."""
+    if head_dim >= LANES or LANES % head_dim or kv_heads % (LANES // head_dim):
+        return 1
+    return LANES // head_dim
+
+
+def pack_rows(new, per_row: int):
+    """New K or V rows [B, Hkv, T, D] in the layout of a cache with per_row heads a row: [B, Hkv / k, T, k * D]."""
+    if per_row == 1:
+        return new
+    batch, heads, tokens, dim = new.shape
+    grouped = new.reshape(batch, heads // per_row, per_row, tokens, dim).transpose(0, 1, 3, 2, 4)
+    return grouped.reshape(batch, heads // per_row, tokens, per_row * dim)
+
+
+def _head_slots(heads_q: int, kv_heads: int, per_row: int):
+    """[Hq, k] booleans: the lane slot of each query head's KV head in a packed row."""
+    slot = (jnp.arange(heads_q) // (heads_q // kv_heads)) % per_row
+    return slot[:, None] == jnp.arange(per_row)[None, :]
+
+
+def _spread_queries(q, per_row: int, kv_heads: int):
+    """q [B, Hq, T, D] as [B, Hq, T, k * D] queries of a packed cache: each in its KV head's lanes."""
+    if per_row == 1:
+        return q
+    own = _head_slots(q.shape[1], kv_heads, per_row)[None, :, None, :, None]
+    spread = jnp.where(own, q[:, :, :, None, :], jnp.zeros((), q.dtype))
+    return spread.reshape(*q.shape[:3], per_row * q.shape[3])
+
+
+def _own_lanes(o, per_row: int, kv_heads: int):
+    """A packed decode's output [B, Hq, T, k * D] -> [B, Hq, T, D]: each query head's own lanes."""
+    if per_row == 1:
+        return o
+    batch, heads_q, query_tokens, wide = o.shape
+    own = _head_slots(heads_q, kv_heads, per_row)[None, :, None, :, None]
+    return jnp.where(own, o.reshape(batch, heads_q, query_tokens, per_row, wide // per_row), 0).sum(axis=3)
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry points
 
 
@@ -513,6 +574,10 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
       16 to 512) and page_table [B, pages_per_seq] int32 names the page holding positions
       [i * page_size, (i + 1) * page_size) of sequence b. Entries past a sequence's length are never
       read (they may be -1). Pages are read in place by the kernel's DMAs, never gathered.
+    - Either may pack k KV heads per row: a last axis of k * D, [..., Hkv / k, positions, k * D]
+      (heads_per_row; KV head h in cache head h // k, lanes (h % k) * D onward). For D = 64 on a TPU
+      this halves the cache's HBM (a last axis of 64 is padded to 128 lanes); append_kv writes it from
+      [B, Hkv, T, D] rows, packed_heads_per_row gives the k that fills 128 lanes.
     lengths [B] int32: valid cache positions per sequence, the new tokens' K/V included (0 allowed:
     that sequence's output is 0 and its LSE -inf); new token t sits at position lengths - T + t and
     sees keys j <= that position (a sequence with fewer new tokens than T left-pads its queries and
@@ -544,9 +609,11 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     mode = kernel_mode(interpret)
     if mode == "cpu":
         splits = num_splits  # None: the C++ decode's own choice (threads and lengths)
-    o, lse = _per_shard_decode(q, k_cache, v_cache, lengths, page_table, scale=scale, num_splits=splits, mode=mode,
-                               rules=rules)
-    return _finish(o, lse, q, return_lse, sinks)
+    per_row = heads_per_row(q, k_cache)
+    kv_heads = k_cache.shape[1] * per_row
+    o, lse = _per_shard_decode(_spread_queries(q, per_row, kv_heads), k_cache, v_cache, lengths, page_table,
+                               scale=scale, num_splits=splits, mode=mode, rules=rules)
+    return _finish(_own_lanes(o, per_row, kv_heads), lse, q, return_lse, sinks)
 
 
 _AUTO_AXES = {"cpu": AutoAxes.PARTITION, "interpret": AutoAxes.INTERPRET}
@@ -578,8 +645,9 @@ def _check_new_rows(name: str, k_new, v_new, k_cache, v_cache, page_table):
     if k_new.shape != v_new.shape:
         raise ValueError(f"{name}: expected k_new and v_new of one shape, got {k_new.shape} and {v_new.shape}")
     _check_cache(name, "k_new", k_new, k_cache, v_cache, page_table)
-    if k_new.shape[1] != k_cache.shape[1]:
-        raise ValueError(f"{name}: expected k_new [B, Hkv={k_cache.shape[1]}, T, D], got {k_new.shape}")
+    kv_heads = k_cache.shape[1] * heads_per_row(k_new, k_cache)
+    if k_new.shape[1] != kv_heads:
+        raise ValueError(f"{name}: expected k_new [B, Hkv={kv_heads}, T, D], got {k_new.shape}")
 
 
 def _check_sequence_split(name: str, k_cache, page_table, layout: CacheLayout, devices: int):
@@ -601,7 +669,9 @@ def _length_array(lengths, batch: int):
 def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
     """Writes the new tokens' keys and values k_new, v_new [B, Hkv, T, D] at positions
     lengths .. lengths + T - 1 of each sequence (lengths [B]: the positions already in the cache) and
-    returns the updated (k_cache, v_cache); page_table as in flash_decode (None: contiguous caches).
+    returns the updated (k_cache, v_cache); page_table as in flash_decode (None: contiguous caches),
+    and as there a cache may pack k KV heads per row (a last axis of k * D: each head's row goes to its
+    lanes).
 
     Functional: only the B x Hkv x T new rows are written (each an in-place update, or one scatter
     past ROW_LOOP_MAX rows), so under
@@ -613,6 +683,8 @@ def append_kv(k_cache, v_cache, lengths, page_table, k_new, v_new):
     """
     name = "append_kv"
     _check_new_rows(name, k_new, v_new, k_cache, v_cache, page_table)
+    per_row = heads_per_row(k_new, k_cache)
+    k_new, v_new = pack_rows(k_new, per_row), pack_rows(v_new, per_row)
     batch, heads, tokens, _ = k_new.shape
     capacity = _layout(k_cache, page_table).capacity if page_table is not None else k_cache.shape[2]
     lengths = _length_array(lengths, batch)
@@ -675,6 +747,8 @@ def sharded_append_kv(k_cache, v_cache, lengths, mesh, page_table, k_new, v_new)
     devices = mesh.devices.size
     layout = _layout(k_cache, page_table)
     _check_sequence_split(name, k_cache, page_table, layout, devices)
+    per_row = heads_per_row(k_new, k_cache)
+    k_new, v_new = pack_rows(k_new, per_row), pack_rows(v_new, per_row)
     batch, heads, tokens, _ = k_new.shape
     lengths = _length_array(lengths, batch)
     _check_lengths(name, lengths, batch, layout.capacity, new_tokens=tokens)
@@ -785,5 +859,7 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P(), table_spec),
                              out_specs=(P(), P()), check_vma=False)(q, k_cache, v_cache, lengths, table)
 
-    o, lse = sharded(q, k_cache, v_cache, lengths, table)
-    return _finish(o, lse, q, return_lse, sinks)
+    per_row = heads_per_row(q, k_cache)
+    kv_heads = k_cache.shape[1] * per_row
+    o, lse = sharded(_spread_queries(q, per_row, kv_heads), k_cache, v_cache, lengths, table)
+    return _finish(_own_lanes(o.reshape(*q.shape[:3], -1), per_row, kv_heads), lse, q, return_lse, sinks)

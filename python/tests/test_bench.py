@@ -80,6 +80,7 @@ def test_price_override_is_validated():
     (["--kv-heads", "5"], "--kv-heads"),
     (["--query-tokens", "17"], "--query-tokens"),
     (["--page-size", "0,100"], "--page-size"),
+    (["--heads-per-row", "0"], "--heads-per-row"),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -93,6 +94,21 @@ def test_unsupported_pairs_are_skipped_not_run():
     run, skipped = cli.build_cases(args)
     assert {(c.impl, c.pass_) for c in run} == {("jax_flash_attention", "fwd"), ("jax_paged_attention", "decode")}
     assert {(c.impl, c.pass_) for c in skipped} == {("jax_flash_attention", "decode"), ("jax_paged_attention", "fwd")}
+
+
+def test_heads_packed_per_row_are_decode_rows_of_pallas_flash():
+    args = cli.parse_args(["--impl", "pallas_flash,jax_paged_attention", "--pass", "fwd,decode", "--seq", "1024",
+                           "--causal", "on", "--mesh", "1x1", "--page-size", "128", "--dim", "64",
+                           "--heads-per-row", "1,2,3"])
+    run, skipped = cli.build_cases(args)
+    assert sorted((c.impl, c.pass_, c.heads_per_row) for c in run) == [
+        ("jax_paged_attention", "decode", 1), ("pallas_flash", "decode", 1), ("pallas_flash", "decode", 2),
+        ("pallas_flash", "fwd", 1)]
+    assert {cases.supported(c) for c in skipped if c.heads_per_row == 3} == {
+        "KV heads packed per row: pallas_flash, a number dividing the KV heads"}
+    packed = next(c for c in run if c.heads_per_row == 2)
+    assert packed.key()["heads_per_row"] == 2
+    assert all(c.key()["heads_per_row"] is None for c in run if c.heads_per_row == 1)  # rows as before
 
 
 def test_profiling_scales_by_batch_and_kv_heads():

@@ -354,3 +354,99 @@ def test_bad_appends_raise_before_writing():
         append_kv(pool, pool, jnp.array([0, 0], jnp.int32), table, new, new[:, :, :2])
     with pytest.raises(ValueError, match=r"k_new \[B, Hkv=2, T, D\]"):
         append_kv(pool, pool, jnp.array([0, 0], jnp.int32), table, jnp.ones((2, 4, 1, 8)), jnp.ones((2, 4, 1, 8)))
+
+
+# --------------------------------------------------------------------------------------------------
+# KV heads packed per row (a last axis of k * D): caches of D < 128 without lane padding
+
+
+def packed_heads(cache, per_row):
+    """[..., Hkv, N, D] -> [..., Hkv / k, N, k * D], KV head h in cache head h // k at lanes (h % k) * D,
+    written head by head (the layout's definition, not the library's reshape)."""
+    cache = np.asarray(cache, np.float32)
+    lead, heads, positions, dim = cache.shape
+    out = np.full((lead, heads // per_row, positions, per_row * dim), np.nan, np.float32)
+    for h in range(heads):
+        out[:, h // per_row, :, (h % per_row) * dim:(h % per_row + 1) * dim] = cache[:, h]
+    assert not np.isnan(out).any() or np.isnan(cache).any()
+    return out
+
+
+@pytest.mark.both_cpu_kernels
+@pytest.mark.parametrize("per_row, heads, dim, tokens", [(2, (8, 2), 64, 1), (2, (4, 4), 32, 3), (4, (8, 4), 16, 2)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_a_cache_with_heads_packed_per_row_decodes_as_unpacked(per_row, heads, dim, tokens, page_size):
+    lengths = np.array([300, 0, 1, 129], np.int32)
+    q, k, v = make_cache(4, heads[0], heads[1], tokens, dim, 512)
+    table = None
+    if page_size:
+        k_cache, v_cache, table = paged(k, v, lengths, page_size)  # NaN wherever nothing may be read
+    else:
+        k_cache, v_cache = k, v
+    k_packed, v_packed = (jnp.asarray(packed_heads(c, per_row)) for c in (k_cache, v_cache))
+    assert decode.heads_per_row(q, k_packed) == per_row
+    o, lse = flash_decode(q, k_packed, v_packed, jnp.asarray(lengths), page_table=table, num_splits=2,
+                          return_lse=True)
+    assert o.shape == q.shape and np.all(np.isfinite(np.asarray(o)))
+    assert_matches(o, lse, q, k, v, lengths)
+
+
+@pytest.mark.both_cpu_kernels
+def test_packed_heads_take_windows_soft_caps_and_sinks_as_unpacked():
+    lengths = np.array([300, 77], np.int32)
+    q, k, v = make_cache(2, 8, 4, 2, 32, 512)
+    sinks = jnp.linspace(-1.0, 2.0, 8)
+    options = dict(window=40, logits_soft_cap=3.0, sinks=sinks, return_lse=True)
+    want_o, want_lse = flash_decode(q, k, v, jnp.asarray(lengths), **options)
+    k_packed, v_packed = (jnp.asarray(packed_heads(c, 4)) for c in (k, v))
+    o, lse = flash_decode(q, k_packed, v_packed, jnp.asarray(lengths), **options)
+    np.testing.assert_allclose(o, want_o, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_append_into_packed_heads_writes_each_heads_lanes(page_size):
+    batch, heads_kv, dim, capacity = 2, 4, 16, 64
+    q, k, v = make_cache(batch, 8, heads_kv, 1, dim, capacity)
+    new_k, new_v = (jnp.asarray(np.random.default_rng().standard_normal((batch, heads_kv, 3, dim)), jnp.float32)
+                    for _ in range(2))
+    lengths = jnp.array([5, 30], jnp.int32)
+    table = None
+    k_cache, v_cache = k, v
+    if page_size:
+        k_cache, v_cache, table = paged(k, v, np.full(batch, capacity), page_size)
+    want = append_kv(k_cache, v_cache, lengths, table, new_k, new_v)
+    got = append_kv(jnp.asarray(packed_heads(k_cache, 2)), jnp.asarray(packed_heads(v_cache, 2)), lengths, table,
+                    new_k, new_v)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(g), packed_heads(w, 2))
+
+
+@pytest.mark.both_cpu_kernels
+def test_sharded_decode_and_append_take_packed_heads():
+    from pallas_flash import sharded_append_kv
+    mesh = jax.make_mesh((2, 2), ("x", "y"))
+    lengths = jnp.array([300, 100], jnp.int32)
+    q, k, v = make_cache(2, 8, 2, 1, 32, 512)  # 64 KiB a shard (see test_sharded_decode_matches_single_device)
+    new = jnp.ones((2, 2, 1, 32))
+    k_packed, v_packed = (jnp.asarray(packed_heads(c, 2)) for c in (k, v))
+    k_packed, v_packed = sharded_append_kv(k_packed, v_packed, lengths, mesh, None, new, new)
+    k, v = (c.at[np.arange(2), :, np.asarray(lengths)].set(1.0) for c in (k, v))
+    np.testing.assert_array_equal(np.asarray(k_packed), packed_heads(k, 2))
+    o, lse = sharded_flash_decode(q, k_packed, v_packed, lengths + 1, mesh, return_lse=True)
+    assert_matches(o, lse, q, k, v, np.asarray(lengths) + 1)
+
+
+@pytest.mark.parametrize("q_shape, cache_shape, message", [
+    ((1, 4, 1, 48), (1, 2, 256, 128), r"q's D = 48 \(or a multiple of it"),
+    ((1, 6, 1, 64), (1, 2, 256, 128), r"got 6 and Hkv=4 \(2 x 2 packed per row\)"),
+])
+def test_bad_packed_caches_raise(q_shape, cache_shape, message):
+    with pytest.raises(ValueError, match=message):
+        flash_decode(jnp.zeros(q_shape), jnp.zeros(cache_shape), jnp.zeros(cache_shape), 1)
+
+
+def test_packed_heads_per_row_fills_128_lanes():
+    assert [decode.packed_heads_per_row(8, d) for d in (64, 32, 128, 256, 96)] == [2, 4, 1, 1, 1]
+    assert decode.packed_heads_per_row(1, 64) == 1 and decode.packed_heads_per_row(2, 32) == 1

@@ -109,15 +109,18 @@ def test_attention_pairs_closed_form():
 # sharded_flash_decode runs inside the decode step's lax.scan on four CPU devices (the sharded
 # decode's interpret-mode numerics are tested on their own in test_decode.py).
 @pytest.mark.parametrize("layout, cpu_kernels", [("one device", "interpret"), ("one device", "cpp"),
-                                                 ("2x2 batch", "cpp"), ("2x2 sequence", "cpp")],
+                                                 ("2x2 batch", "cpp"), ("2x2 sequence", "cpp"),
+                                                 ("one device, heads packed", "interpret"),
+                                                 ("2x2 sequence, heads packed", "cpp")],
                          indirect=["cpu_kernels"])
 def test_generation_with_the_paged_cache_equals_recomputing(layout, cpu_kernels):
     params = llama.init_params(TINY, jax.random.PRNGKey(5))
     prompt = _tokens((4, 11), 6)
-    mesh = None if layout == "one device" else jax.make_mesh((2, 2), ("x", "y"))
-    split = "sequence" if layout.endswith("sequence") else "batch"
+    mesh = None if layout.startswith("one device") else jax.make_mesh((2, 2), ("x", "y"))
+    split = "sequence" if "sequence" in layout else "batch"
+    per_row = 2 if layout.endswith("heads packed") else 1  # both KV heads in one row of the pools
     tokens, logits = generate.generate(TINY, params, prompt, 6, attention.attention_fn("pallas_flash"),
-                                       dtype=jnp.float32, mesh=mesh, split=split, page_size=16)
+                                       dtype=jnp.float32, mesh=mesh, split=split, page_size=16, heads_per_row=per_row)
     tokens, logits = np.asarray(tokens), np.asarray(logits)
     full = jnp.concatenate([prompt, jnp.asarray(tokens)], axis=1)
     recomputed = llama.forward(TINY, params, full, attention.attention_fn("reference"), dtype=jnp.float32)
@@ -140,9 +143,10 @@ def test_generation_with_a_layer_pattern_equals_recomputing(cpu_kernels):
     _close(logits, np.asarray(recomputed)[:, 8:13], 2e-5)
 
 
-def test_decode_step_with_gathered_pages_equals_flash_decode():
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_decode_step_with_gathered_pages_equals_flash_decode(per_row):
     params = llama.init_params(TINY, jax.random.PRNGKey(7))
-    cache = generate.init_cache(TINY, 2, 64, page_size=16, dtype=jnp.float32)
+    cache = generate.init_cache(TINY, 2, 64, page_size=16, dtype=jnp.float32, heads_per_row=per_row)
     _, cache = generate.prefill(TINY, params, _tokens((2, 23), 8), cache, attention.attention_fn("reference"),
                                 dtype=jnp.float32)
     token = _tokens((2,), 9)
@@ -151,6 +155,13 @@ def test_decode_step_with_gathered_pages_equals_flash_decode():
     _close(ours, gathered, 2e-5)
     with pytest.raises(ValueError, match="attention"):
         generate.decode_step(TINY, params, token, cache, attention="splash")
+
+
+def test_a_cache_packs_kv_heads_per_row_only_where_they_divide():
+    cache = generate.init_cache(TINY, 2, 64, page_size=16, heads_per_row=2)
+    assert cache.k.shape == (2 * 4 * TINY.layers, 1, 16, 2 * TINY.head_dim)
+    with pytest.raises(ValueError, match="init_cache: expected heads_per_row dividing the 2 KV heads, got 3"):
+        generate.init_cache(TINY, 2, 64, page_size=16, heads_per_row=3)
 
 
 def test_page_tables_name_each_page_once_and_on_its_device():

@@ -149,6 +149,28 @@ def test_paged_decode_compiles_reading_the_pools_in_place(context, tokens, batch
     cache_parameters_feed_only_the_kernel(program, pools)
 
 
+def test_a_d64_cache_with_kv_heads_packed_per_row_takes_its_own_bytes():
+    # A bf16 [..., 128, 64] pool in the row-major layout the kernel reads is laid out in 128 lanes:
+    # twice its bytes in HBM (XLA's own layout for it at a jit boundary, page positions minor, is
+    # dense, but then copied to the kernel's, the whole pool each call). Two KV heads a row,
+    # [..., 4, 128, 128], hold the same cache in its own bytes, read in place.
+    batch, context, page_size = 16, 32768, 128
+    q = v5e.abstract((batch, 32, 1, 64), jnp.bfloat16)
+    table = v5e.abstract((batch, context // page_size), jnp.int32)
+    lengths = v5e.abstract((batch,), jnp.int32)
+    padding = {}
+    for per_row in (1, 2):
+        pool = v5e.abstract((batch * context // page_size, 8 // per_row, page_size, 64 * per_row), jnp.bfloat16)
+        program = v5e.compile_row_major(
+            lambda q, k, v, n, t: flash_decode(q, k, v, n, page_table=t, interpret=False), q, pool, pool, lengths, table)
+        assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
+        pools = [p for p in program.parameters if p.arrays[0].dims == pool.shape]
+        assert len(pools) == 2
+        padding[per_row] = pools[0].arrays[0].tiled_bytes / pools[0].arrays[0].logical_bytes
+        cache_parameters_feed_only_the_kernel(program, [p.name for p in pools])
+    assert padding == {1: 2.0, 2: 1.0}
+
+
 def compile_append(donate, tokens=1, dim=128):
     pool = v5e.abstract((2048, 8, 128, dim), jnp.bfloat16)  # 512 MiB each (D = 128)
     new = v5e.abstract((8, 8, tokens, dim), jnp.bfloat16)

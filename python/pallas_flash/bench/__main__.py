@@ -68,6 +68,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def _sizes(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x]
@@ -144,6 +154,9 @@ def parse_args(argv=None):
                              "fwd+bwd, causal or full), the sequence split over each --mesh of several chips")
     parser.add_argument("--page-size", type=_sizes, default=[0, 128],
                         help="decode: 0 (a contiguous cache) or a page size, power of two 16..512 (default 0,128)")
+    parser.add_argument("--heads-per-row", type=_counts, default=[1],
+                        help="decode (pallas_flash): KV heads packed per cache row, e.g. 1,2 (2 at D = 64: a "
+                             "[..., 64] cache's rows are padded to 128 lanes in a TPU's HBM; default 1)")
     parser.add_argument("--price-per-chip-hour", type=float, default=None, help="USD; default: the hardware table")
     parser.add_argument("--json", default=None, metavar="FILE")
     parser.add_argument("--plot", default=None, metavar="FILE.png")
@@ -174,11 +187,12 @@ def build_cases(args):
         for pass_ in args.passes:
             if pass_ == "decode":
                 kv_heads = args.kv_heads or 8
-                grid = [(ctx, mesh, dtype, dim, page) for ctx in args.context for mesh in args.mesh
-                        for dtype in args.dtype for dim in args.dim for page in args.page_size]
-                for ctx, mesh, dtype, dim, page in grid:
+                grid = [(ctx, mesh, dtype, dim, page, per_row) for ctx in args.context for mesh in args.mesh
+                        for dtype in args.dtype for dim in args.dim for page in args.page_size
+                        for per_row in args.heads_per_row]
+                for ctx, mesh, dtype, dim, page, per_row in grid:
                     case = cases.Case(impl, pass_, args.batch, args.decode_heads, kv_heads, args.query_tokens, ctx, dim,
-                                      dtype, True, mesh, page)
+                                      dtype, True, mesh, page, heads_per_row=per_row)
                     (skipped if cases.supported(case) else result).append(case)
                 continue
             for case in _attention_grid(args, impl, pass_):

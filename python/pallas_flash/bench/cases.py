@@ -65,6 +65,7 @@ class Case:
     causal: bool
     mesh: str = "1x1"
     page_size: int = 0  # decode: 0 a contiguous cache, else page pools and a page table
+    heads_per_row: int = 1  # decode (pallas_flash): KV heads packed per cache row (flash_decode's packed layout)
     # Block sizes, fixed (None: the implementation's own choice). pallas_flash: BlockSizes' fields;
     # jax_flash_attention: (block_q, block_k_major, block_k, backward block).
     blocks: tuple[int, ...] | None = None
@@ -146,6 +147,7 @@ class Case:
             "mesh": self.mesh if self.pass_ == "decode" or self.context_parallel else None,
             "context_parallel": self.context_parallel or None,
             "page_size": self.page_size if self.pass_ == "decode" else None,
+            "heads_per_row": self.heads_per_row if self.heads_per_row != 1 else None,
         }
 
     def as_json(self) -> dict:
@@ -252,7 +254,11 @@ def supported(case: Case) -> str | None:
             return "xla_reference: one device, a contiguous cache"
         if case.page_size and case.seq_k % (case.page_size * case.devices):
             return f"context {case.seq_k}: expected a multiple of the page size x devices"
+        if case.heads_per_row != 1 and (case.impl != "pallas_flash" or case.kv_heads % case.heads_per_row):
+            return "KV heads packed per row: pallas_flash, a number dividing the KV heads"
         return None
+    if case.heads_per_row != 1:
+        return "KV heads packed per row: decode only"
     if case.impl == "jax_paged_attention":
         return "jax_paged_attention is decode only"
     if case.context_parallel:
@@ -425,6 +431,7 @@ def _decode_fn(case: Case, place: Placement):
     # Profiling passes the (full) length as a Python int: a trace-time constant, not an SMEM read.
     static_length = context if case.trace_time_lengths else None
     pages_per_seq = context // case.page_size if case.page_size else 0
+    rows, row_dim = case.kv_heads // case.heads_per_row, case.dim * case.heads_per_row  # a cache row's heads
     rules = case.rules()  # a window reads only its positions; a soft cap changes no byte
     if case.impl == "jax_paged_attention":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
@@ -446,12 +453,11 @@ def _decode_fn(case: Case, place: Placement):
         axes = ("x", "y")
         q = place.array((batch, case.heads, tokens, case.dim), dtype, replicated)
         if case.page_size:  # device i's pages hold positions [i C/S, (i+1) C/S): its part of the table
-            cache = place.array((batch * pages_per_seq, case.kv_heads, case.page_size, case.dim), dtype,
+            cache = place.array((batch * pages_per_seq, rows, case.page_size, row_dim), dtype,
                                 place.sharding(mesh, P(axes, None, None, None)))
             table = place.index_array(page_order(batch, pages_per_seq, case.devices), place.sharding(mesh, P(None, axes)))
         else:
-            cache = place.array((batch, case.kv_heads, context, case.dim), dtype,
-                                place.sharding(mesh, P(None, None, axes, None)))
+            cache = place.array((batch, rows, context, row_dim), dtype, place.sharding(mesh, P(None, None, axes, None)))
             table = None
 
         def sharded_decode(q, k, v, lengths, table):
@@ -462,10 +468,10 @@ def _decode_fn(case: Case, place: Placement):
 
     q = place.array((batch, case.heads, tokens, case.dim), dtype)
     if case.page_size:
-        cache = place.array((batch * pages_per_seq, case.kv_heads, case.page_size, case.dim), dtype)
+        cache = place.array((batch * pages_per_seq, rows, case.page_size, row_dim), dtype)
         table = place.index_array(page_order(batch, pages_per_seq, 1))
     else:
-        cache = place.array((batch, case.kv_heads, context, case.dim), dtype)
+        cache = place.array((batch, rows, context, row_dim), dtype)
         table = None
     if case.impl == "xla_reference":
         return (lambda q, k, v: naive_attention(q, k, v, causal=True)), (q, cache, cache)

@@ -18,6 +18,7 @@ from pallas_flash import v5e
 from pallas_flash.bench import cases as attention_cases
 from pallas_flash.bench import program
 from pallas_flash.bench.estimate import Estimator
+from pallas_flash.decode import packed_heads_per_row
 from pallas_flash.bench.model import PAGE_SIZE, V5E_DEVICES, ModelCase, finish_row, skip_reason
 from pallas_flash.hardware import TPU_V5E, with_price
 from pallas_flash.models import attention as attention_impls
@@ -55,7 +56,9 @@ def build(case: ModelCase, m: Mesh):
     params = jax.eval_shape(lambda: llama.init_params(c, jax.random.PRNGKey(0), jnp.bfloat16))
     replicated = jax.tree.map(lambda _: NamedSharding(m, P()), params)
     split = "batch" if case.batch % V5E_DEVICES == 0 else "sequence"
-    cache = generate.abstract_cache(c, case.batch, case.seq, page_size=PAGE_SIZE, devices=V5E_DEVICES, split=split)
+    # KV heads packed per row where D < 128 (D = 64: the pools' rows would be padded to twice their bytes).
+    cache = generate.abstract_cache(c, case.batch, case.seq, page_size=PAGE_SIZE, devices=V5E_DEVICES, split=split,
+                                    heads_per_row=packed_heads_per_row(c.kv_heads, c.head_dim))
     cache_sh = generate.cache_shardings(cache, m)
     abstract_cache = _abstract(cache, cache_sh)
     if case.pass_ == "prefill":
@@ -135,7 +138,7 @@ def _kernel_cases(case: ModelCase, mask: str, max_group_seq: int) -> dict[str, K
         decode = attention_cases.Case(
             impl, "decode", case.batch // V5E_DEVICES if split_batch else case.batch, c.heads, c.kv_heads, 1,
             case.seq if split_batch else case.seq // V5E_DEVICES, c.head_dim, "bf16", True, page_size=PAGE_SIZE,
-            mask=mask)
+            mask=mask, heads_per_row=packed_heads_per_row(c.kv_heads, c.head_dim))
         return {"decode": KernelCall(decode, decode.profile_scale)}
     sequences = case.batch // V5E_DEVICES
     group = c.heads // c.kv_heads

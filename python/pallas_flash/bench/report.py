@@ -64,7 +64,8 @@ def print_table(rows: list[dict], out) -> None:
     print("-" * len(header), file=out)
     for r in rows:
         if r["pass"] == "decode":
-            page = f" page={r['page_size']}" if r.get("page_size") else ""
+            page = (f" page={r['page_size']}" if r.get("page_size") else "") + (
+                f" {r['heads_per_row']} heads/row" if r.get("heads_per_row") else "")
             shape = f"B={r['batch']} ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}{page}"
         else:
             heads = f"{r['heads']}" if r["heads"] == r["kv_heads"] else f"{r['heads']}/{r['kv_heads']}"

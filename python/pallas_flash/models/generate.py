@@ -32,7 +32,7 @@ from pallas_flash.models import llama
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedCache:
-    k: jax.Array  # [pages, Hkv, page_size, D], every layer's pages
+    k: jax.Array  # [pages, Hkv / k, page_size, k * D], every layer's pages (k KV heads a row, often 1)
     v: jax.Array
     page_table: jax.Array  # [B, pages_per_seq] int32: layer 0's pages
     lengths: jax.Array  # [B] int32: positions filled
@@ -73,15 +73,20 @@ def cache_page_table(batch: int, pages_per_seq: int, layers: int, devices: int =
 
 
 def init_cache(c: llama.LlamaConfig, batch: int, capacity: int, *, page_size: int = 128, dtype=jnp.bfloat16,
-               devices: int = 1, split: str = "batch") -> PagedCache:
+               devices: int = 1, split: str = "batch", heads_per_row: int = 1) -> PagedCache:
     """An empty cache for `batch` sequences of up to `capacity` positions (a multiple of page_size, and
-    of page_size x devices for split "sequence"), in `devices` parts split by `split`."""
+    of page_size x devices for split "sequence"), in `devices` parts split by `split`. heads_per_row:
+    KV heads packed side by side in a row (flash_decode's packed layout; decode.packed_heads_per_row
+    gives what fills a TPU's 128 lanes: 2 for D = 64, whose rows would otherwise be padded to twice
+    their size in HBM)."""
+    if heads_per_row < 1 or c.kv_heads % heads_per_row:
+        raise ValueError(f"init_cache: expected heads_per_row dividing the {c.kv_heads} KV heads, got {heads_per_row}")
     unit = page_size * (devices if split == "sequence" else 1)
     if capacity % unit:
         raise ValueError(f"init_cache: expected a capacity that is a multiple of {unit}, got {capacity}")
     pages_per_seq = capacity // page_size
     table, stride = cache_page_table(batch, pages_per_seq, c.layers, devices, split)
-    shape = (batch * pages_per_seq * c.layers, c.kv_heads, page_size, c.head_dim)
+    shape = (batch * pages_per_seq * c.layers, c.kv_heads // heads_per_row, page_size, c.head_dim * heads_per_row)
     return PagedCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.asarray(table),
                       jnp.zeros((batch,), jnp.int32), stride, split)
 
@@ -156,8 +161,11 @@ def _gathered_attention(c: llama.LlamaConfig, q, k_pool, v_pool, lengths, table,
     [B, Hkv, C, D] copy, then jax.nn.dot_product_attention (XLA) with the positions past each
     length masked: what a model without a paged-attention kernel does."""
     def gather(pool):
-        pages = pool[table]  # [B, pages, Hkv, page_size, D]
-        return pages.swapaxes(1, 2).reshape(pages.shape[0], pages.shape[2], -1, pages.shape[-1])
+        pages = pool[table]  # [B, pages, Hkv / k, page_size, k * D]
+        batch, per_seq, rows, page_size, wide = pages.shape
+        per_row = wide // c.head_dim  # KV heads packed per row, unpacked by the copy
+        pages = pages.reshape(batch, per_seq, rows, page_size, per_row, c.head_dim)
+        return pages.transpose(0, 2, 4, 1, 3, 5).reshape(batch, c.kv_heads, per_seq * page_size, c.head_dim)
 
     if window is not None or c.logits_soft_cap is not None:
         raise ValueError("decode_step: attention 'jax_xla' takes neither a window nor a soft cap")
@@ -225,15 +233,16 @@ def _append(mesh):
 
 
 def generate(c: llama.LlamaConfig, params: dict, prompt, steps: int, attention, *, capacity: int | None = None,
-             page_size: int = 16, dtype=jnp.bfloat16, mesh=None, split: str = "batch"):
+             page_size: int = 16, dtype=jnp.bfloat16, mesh=None, split: str = "batch", heads_per_row: int = 1):
     """Greedy generation: prefill `prompt` [B, N], then `steps` decode steps. Returns (tokens [B, steps],
     logits [B, steps, vocab]: the logits each generated token was chosen from). mesh, split: the
     cache's parts (see the module docstring); "sequence" prefills the prompt on one device's
-    program on every device and decodes with the sharded kernels."""
+    program on every device and decodes with the sharded kernels. heads_per_row: as in init_cache."""
     devices = 1 if mesh is None else mesh.devices.size
     unit = page_size * (devices if split == "sequence" else 1)
     capacity = capacity or -(-(prompt.shape[1] + steps) // unit) * unit
-    cache = init_cache(c, prompt.shape[0], capacity, page_size=page_size, dtype=dtype, devices=devices, split=split)
+    cache = init_cache(c, prompt.shape[0], capacity, page_size=page_size, dtype=dtype, devices=devices, split=split,
+                       heads_per_row=heads_per_row)
     logits, cache = jax.jit(lambda p, t, cache: prefill(c, p, t, cache, attention, dtype=dtype, mesh=mesh))(
         params, prompt, cache)
     step = jax.jit(lambda p, t, cache: decode_step(c, p, t, cache, dtype=dtype, mesh=mesh), donate_argnums=(2,))
