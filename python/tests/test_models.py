@@ -359,3 +359,25 @@ def test_v5e_kernel_calls_scale_to_the_chip_and_correct_for_gqa_sharing():
     assert local.cache_bytes_read_per_device() == local.cache_bytes_per_device() * 4097 // 32768
     assert gemma_decode["decode@global"].case.cache_bytes_read_per_device() == \
         gemma_decode["decode@global"].case.cache_bytes_per_device()
+
+
+@requires_libtpu
+@pytest.mark.parametrize("batch", [1, 8], ids=["sequence split", "batch split"])
+def test_v5e_decode_step_reads_the_weights_and_the_packed_cache_in_place(batch):
+    """The report's decode program (two of llama-1b's layers, D = 64) moves no weight and no cache:
+    the weights take the layout the program asks for, the pools (two KV heads a row) are read by the
+    kernel and written by in-place updates; and a chip holds the cache at its own size."""
+    from pallas_flash import v5e
+    from pallas_flash.bench.model import ModelCase
+    from pallas_flash.bench.model_v5e import build, mesh
+
+    case = ModelCase("llama-1b:2:32000", "decode", "pallas_flash", 8192, batch)
+    fn, args, options = build(case, mesh())
+    cache = args[2]
+    assert cache.k.shape[1:] == (4, 128, 128)  # 8 KV heads of 64, two a row
+    program = v5e.compile_for_v5e(fn, *args, **options)
+    moved = [f"{i.opcode} {i.shape[:80]}" for i in program.data_movement()
+             if i.opcode not in ("dynamic-update-slice", "dynamic-slice") and any(a.logical_bytes >= 1 << 20 for a in i.arrays)]
+    assert not moved
+    pool_bytes = cache.k.size * 2 // 4  # a chip's quarter of each pool
+    assert program.memory.alias_size_in_bytes >= 2 * pool_bytes  # the pools are the outputs' buffers

@@ -78,7 +78,10 @@ def build(case: ModelCase, m: Mesh):
         return Format(Layout(major_to_minor=tuple(range(len(shape)))), sharding)
 
     cache_formats = jax.tree.map(lambda a, sh: row_major(sh, a.shape), cache, cache_sh)
-    in_shardings = (replicated, tokens.sharding, cache_formats)
+    # The weights in the layout the program asks for (Layout.AUTO): a server places them once with the
+    # compiled program's input formats; a default layout would be relaid out (copied) every step.
+    weight_formats = jax.tree.map(lambda sh: Format(Layout.AUTO, sh), replicated)
+    in_shardings = (weight_formats, tokens.sharding, cache_formats)
     out_shardings = (NamedSharding(m, P(axes) if split == "batch" or case.pass_ == "prefill" else P()), cache_formats)
     return fn, (_abstract(params, replicated), tokens, abstract_cache), dict(
         in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(2,))
