@@ -51,10 +51,26 @@ def _check_against_oracle(got, q, k, v, do, causal, tol):
             assert oracle.rel_err(value, want[name]) < tol, (name, oracle.rel_err(value, want[name]))
 
 
-@pytest.mark.both_cpu_kernels
-@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("axis, heads", [("x", (4, 2)), ("y", (2, 1)), (("x", "y"), (4, 4)), (("y", "x"), (6, 2))])
+def _kernel_paths(every: list, interpreted: list) -> list:
+    """(cpu_kernels, *case) parameters: every case on the C++ kernels, the `interpreted` few also on the
+    Pallas kernels in TPU interpret mode (each a minute or two on two cores). What varies between the
+    cases (mesh axes, GQA, windows) is the context-parallel schedule around the kernels, the same on
+    both paths; interpret mode checks that the Pallas kernels take a shard's offsets."""
+    return [("cpp", *case) for case in every] + [("interpret", *case) for case in interpreted]
+
+
+def _id(value):
+    """Test ids: a tuple (axes, heads, a window) as a:b; anything else pytest's own."""
+    return ":".join("none" if v is None else str(v) for v in value) if isinstance(value, tuple) else None
+
+
+_AXES = [("x", (4, 2)), ("y", (2, 1)), (("x", "y"), (4, 4)), (("y", "x"), (6, 2))]
+_AXIS_CASES = [(strategy, causal, axis, heads) for strategy in ("all_gather", "ring") for causal in (False, True)
+               for axis, heads in _AXES]
+
+
+@pytest.mark.parametrize("cpu_kernels, strategy, causal, axis, heads", _kernel_paths(
+    _AXIS_CASES, [case for case in _AXIS_CASES if case[2] in ("y", ("x", "y"))]), indirect=["cpu_kernels"], ids=_id)
 def test_forward_and_gradients_equal_one_device(cpu_kernels, strategy, causal, axis, heads):
     # The interpreter runs each device's kernels inside shard_map: small shards keep it quick, and one
     # sequence (jax 0.10.2's TPU interpreter deadlocks in its buffer allocation callbacks with four
@@ -73,10 +89,13 @@ def test_forward_and_gradients_equal_one_device(cpu_kernels, strategy, causal, a
         assert tuple(x.sharding.spec)[:3] == (None, None, axis)
 
 
-@pytest.mark.both_cpu_kernels
-@pytest.mark.parametrize("strategy", ["all_gather", "ring"])
-@pytest.mark.parametrize("causal, window", [(True, (5, 0)), (True, (40, 0)), (False, (20, 20)), (False, (0, 50)),
-                                            (False, (None, 3)), (True, (None, 0))])
+_WINDOW_CASES = [(strategy, causal, window) for strategy in ("all_gather", "ring")
+                 for causal, window in [(True, (5, 0)), (True, (40, 0)), (False, (20, 20)), (False, (0, 50)),
+                                        (False, (None, 3)), (True, (None, 0))]]
+
+
+@pytest.mark.parametrize("cpu_kernels, strategy, causal, window", _kernel_paths(
+    _WINDOW_CASES, [case for case in _WINDOW_CASES if case[2] in ((5, 0), (None, 3))]), indirect=["cpu_kernels"], ids=_id)
 def test_sliding_windows_equal_one_device(cpu_kernels, strategy, causal, window):
     mesh = _mesh()
     q, k, v, do = _inputs(1, 4, 2, 128, 16, seed=zlib.crc32(repr((strategy, causal, window)).encode()))
