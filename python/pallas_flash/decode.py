@@ -424,9 +424,10 @@ def _check_cache(name: str, what: str, tokens, k_cache, v_cache, page_table):
     if k_cache.shape[3] % tokens.shape[3]:
         raise ValueError(f"{name}: expected caches with {what}'s D = {tokens.shape[3]} (or a multiple of it: KV heads "
                          f"packed per row), got {k_cache.shape}")
-    kv_heads = k_cache.shape[1] * heads_per_row(tokens, k_cache)
+    per_row = heads_per_row(tokens, k_cache)
+    kv_heads = k_cache.shape[1] * per_row
     if tokens.shape[1] % kv_heads:
-        packed = f" ({k_cache.shape[1]} x {heads_per_row(tokens, k_cache)} packed per row)" if kv_heads > k_cache.shape[1] else ""
+        packed = f" ({k_cache.shape[1]} x {per_row} packed per row)" if per_row > 1 else ""
         raise ValueError(f"{name}: expected the cache's Hkv dividing {what}'s heads (mismatched heads), got "
                          f"{tokens.shape[1]} and Hkv={kv_heads}{packed}")
     if page_table is None:
@@ -507,28 +508,31 @@ def pack_rows(new, per_row: int):
     return grouped.reshape(batch, heads // per_row, tokens, per_row * dim)
 
 
-def _head_slots(heads_q: int, kv_heads: int, per_row: int):
-    """[Hq, k] booleans: the lane slot of each query head's KV head in a packed row."""
-    slot = (jnp.arange(heads_q) // (heads_q // kv_heads)) % per_row
+def _head_slots(q, k_cache):
+    """[Hq, k] booleans: the lane slot of each query head's KV head in a row of k_cache."""
+    per_row = heads_per_row(q, k_cache)
+    group = q.shape[1] // (k_cache.shape[1] * per_row)
+    slot = (jnp.arange(q.shape[1]) // group) % per_row
     return slot[:, None] == jnp.arange(per_row)[None, :]
 
 
-def _spread_queries(q, per_row: int, kv_heads: int):
-    """q [B, Hq, T, D] as [B, Hq, T, k * D] queries of a packed cache: each in its KV head's lanes."""
-    if per_row == 1:
+def _spread_queries(q, k_cache):
+    """q [B, Hq, T, D] as [B, Hq, T, k * D] queries of k_cache's packed rows: each in its KV head's lanes."""
+    if heads_per_row(q, k_cache) == 1:
         return q
-    own = _head_slots(q.shape[1], kv_heads, per_row)[None, :, None, :, None]
+    own = _head_slots(q, k_cache)[None, :, None, :, None]
     spread = jnp.where(own, q[:, :, :, None, :], jnp.zeros((), q.dtype))
-    return spread.reshape(*q.shape[:3], per_row * q.shape[3])
+    return spread.reshape(*q.shape[:3], k_cache.shape[3])
 
 
-def _own_lanes(o, per_row: int, kv_heads: int):
-    """A packed decode's output [B, Hq, T, k * D] -> [B, Hq, T, D]: each query head's own lanes."""
+def _own_lanes(o, q, k_cache):
+    """A decode's output over k_cache's packed rows, [B, Hq, T, k * D] in any grouping of its leading
+    axes, as [B, Hq, T, D]: each query head's own lanes."""
+    per_row = heads_per_row(q, k_cache)
     if per_row == 1:
         return o
-    batch, heads_q, query_tokens, wide = o.shape
-    own = _head_slots(heads_q, kv_heads, per_row)[None, :, None, :, None]
-    return jnp.where(own, o.reshape(batch, heads_q, query_tokens, per_row, wide // per_row), 0).sum(axis=3)
+    own = _head_slots(q, k_cache)[None, :, None, :, None]
+    return jnp.where(own, o.reshape(*q.shape[:3], per_row, q.shape[3]), 0).sum(axis=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,11 +613,9 @@ def flash_decode(q, k_cache, v_cache, lengths, *, page_table=None, sm_scale: flo
     mode = kernel_mode(interpret)
     if mode == "cpu":
         splits = num_splits  # None: the C++ decode's own choice (threads and lengths)
-    per_row = heads_per_row(q, k_cache)
-    kv_heads = k_cache.shape[1] * per_row
-    o, lse = _per_shard_decode(_spread_queries(q, per_row, kv_heads), k_cache, v_cache, lengths, page_table,
+    o, lse = _per_shard_decode(_spread_queries(q, k_cache), k_cache, v_cache, lengths, page_table,
                                scale=scale, num_splits=splits, mode=mode, rules=rules)
-    return _finish(_own_lanes(o, per_row, kv_heads), lse, q, return_lse, sinks)
+    return _finish(_own_lanes(o, q, k_cache), lse, q, return_lse, sinks)
 
 
 _AUTO_AXES = {"cpu": AutoAxes.PARTITION, "interpret": AutoAxes.INTERPRET}
@@ -859,7 +861,5 @@ def sharded_flash_decode(q, k_cache, v_cache, lengths, mesh, *, page_table=None,
         return jax.shard_map(local, mesh=mesh, in_specs=(P(), cache_spec, cache_spec, P(), table_spec),
                              out_specs=(P(), P()), check_vma=False)(q, k_cache, v_cache, lengths, table)
 
-    per_row = heads_per_row(q, k_cache)
-    kv_heads = k_cache.shape[1] * per_row
-    o, lse = sharded(_spread_queries(q, per_row, kv_heads), k_cache, v_cache, lengths, table)
-    return _finish(_own_lanes(o.reshape(*q.shape[:3], -1), per_row, kv_heads), lse, q, return_lse, sinks)
+    o, lse = sharded(_spread_queries(q, k_cache), k_cache, v_cache, lengths, table)
+    return _finish(_own_lanes(o, q, k_cache), lse, q, return_lse, sinks)

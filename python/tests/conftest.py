@@ -35,11 +35,13 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"PFLASH_TEST_CPU_KERNELS: expected 'both' or 'cpp', got {choice!r}")
     if choice == "both":
         return
-    interpreted = [item for item in items
-                   if getattr(item, "callspec", None) and item.callspec.params.get("cpu_kernels") == "interpret"]
+    kept, interpreted = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        (interpreted if params.get("cpu_kernels") == "interpret" else kept).append(item)
     if interpreted:
         config.hook.pytest_deselected(items=interpreted)
-        items[:] = [item for item in items if item not in interpreted]
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True)

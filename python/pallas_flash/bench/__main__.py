@@ -68,16 +68,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
 def _sizes(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x]
@@ -154,7 +144,7 @@ def parse_args(argv=None):
                              "fwd+bwd, causal or full), the sequence split over each --mesh of several chips")
     parser.add_argument("--page-size", type=_sizes, default=[0, 128],
                         help="decode: 0 (a contiguous cache) or a page size, power of two 16..512 (default 0,128)")
-    parser.add_argument("--heads-per-row", type=_counts, default=[1],
+    parser.add_argument("--heads-per-row", type=_ints, default=[1],
                         help="decode (pallas_flash): KV heads packed per cache row, e.g. 1,2 (2 at D = 64: a "
                              "[..., 64] cache's rows are padded to 128 lanes in a TPU's HBM; default 1)")
     parser.add_argument("--price-per-chip-hour", type=float, default=None, help="USD; default: the hardware table")

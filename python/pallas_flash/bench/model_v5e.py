@@ -18,8 +18,8 @@ from pallas_flash import v5e
 from pallas_flash.bench import cases as attention_cases
 from pallas_flash.bench import program
 from pallas_flash.bench.estimate import Estimator
-from pallas_flash.decode import packed_heads_per_row
 from pallas_flash.bench.model import PAGE_SIZE, V5E_DEVICES, ModelCase, finish_row, skip_reason
+from pallas_flash.decode import packed_heads_per_row
 from pallas_flash.hardware import TPU_V5E, with_price
 from pallas_flash.models import attention as attention_impls
 from pallas_flash.models import generate, llama, train
