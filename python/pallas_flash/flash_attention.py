@@ -21,7 +21,7 @@ from pallas_flash.mask import Mask
 from pallas_flash.partition import AutoAxes
 from pallas_flash.planner import BlockSizes, plan_block_sizes, round_up
 from pallas_flash.reference import reference_attention
-from pallas_flash.tiles import Problem
+from pallas_flash.tiles import Problem, pad_rows
 
 # static: (problem, blocks)
 _flash_attention = attention_vjp(
@@ -112,14 +112,6 @@ def alignment_padding(q_shape, k_shape, blocks: BlockSizes) -> tuple[tuple[int, 
     nq = round_up(seq_q, math.lcm(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
     nk = round_up(seq_k, math.lcm(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
     return (seq_q, nq), (seq_k, nk)
-
-
-def _pad_rows(x, length: int, axis: int, mode="constant"):
-    if x.shape[axis] == length:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, mode=mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +226,6 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, chunk: int | 
     # a token) are padded to whole blocks by repeating the last id: their per-block ranges and the
     # id blocks stay those of the real rows.
     if segment_ids is not None:
-        segment_ids = (_pad_rows(segment_ids[0], nq, 1, "edge"), _pad_rows(segment_ids[1], nk, 1, "edge"))
+        segment_ids = (pad_rows(segment_ids[0], nq, 1, "edge"), pad_rows(segment_ids[1], nk, 1, "edge"))
     o, lse = _flash_attention((problem, blocks), q, k, v, sinks, segment_ids)
     return (o, lse) if return_lse else o

@@ -9,6 +9,7 @@ query block. Sinks join each row's denominator at the end, as a partial state (O
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,16 +21,17 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_flash.mask import both, divide, negate
 from pallas_flash.online_softmax import (LANES, LOG2_E, finish_state, init_state, lanes, replicated_to_row,
                                          stat_shape, update_state)
-from pallas_flash.planner import BlockSizes
+from pallas_flash.planner import BlockSizes, forward_vmem_bytes, round_up, vmem_budget_bytes
 from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, edge_rows, edge_visits,
-                                interpret_arg,
+                                interpret_arg, pad_rows,
                                 replicate_ids, score_mask, scores, segment_block_ranges, static_steps, stepped_block,
                                 visit_row_sub_blocks, when, zero_rows_past)
 
 NUM_SEGMENT_REFS = 8
 
 
-def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int):
+def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int,
+                aliased: bool):
     """One (query block, head, key step) step. The query block is swept in sub-blocks of
     block_q_compute rows, unrolled in one straight-line region: a sub-block's scores (256 x 512 fp32:
     half the vector registers) are reduced and exponentiated while the MXU computes the next
@@ -40,6 +42,8 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block
         q_ids_ref, kv_ids_ref, *refs = refs
     if problem.sinks:
         sinks_ref, *refs = refs
+    if aliased:  # the blocks of O and LSE this view overwrites (outputs aliased to them)
+        refs = refs[2:]
     o_ref, lse_ref, row_max_ref, row_sum_ref, acc_ref, *refs = refs
     q_ids_rep_ref = refs[0] if problem.segments else None
 
@@ -100,12 +104,57 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
     segment_ids: (q_ids, kv_ids) int32 padded to whole blocks; sinks [Hq] f32. Returns O and LSE
     [B, Hq, Nq].
 
+    A length that leaves a last query block of at most TAIL_ROWS rows (N = 4097 in 2048-row blocks:
+    one) runs those rows as a call of their own against long key blocks (tail_blocks), writing into
+    the same O and LSE: as a block of the main grid they would stream every key block they see, a
+    grid step each (~900 cycles before any work), to compute one row."""
+    tail = edge_rows(problem.seq_q, blocks.block_q)
+    if blocks.block_q <= TAIL_ROWS or not 0 < tail <= TAIL_ROWS:
+        return _forward_call(problem, blocks, q, k, v, segment_ids, sinks)
+    body = problem.seq_q - tail
+    o, lse = _forward_call(dataclasses.replace(problem, seq_q=body), blocks, q, k, v, segment_ids, sinks)
+    tail_problem = dataclasses.replace(problem, seq_q=tail, mask=problem.mask.shifted(rows=body))
+    tail_sizes = tail_blocks(problem, blocks, q.shape[3], q.dtype.itemsize)
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids
+        keys = Grid.of(TAIL_ROWS, tail_sizes.block_k, tail, problem.seq_k).num_kv_blocks * tail_sizes.block_k
+        kv_ids = pad_rows(kv_ids, max(keys, kv_ids.shape[1]), 1, "edge")  # whole tail key blocks, as the caller pads
+        segment_ids = (q_ids[:, body:body + TAIL_ROWS], kv_ids)
+    return _forward_call(tail_problem, tail_sizes, q, k, v, segment_ids, sinks, first_row=body, out=(o, lse))
+
+
+TAIL_ROWS = 128  # a last query block of at most this many rows runs as its own call (forward)
+TAIL_KEYS = 8192  # the most keys a step of that call reads: K and V blocks of 4 MiB at D = 128 in bf16
+
+
+def tail_blocks(problem: Problem, blocks: BlockSizes, head_dim: int, itemsize: int) -> BlockSizes:
+    """The tail call's blocks: one query block of TAIL_ROWS, and key blocks as long as fit the VMEM
+    budget up to TAIL_KEYS, of equal length (multiples of 128) so that no last block of a few keys
+    costs a step of its own (4097 keys: one block of 4224)."""
+    keys = round_up(problem.seq_k, LANES)
+    steps = -(-keys // TAIL_KEYS)
+    while True:
+        block_k = round_up(-(-keys // steps), LANES)
+        if block_k == LANES or forward_vmem_bytes(TAIL_ROWS, block_k, head_dim, itemsize, TAIL_ROWS,
+                                                  block_k_compute=blocks.block_k_compute) <= vmem_budget_bytes():
+            break
+        steps *= 2
+    return dataclasses.replace(blocks, block_q=TAIL_ROWS, block_k=block_k, block_q_compute=TAIL_ROWS)
+
+
+def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, sinks, *, first_row: int = 0,
+                  out=None):
+    """One pallas_call over the view of problem.seq_q query rows from first_row (a multiple of
+    block_q); out: (O, LSE) the call writes into (aliased, the rows outside the view kept).
+
     Grid (B, Nq/block_q, Hq, key steps): the heads run inside a query block so that one LSE block,
     [Hq, block_q] lane-dense, stays in VMEM while every head writes its row and goes to HBM once
     (an [N, 1] column would take 128x its size there, in (8, 128) tiles)."""
-    batch, heads_q, seq_q, dim = q.shape
-    seq_k = k.shape[2]
+    batch, heads_q, _, dim = q.shape
+    seq_q, seq_k = problem.seq_q, k.shape[2]
     block_q, block_k = blocks.block_q, blocks.block_k
+    block_offset = first_row // block_q
+    out_rows = q.shape[2]
     grid = Grid.of(block_q, block_k, seq_q, seq_k)
     num_steps, visited = static_steps(problem, grid, per_q_block=True)
     group = problem.group
@@ -115,13 +164,13 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
         return stepped_block(first, last, j, grid.num_kv_blocks)
 
     def q_map(b, i, h, j, *refs):
-        return b, h, i, 0
+        return b, h, i + block_offset, 0
 
     def kv_map(b, i, h, j, *refs):
         return b, divide(h, group), kv_block_of(b, i, j, refs), 0
 
     def lse_map(b, i, h, j, *refs):
-        return b, 0, i
+        return b, 0, i + block_offset
 
     in_specs = [
         pl.BlockSpec((None, None, block_q, dim), q_map),
@@ -145,15 +194,27 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
     if problem.sinks:
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         operands.append(sinks.astype(jnp.float32))
+    aliases = {}
+    if out is not None:
+        aliases = {len(prefetch) + len(operands): 0, len(prefetch) + len(operands) + 1: 1}
+        in_specs += [pl.BlockSpec(memory_space=pl.ANY)] * 2
+        if problem.interpret:
+            # The interpret mode writes an output block into its aliased input's buffer unclipped: a
+            # partial last block needs the rows up to a whole block there (compiled: no padding).
+            out = [pad_rows(x, round_up(out_rows, block_q), 2) for x in out]
+        operands += list(out)
 
     kernel = functools.partial(_fwd_kernel, problem=problem, grid=grid,
                                block_q_compute=min(blocks.block_q_compute, block_q),
-                               block_k_compute=blocks.block_k_compute, num_steps=num_steps)
+                               block_k_compute=blocks.block_k_compute, num_steps=num_steps, aliased=out is not None)
     pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
     kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
     itemsize = q.dtype.itemsize
     exps = pairs * (2 if problem.soft_cap is not None else 1)
-    return pl.pallas_call(
+    rows = batch * heads_q * seq_q
+    if out is not None:
+        out_rows = out[1].shape[2]
+    o, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
@@ -166,12 +227,17 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
             scratch_shapes=scratch,
         ),
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads_q, out_rows, dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads_q, out_rows), jnp.float32),
         ],
         # The LSE block is revisited by every head of a query block: the head axis is sequential.
         compiler_params=compiler_params(("parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=interpret_arg(problem),
-        cost_estimate=cost(4 * pairs * dim, exps, itemsize * (2 * q.size + 2 * kv_rows * dim) + 4 * batch * heads_q * seq_q),
-        name="pallas_flash_fwd",
+        input_output_aliases=aliases,
+        cost_estimate=cost(4 * pairs * dim, exps, itemsize * (2 * rows * dim + 2 * kv_rows * dim) + 4 * rows),
+        name="pallas_flash_fwd" if out is None else "pallas_flash_fwd_tail",
     )(*prefetch, *operands)
+    if out_rows != q.shape[2]:
+        o, lse = o[:, :, :q.shape[2]], lse[:, :, :q.shape[2]]
+    return o, lse
+

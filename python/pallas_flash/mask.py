@@ -23,7 +23,6 @@ kernels unroll one static pattern of sub-blocks per delta that meets an edge of 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -233,17 +232,18 @@ class Mask:
 
     def band_patterns(self, block_q: int, block_k: int, sub_rows: int, seq_q: int, seq_k: int):
         """The static tile patterns of the band: ([(delta, kinds)], full_range). For every delta a
-        visited (block_q x block_k) tile may have (a lattice of step gcd(block_q, block_k) shifted by
-        the offset, within the view's extent) at which the band's edges cross the tile, kinds[c] is
+        (block_q x block_k) tile of the view's blocks (seq_q x seq_k rows, the last blocks may be
+        partial) has, at which the band's edges cross the tile, kinds[c] is
         the kind of sub-block c (rows c * sub_rows .. +sub_rows); full_range = (first, last) is the
         interval of deltas whose tiles are entirely visible (None when there is none), one region."""
-        unit = math.gcd(block_q, block_k)
-        lo, hi = self.band
-        d_min = -(seq_q - 1) + self.offset  # extremes of delta over the view's tiles
-        d_max = seq_k - 1 + self.offset
-        first = d_min + (self.offset - d_min) % unit
+        # Only the deltas of the view's tiles: a grid of one query block (a tail of rows) against long
+        # key blocks meets one, where the lattice of step gcd(block_q, block_k) over the view's extent
+        # would unroll a pattern per 128 keys.
+        starts = np.arange(-(-seq_k // block_k)) * block_k
+        rows = np.arange(-(-seq_q // block_q)) * block_q
+        deltas = np.unique(starts[None, :] - rows[:, None]) + self.offset
         patterns, full = [], None
-        for d in range(first - unit, d_max + unit, unit):
+        for d in (int(x) for x in deltas):
             kind = self.band_kind(d, block_q, block_k)
             if kind == SKIP:
                 continue

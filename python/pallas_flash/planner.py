@@ -140,7 +140,8 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, D=128, bf16; mask: the
     geometry, whose causal rule overrides `causal`):
     - forward: the largest query block (4096 down to 128 rows) that fits the budget and the length
-      (any length: the last block may be partial, tiles.edge_visits), swept in sub-blocks of 256 rows
+      (any length: the last block may be partial, tiles.edge_visits; one of at most 128 rows is the
+      forward's tail call, flash_forward.tail_blocks), swept in sub-blocks of 256 rows
       against at most 512 keys per online-softmax update, and K/V blocks of 1024 rows: a grid step
       has a fixed cost (~900 cycles: the DMA bookkeeping and the MXU pipeline drained at the end of
       its straight-line region), which a longer key block spreads over more updates (N=16384 causal

@@ -17,6 +17,8 @@ offset delta that meets an edge of the band (mask.Mask.band_patterns) and one re
 tiles between the edges; otherwise (chunks across blocks) per sub-block at run time. A partial last
 block (a length that is not a multiple of the block) is its own static case (edge_visits): its
 sub-blocks past the real rows are not computed, nor its key columns past the last 128 that hold any.
+The forward runs a last query block of at most 128 rows as a call of its own instead (flash_forward's
+tail), whose one query block against long key blocks meets a single tile delta per key block.
 Segment ids add an element mask on a tile whose blocks hold more than one segment id.
 """
 
@@ -114,6 +116,15 @@ class Grid:
 def edge_rows(seq: int, block: int) -> int:
     """The real rows of a length's last block (0: the length is a multiple of the block)."""
     return seq % block
+
+
+def pad_rows(x, length: int, axis: int, mode="constant"):
+    """x padded with rows along axis up to length (mode as jnp.pad's), x itself when it has them."""
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
 
 
 def zero_rows_past(ref, valid: int):

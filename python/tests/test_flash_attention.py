@@ -215,6 +215,22 @@ def test_partial_edge_blocks(shape, blocks, causal, fuse_dq):
         assert rel_l2(got, ref) < 1e-4, f"d{name}"
 
 
+@pytest.mark.parametrize("seq_q, tail", [(513, True), (640, True), (512, False), (641, False), (200, False)])
+def test_a_last_query_block_of_at_most_128_rows_is_the_forwards_tail_call(seq_q, tail):
+    # 256-row query blocks: a last block of 1 or 128 rows runs as its own call (writing into the main
+    # call's O and LSE); of 129 rows, or a single partial block, in the main grid. Either way exact.
+    shape = Shape(1, 2, 1, seq_q, 300, 64)
+    blocks = BlockSizes(256, 128, 128, 128, 128, 128, block_q_compute=128)
+    q, k, v, _ = random_inputs(shape)
+    attention = lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=blocks, return_lse=True,  # noqa: E731
+                                                interpret=True)
+    assert ("pallas_flash_fwd_tail" in str(jax.make_jaxpr(attention)(q, k, v))) == tail
+    o, lse = attention(q, k, v)
+    ref_o, ref_lse = reference_attention(q, k, v, causal=True, return_lse=True)
+    assert rel_l2(o, ref_o) < 1e-5
+    assert_lse_close(lse, ref_lse)
+
+
 @pytest.mark.both_cpu_kernels
 @pytest.mark.parametrize("fuse_dq", [None, False], ids=["planned", "dq_kernel"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -79,6 +79,10 @@ VARIANTS = [
     Variant("soft_cap_full", Shape(1, 2, 1, 256, 256, 32), (("logits_soft_cap", 2.5),), MIXED, q_scale=4.0),
     Variant("sinks", Shape(1, 4, 2, 200, 200, 64), (("causal", True),), sinks=True),
     Variant("sinks_nq_gt_nk", Shape(1, 2, 2, 256, 100, 32), (("causal", True),), sinks=True),
+    # 513 rows in 256-row blocks: the last row is the forward's tail call (a chunk across its key block)
+    Variant("tail_row", Shape(1, 4, 2, 513, 600, 64),
+            (("causal", True), ("window", (200, 0)), ("chunk", 300), ("logits_soft_cap", 3.0)), MIXED,
+            segments="random", sinks=True, q_scale=3.0),
     Variant("everything", Shape(1, 4, 1, 384, 384, 96),
             (("causal", True), ("window", (100, 0)), ("logits_soft_cap", 3.0)), MIXED, segments="documents", sinks=True,
             q_scale=3.0),

@@ -287,7 +287,9 @@ def test_compiler_rejects_blocks_that_do_not_fit_vmem():
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_unaligned_lengths_are_read_in_place(seq, pass_):
     # A length that is not a multiple of the blocks: the partial last blocks are read and written in
-    # place (no pad, slice or copy around the kernels); head_dim = 96 is read in place too.
+    # place (no pad, slice or copy around the kernels); head_dim = 96 is read in place too. A last
+    # query block of at most 128 rows (4097 and 4224 in 2048-row blocks) is the forward's tail call,
+    # writing into the main call's O and LSE (aliased: no copy either).
     q = v5e.abstract((1, 8, seq, 96), jnp.bfloat16)
     attention = lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False)  # noqa: E731
     if pass_ == "fwd":
@@ -297,7 +299,9 @@ def test_unaligned_lengths_are_read_in_place(seq, pass_):
             return jax.vjp(attention, q, k, v)[1](do)
         program = compile_attention(step, q, q, q, q)
     assert_kernels_only(program, allow_fusions=pass_ != "fwd")
-    assert len(program.kernels) == (1 if pass_ == "fwd" else 2)
+    names = sorted(k.name.split(".")[0] for k in program.kernels)
+    tail = ["pallas_flash_fwd_tail"] if seq in (4097, 4224) else []
+    assert names == (["pallas_flash_fwd"] + tail if pass_ == "fwd" else ["pallas_flash_bwd", "pallas_flash_fwd"] + tail)
 
 
 # The mask variants on the real compiler: Mosaic lowers every rule (the window's bounded grids, the
