@@ -111,6 +111,21 @@ def test_heads_packed_per_row_are_decode_rows_of_pallas_flash():
     assert all(c.key()["heads_per_row"] is None for c in run if c.heads_per_row == 1)  # rows as before
 
 
+def test_decode_rows_take_a_window_and_a_soft_cap_and_count_the_windows_bytes():
+    args = cli.parse_args(["--impl", "pallas_flash,jax_paged_attention", "--pass", "decode", "--context", "131072",
+                           "--mesh", "1x1", "--page-size", "128", "--mask", "causal,window:4096,softcap:30,chunk:512,full"])
+    run, skipped = cli.build_cases(args)
+    assert sorted((c.impl, c.mask) for c in run) == [
+        ("jax_paged_attention", ""), ("pallas_flash", ""), ("pallas_flash", "softcap:30"),
+        ("pallas_flash", "window:4096")]
+    assert {cases.supported(c) for c in skipped} == {"decode masks: pallas_flash, window and softcap",
+                                                      "decode: new tokens see the cache before them (causal)"}
+    window = next(c for c in run if c.mask == "window:4096")
+    plain = next(c for c in run if c.impl == "pallas_flash" and not c.mask)
+    assert window.cache_bytes_read_per_device() * 131072 == plain.cache_bytes_read_per_device() * 4097
+    assert window.flops() * 131072 == plain.flops() * 4097
+
+
 def test_profiling_scales_by_batch_and_kv_heads():
     case = cases.Case("pallas_flash", "fwd", 2, 32, 8, 4096, 4096, 128, "bf16", True)
     small = case.for_profile()

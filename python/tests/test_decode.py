@@ -450,3 +450,18 @@ def test_bad_packed_caches_raise(q_shape, cache_shape, message):
 def test_packed_heads_per_row_fills_128_lanes():
     assert [decode.packed_heads_per_row(8, d) for d in (64, 32, 128, 256, 96)] == [2, 4, 1, 1, 1]
     assert decode.packed_heads_per_row(1, 64) == 1 and decode.packed_heads_per_row(2, 32) == 1
+
+
+@pytest.mark.parametrize("page_size, window, pages_per_block, blocks", [
+    (128, 4096, 33, 1),  # 4097 positions from a page-aligned start: one block (4096 rows left one page over)
+    (128, 8192, 33, 2),
+    (16, 4096, 56, 5),  # blocks of whole 128-row tiles
+    (512, 4096, 9, 1),
+    (128, 10**6, 32, 32),  # a window past the cache: the cache's own blocks
+])
+def test_a_windowed_paged_cache_is_read_in_blocks_that_fit_the_window(page_size, window, pages_per_block, blocks):
+    layout = decode.cache_layout((131072 // page_size, 8, page_size, 128), (1, 131072 // page_size))
+    rules = decode.DecodeRules(window=window)
+    windowed = decode.windowed_layout(layout, rules.span(1))
+    assert windowed.pages_per_block == pages_per_block and windowed.block_k % 128 == 0
+    assert decode.read_blocks(layout, rules, 1) == blocks

@@ -350,11 +350,18 @@ def test_mask_variants_compile(name, kwargs, pass_):
     assert not moved, [f"{i.opcode} {i.name}" for i in moved]
 
 
-def test_windowed_decode_compiles_without_copies():
+@pytest.mark.parametrize("page_size", [0, 16, 128], ids=["contiguous", "paged16", "paged128"])
+def test_windowed_decode_compiles_without_copies(page_size):
+    # Paged: the window's pages in blocks of whole 128-row tiles (16-row pages: 56 a block).
     q = v5e.abstract((1, 32, 1, 128), jnp.bfloat16)
-    cache = v5e.abstract((1, 8, 131072, 128), jnp.bfloat16)
-    program = v5e.compile_for_v5e(lambda q, k, v: flash_decode(q, k, v, 131072, window=4096, logits_soft_cap=30.0,
-                                                               interpret=False), q, cache, cache)
+    if page_size:
+        cache = v5e.abstract((131072 // page_size, 8, page_size, 128), jnp.bfloat16)
+        table = v5e.abstract((1, 131072 // page_size), jnp.int32)
+    else:
+        cache, table = v5e.abstract((1, 8, 131072, 128), jnp.bfloat16), None
+    program = v5e.compile_for_v5e(lambda q, k, v, t: flash_decode(q, k, v, 131072, page_table=t, window=4096,
+                                                                  logits_soft_cap=30.0, interpret=False),
+                                  q, cache, cache, table)
     assert [k.name.split(".")[0] for k in program.kernels] == ["pallas_flash_decode"]
     assert not program.data_movement(), [i.name for i in program.data_movement()]
 

@@ -133,7 +133,8 @@ def parse_args(argv=None):
     parser.add_argument("--mask", type=_masks, default=None,
                         help="attention masks, one row each (instead of --causal): causal, full, window:W (a causal "
                              "window of W positions), chunk:C (causal chunks), segments:S (S causal packed "
-                             "documents), softcap:X; joined by '+' (full+softcap:50: a full mask with the cap)"),
+                             "documents), softcap:X; joined by '+' (full+softcap:50: a full mask with the cap); decode: "
+                             "window and softcap"),
     parser.add_argument("--context", type=_ints, default=[32768], help="decode: cache positions per sequence")
     parser.add_argument("--query-tokens", type=int, default=1, help="decode: new tokens per sequence (1..16)")
     parser.add_argument("--decode-heads", type=int, default=32, help="decode: query heads (default 32)")
@@ -177,12 +178,12 @@ def build_cases(args):
         for pass_ in args.passes:
             if pass_ == "decode":
                 kv_heads = args.kv_heads or 8
-                grid = [(ctx, mesh, dtype, dim, page, per_row) for ctx in args.context for mesh in args.mesh
+                grid = [(ctx, mesh, dtype, dim, page, per_row, mask) for ctx in args.context for mesh in args.mesh
                         for dtype in args.dtype for dim in args.dim for page in args.page_size
-                        for per_row in args.heads_per_row]
-                for ctx, mesh, dtype, dim, page, per_row in grid:
+                        for per_row in args.heads_per_row for mask in (args.mask or [(True, "")])]
+                for ctx, mesh, dtype, dim, page, per_row, (causal, mask) in grid:
                     case = cases.Case(impl, pass_, args.batch, args.decode_heads, kv_heads, args.query_tokens, ctx, dim,
-                                      dtype, True, mesh, page, heads_per_row=per_row)
+                                      dtype, causal, mesh, page, heads_per_row=per_row, mask=mask)
                     (skipped if cases.supported(case) else result).append(case)
                 continue
             for case in _attention_grid(args, impl, pass_):

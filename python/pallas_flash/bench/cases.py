@@ -128,8 +128,11 @@ class Case:
     def flops(self) -> float:
         """Useful FLOPs, FlashAttention's convention: 4 B Hq D per (query, key) pair the mask lets
         through (Nq x Nk without one; about half for causal self-attention) for a forward (QK^T and
-        PV); a backward is 2.5 forwards, fwd+bwd 3.5. Decode counts every cached position."""
-        pairs = self.seq_q * self.seq_k if self.pass_ == "decode" else self.rules().visible_pairs(
+        PV); a backward is 2.5 forwards, fwd+bwd 3.5. Decode counts every cached position (within the
+        window where there is one)."""
+        window = self.rules().window
+        seen = self.seq_k if window is None else min(self.seq_k, window + 1)
+        pairs = self.seq_q * seen if self.pass_ == "decode" else self.rules().visible_pairs(
             self.seq_q, self.seq_k, self.causal)
         forward = 4.0 * self.batch * self.heads * self.dim * pairs
         return forward * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}[self.pass_]
@@ -256,6 +259,11 @@ def supported(case: Case) -> str | None:
             return f"context {case.seq_k}: expected a multiple of the page size x devices"
         if case.heads_per_row != 1 and (case.impl != "pallas_flash" or case.kv_heads % case.heads_per_row):
             return "KV heads packed per row: pallas_flash, a number dividing the KV heads"
+        rules = case.rules()
+        if not case.causal:
+            return "decode: new tokens see the cache before them (causal)"
+        if case.mask and (case.impl != "pallas_flash" or rules.chunk is not None or rules.segments is not None):
+            return "decode masks: pallas_flash, window and softcap"
         return None
     if case.heads_per_row != 1:
         return "KV heads packed per row: decode only"

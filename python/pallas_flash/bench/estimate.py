@@ -149,7 +149,10 @@ def compile_full(case: cases.Case) -> FullCompile:
     except Exception as exc:
         return FullCompile("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     copies = [i for i in program.data_movement() if any(a.logical_bytes >= COPY_REPORT_BYTES for a in i.arrays)]
-    traffic = max(program.cost.get("bytes accessed") or 0, program.compulsory_bytes)
+    floor = program.compulsory_bytes
+    if case.pass_ == "decode":  # a window reads its positions of the caches, not every input byte
+        floor -= 2 * (case.cache_bytes_per_device() - case.cache_bytes_read_per_device())
+    traffic = max(program.cost.get("bytes accessed") or 0, floor)
     return FullCompile("ok", hbm_in_use=program.hbm_bytes_in_use, hbm_bytes=traffic,
                        xla_cycles=program.xla_cost_model_cycles(), copies=[f"{i.opcode} {i.name}" for i in copies],
                        vmem_bytes=max((k.scoped_vmem_bytes for k in program.kernels), default=None),
@@ -430,7 +433,8 @@ class Estimator:
 def describe(case: cases.Case) -> str:
     if case.pass_ == "decode":
         return (f"{case.impl} decode ctx={case.seq_k} T={case.seq_q} B={case.batch} Hq={case.heads} "
-                f"Hkv={case.kv_heads} mesh={case.mesh}" + (f" page={case.page_size}" if case.page_size else ""))
+                f"Hkv={case.kv_heads} mesh={case.mesh}" + (f" page={case.page_size}" if case.page_size else "")
+                + (f" {case.mask}" if case.mask else ""))
     length = f"N={case.seq_q}" if case.seq_q == case.seq_k else f"Nq={case.seq_q} Nk={case.seq_k}"
     return (f"{case.impl} {case.pass_} {length} D={case.dim} {case.dtype} "
             f"{case.mask_name}" + (f" blocks={case.blocks}" if case.blocks else ""))

@@ -66,7 +66,9 @@ def print_table(rows: list[dict], out) -> None:
         if r["pass"] == "decode":
             page = (f" page={r['page_size']}" if r.get("page_size") else "") + (
                 f" {r['heads_per_row']} heads/row" if r.get("heads_per_row") else "")
-            shape = f"B={r['batch']} ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}{page}"
+            rules = (r.get("mask") or "").removeprefix("causal").strip()
+            shape = (f"B={r['batch']} ctx={r['context']} T={r['seq_q']} {r['heads']}/{r['kv_heads']} {r['mesh']}{page}"
+                     + (f" {rules}" if rules else ""))
         else:
             heads = f"{r['heads']}" if r["heads"] == r["kv_heads"] else f"{r['heads']}/{r['kv_heads']}"
             shape = f"N={r['seq_q']} D={r['dim']} H={heads} {r.get('mask') or ('causal' if r['causal'] else 'full')}"
