@@ -108,13 +108,13 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
     one) runs those rows as a call of their own against long key blocks (tail_blocks), writing into
     the same O and LSE: as a block of the main grid they would stream every key block they see, a
     grid step each (~900 cycles before any work), to compute one row."""
-    tail = edge_rows(problem.seq_q, blocks.block_q)
-    if blocks.block_q <= TAIL_ROWS or not 0 < tail <= TAIL_ROWS:
+    if not has_tail(problem.seq_q, blocks):
         return _forward_call(problem, blocks, q, k, v, segment_ids, sinks)
+    tail = edge_rows(problem.seq_q, blocks.block_q)
     body = problem.seq_q - tail
     o, lse = _forward_call(dataclasses.replace(problem, seq_q=body), blocks, q, k, v, segment_ids, sinks)
     tail_problem = dataclasses.replace(problem, seq_q=tail, mask=problem.mask.shifted(rows=body))
-    tail_sizes = tail_blocks(problem, blocks, q.shape[3], q.dtype.itemsize)
+    tail_sizes = tail_blocks(problem.seq_k, blocks, q.shape[3], q.dtype.itemsize)
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids
         keys = Grid.of(TAIL_ROWS, tail_sizes.block_k, tail, problem.seq_k).num_kv_blocks * tail_sizes.block_k
@@ -127,11 +127,16 @@ TAIL_ROWS = 128  # a last query block of at most this many rows runs as its own 
 TAIL_KEYS = 8192  # the most keys a step of that call reads: K and V blocks of 4 MiB at D = 128 in bf16
 
 
-def tail_blocks(problem: Problem, blocks: BlockSizes, head_dim: int, itemsize: int) -> BlockSizes:
+def has_tail(seq_q: int, blocks: BlockSizes) -> bool:
+    """Whether the forward runs the last query rows as a tail call (a last block of 1..TAIL_ROWS rows)."""
+    return blocks.block_q > TAIL_ROWS and 0 < edge_rows(seq_q, blocks.block_q) <= TAIL_ROWS
+
+
+def tail_blocks(seq_k: int, blocks: BlockSizes, head_dim: int, itemsize: int) -> BlockSizes:
     """The tail call's blocks: one query block of TAIL_ROWS, and key blocks as long as fit the VMEM
     budget up to TAIL_KEYS, of equal length (multiples of 128) so that no last block of a few keys
     costs a step of its own (4097 keys: one block of 4224)."""
-    keys = round_up(problem.seq_k, LANES)
+    keys = round_up(seq_k, LANES)
     steps = -(-keys // TAIL_KEYS)
     while True:
         block_k = round_up(-(-keys // steps), LANES)

@@ -187,12 +187,24 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         bwd = fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_len, group)
     else:
         bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
-    q_blocks = -(-seq_len // blocks.block_q)
-    key_steps = 1
-    for i in range(q_blocks):
-        first, last = mask.key_range(i * blocks.block_q, min(seq_len, (i + 1) * blocks.block_q) - 1, seq_len)
-        if first <= last:
-            key_steps = max(key_steps, last // blocks.block_k - first // blocks.block_k + 1)
+    from pallas_flash.flash_forward import has_tail, tail_blocks  # the kernels import this module
+
+    def steps(rows, block_k):  # the key steps of a grid whose query blocks start at `rows`
+        widest = 1
+        for start, stop in rows:
+            first, last = mask.key_range(start, stop - 1, seq_len)
+            if first <= last:
+                widest = max(widest, last // block_k - first // block_k + 1)
+        return widest
+
+    tail = has_tail(seq_len, blocks)
+    q_blocks = seq_len // blocks.block_q if tail else -(-seq_len // blocks.block_q)
+    key_steps = steps([(i * blocks.block_q, min(seq_len, (i + 1) * blocks.block_q)) for i in range(q_blocks)],
+                      blocks.block_k)
+    tail_grid = ""
+    if tail:
+        tail_k = tail_blocks(seq_len, blocks, head_dim, itemsize).block_k
+        tail_grid = f" + tail {batch}x1x{heads}x{steps([(q_blocks * blocks.block_q, seq_len)], tail_k)} ({tail_k}-row K/V)"
     rules = [" causal" if causal else "", f" window={edges}" if window is not None else "",
              f" chunk={chunk}" if chunk is not None else ""]
     mib = 1 << 20
@@ -202,5 +214,5 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
         f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "
         f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "
-        f"grid fwd {batch}x{q_blocks}x{heads}x{key_steps}"
+        f"grid fwd {batch}x{q_blocks}x{heads}x{key_steps}{tail_grid}"
     )

@@ -71,6 +71,13 @@ def test_describe_plan_shows_the_kernels_grid(rules):
     assert line.endswith(f"grid fwd 1x{grid.num_q_blocks}x16x{steps}")
 
 
+def test_describe_plan_shows_the_forwards_tail_call():
+    # 4097 rows in 2048-row blocks: two blocks in the main grid, the last row a call of its own that
+    # reads every key it sees in one 4224-row K/V block; 3000 rows end in a partial block of 952.
+    assert describe_plan(1, 16, 4097, 128, causal=True).endswith("grid fwd 1x2x16x4 + tail 1x1x16x1 (4224-row K/V)")
+    assert describe_plan(1, 16, 3000, 128, causal=True).endswith("grid fwd 1x2x16x3")
+
+
 def test_plan_cli_rejects_a_negative_window(capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan.main(["--window", "-1"])
