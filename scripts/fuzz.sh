@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Fuzzes the argument checks of every entry point (tests/fuzz/validation_fuzzer.cpp) with libFuzzer,
 # AddressSanitizer and UndefinedBehaviorSanitizer, from the corpus in tests/fuzz/corpus, for
-# PFLASH_FUZZ_SECONDS seconds (default 180; 0 skips). New inputs go to a temporary directory, so the
+# PFLASH_FUZZ_SECONDS seconds (default 120; 0 skips). New inputs go to a temporary directory, so the
 # repository's corpus is only read; a finding is written to build-fuzz/ and fails the script.
 #   bash scripts/fuzz.sh            # after scripts/install-deps.sh (clang, libomp-dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds=${PFLASH_FUZZ_SECONDS:-180}
+seconds=${PFLASH_FUZZ_SECONDS:-120}
 if [[ "$seconds" == 0 ]]; then
   echo "fuzzing skipped (PFLASH_FUZZ_SECONDS=0)"
   exit 0

@@ -28,7 +28,7 @@ else
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --test-dir build-asan -j"$jobs" --output-on-failure
 
-  echo "== Fuzzing the argument checks (libFuzzer + ASan/UBSan, ${PFLASH_FUZZ_SECONDS:-180} s; PFLASH_FUZZ_SECONDS=0 skips)"
+  echo "== Fuzzing the argument checks (libFuzzer + ASan/UBSan, ${PFLASH_FUZZ_SECONDS:-120} s; PFLASH_FUZZ_SECONDS=0 skips)"
   bash scripts/fuzz.sh
 fi
 
@@ -59,5 +59,6 @@ echo "== Python on the oldest supported JAX ($(sed -n 's/^jax==//p' requirements
     -C build-dir=../build-python-oldest/{wheel_tag} -e .
 } >>../.deps.log 2>&1 || { tail -n 30 ../.deps.log; exit 1; }
 # There, the tests parametrized over both CPU kernel paths take the C++ one (the FFI module built
-# against that jaxlib); the Pallas kernels' own interpret-mode tests run as they are.
+# against that jaxlib) and the backward's over where dQ is computed the fused kernel (conftest); the
+# Pallas kernels' other interpret-mode tests run as they are.
 PFLASH_TEST_CPU_KERNELS=cpp JAX_PLATFORMS=cpu "$oldest/bin/python" -m pytest "${pytest_args[@]}"

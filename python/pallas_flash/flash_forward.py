@@ -124,7 +124,7 @@ def forward(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids=None, sin
 
 
 TAIL_ROWS = 128  # a last query block of at most this many rows runs as its own call (forward)
-TAIL_KEYS = 8192  # the most keys a step of that call reads: K and V blocks of 4 MiB at D = 128 in bf16
+TAIL_KEYS = 8192  # the most keys a step of that call reads: K and V blocks of 2 MiB each at D = 128 in bf16
 
 
 def has_tail(seq_q: int, blocks: BlockSizes) -> bool:

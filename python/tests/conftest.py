@@ -27,9 +27,10 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     """PFLASH_TEST_CPU_KERNELS=cpp (scripts/test.sh's run on the oldest supported JAX): the tests
-    parametrized over the CPU kernel paths run on the C++ path alone; the Pallas kernels' own tests in
-    interpret mode (those not parametrized) still run. Their interpret variants are the suite's
-    slowest half and run on the current JAX."""
+    parametrized over the CPU kernel paths run on the C++ path alone, and the Pallas backward's tests
+    parametrized over where dQ is computed on the fused kernel alone (the separate dQ kernel is built
+    of the same Pallas calls); the Pallas kernels' other tests in interpret mode still run. What is
+    left out is the suite's slowest half and runs on the current JAX."""
     choice = os.environ.get("PFLASH_TEST_CPU_KERNELS", "both")
     if choice not in ("both", "cpp"):
         raise pytest.UsageError(f"PFLASH_TEST_CPU_KERNELS: expected 'both' or 'cpp', got {choice!r}")
@@ -38,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
     kept, interpreted = [], []
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        (interpreted if params.get("cpu_kernels") == "interpret" else kept).append(item)
+        left_out = params.get("cpu_kernels") == "interpret" or params.get("fuse_dq") is False
+        (interpreted if left_out else kept).append(item)
     if interpreted:
         config.hook.pytest_deselected(items=interpreted)
         items[:] = kept
