@@ -206,7 +206,8 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
         if problem.interpret:
             # The interpret mode writes an output block into its aliased input's buffer unclipped: a
             # partial last block needs the rows up to a whole block there (compiled: no padding).
-            out = [pad_rows(x, round_up(out_rows, block_q), 2) for x in out]
+            out_rows = round_up(out_rows, block_q)
+            out = [pad_rows(x, out_rows, 2) for x in out]
         operands += list(out)
 
     kernel = functools.partial(_fwd_kernel, problem=problem, grid=grid,
@@ -217,8 +218,6 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
     itemsize = q.dtype.itemsize
     exps = pairs * (2 if problem.soft_cap is not None else 1)
     rows = batch * heads_q * seq_q
-    if out is not None:
-        out_rows = out[1].shape[2]
     o, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -187,24 +187,24 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         bwd = fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_len, group)
     else:
         bwd = backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize)
-    from pallas_flash.flash_forward import has_tail, tail_blocks  # the kernels import this module
+    # The kernels' own grids (tiles.static_steps); they import this module.
+    from pallas_flash.flash_forward import has_tail, tail_blocks
+    from pallas_flash.tiles import Grid, Problem, static_steps
 
-    def steps(rows, block_k):  # the key steps of a grid whose query blocks start at `rows`
-        widest = 1
-        for start, stop in rows:
-            first, last = mask.key_range(start, stop - 1, seq_len)
-            if first <= last:
-                widest = max(widest, last // block_k - first // block_k + 1)
-        return widest
+    def grid_of(rows: int, first_row: int, block_q: int, block_k: int) -> tuple[int, int]:
+        """(query blocks, key steps) of the forward's grid over `rows` query rows from first_row."""
+        problem = Problem(rows, seq_len, 1.0, mask.shifted(rows=first_row), group, interpret=False)
+        grid = Grid.of(block_q, block_k, rows, seq_len)
+        return grid.num_q_blocks, static_steps(problem, grid, per_q_block=True)[0]
 
     tail = has_tail(seq_len, blocks)
-    q_blocks = seq_len // blocks.block_q if tail else -(-seq_len // blocks.block_q)
-    key_steps = steps([(i * blocks.block_q, min(seq_len, (i + 1) * blocks.block_q)) for i in range(q_blocks)],
-                      blocks.block_k)
+    body = seq_len - seq_len % blocks.block_q if tail else seq_len
+    q_blocks, key_steps = grid_of(body, 0, blocks.block_q, blocks.block_k)
     tail_grid = ""
     if tail:
-        tail_k = tail_blocks(seq_len, blocks, head_dim, itemsize).block_k
-        tail_grid = f" + tail {batch}x1x{heads}x{steps([(q_blocks * blocks.block_q, seq_len)], tail_k)} ({tail_k}-row K/V)"
+        tail_sizes = tail_blocks(seq_len, blocks, head_dim, itemsize)
+        _, tail_steps = grid_of(seq_len - body, body, tail_sizes.block_q, tail_sizes.block_k)
+        tail_grid = f" + tail {batch}x1x{heads}x{tail_steps} ({tail_sizes.block_k}-row K/V)"
     rules = [" causal" if causal else "", f" window={edges}" if window is not None else "",
              f" chunk={chunk}" if chunk is not None else ""]
     mib = 1 << 20

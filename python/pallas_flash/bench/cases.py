@@ -114,9 +114,12 @@ class Case:
     def cache_bytes_read_per_device(self) -> int:
         """Decode: the bytes of K one chip reads, the positions within the window where there is one
         (V's are the same)."""
+        return self.cache_bytes_per_device() * self.positions_read() // self.seq_k
+
+    def positions_read(self) -> int:
+        """Decode: the cached positions a token reads, those within the window where there is one."""
         window = self.rules().window
-        seen = self.seq_k if window is None else min(self.seq_k, window + 1)
-        return self.cache_bytes_per_device() * seen // self.seq_k
+        return self.seq_k if window is None else min(self.seq_k, window + 1)
 
     def _decode_batch_parts(self) -> int:
         """In how many equal parts of the batch a decode is profiled: the fewest (a divisor of the
@@ -130,9 +133,7 @@ class Case:
         through (Nq x Nk without one; about half for causal self-attention) for a forward (QK^T and
         PV); a backward is 2.5 forwards, fwd+bwd 3.5. Decode counts every cached position (within the
         window where there is one)."""
-        window = self.rules().window
-        seen = self.seq_k if window is None else min(self.seq_k, window + 1)
-        pairs = self.seq_q * seen if self.pass_ == "decode" else self.rules().visible_pairs(
+        pairs = self.seq_q * self.positions_read() if self.pass_ == "decode" else self.rules().visible_pairs(
             self.seq_q, self.seq_k, self.causal)
         forward = 4.0 * self.batch * self.heads * self.dim * pairs
         return forward * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}[self.pass_]
