@@ -184,8 +184,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, chunk: int | 
     - logits_soft_cap: cap * tanh(s / cap) on the scaled scores (Gemma 2); sinks: [Hq] logits added
       to each row's softmax denominator (gpt-oss), differentiable; the LSE includes them.
     - sm_scale: default 1/sqrt(D). GQA/MQA: k, v may have Hkv heads, Hkv dividing Hq.
-    - block_sizes: default plan_block_sizes(Nq, Nk, D, dtype, mask=...) for the v5e (the mask picks
-      longer key blocks where it bounds each row's keys).
+    - block_sizes: default plan_block_sizes(Nq, Nk, D, dtype, mask=..., segments=...) for the v5e
+      (longer key blocks where the mask or segment ids bound each row's keys).
     - Alignment: any head_dim and any length are read in place: a length that is not a multiple of
       the blocks ends in a partial block, masked in the kernels (no pad or slice copies).
     - interpret: None runs the compiled kernel on TPU, the C++ CPU kernels on CPU (through the XLA
@@ -217,7 +217,7 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, chunk: int | 
         o, lse = cpu_kernels.attention(q, k, v, mask, scale, segment_ids=segment_ids, soft_cap=cap, sinks=sinks)
         return (o, lse) if return_lse else o
 
-    blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype, mask=mask)
+    blocks = block_sizes or plan_block_sizes(seq_q, seq_k, dim, q.dtype, mask=mask, segments=segment_ids is not None)
     (_, nq), (_, nk) = alignment_padding(q.shape, k.shape, blocks)
     problem = Problem(seq_q=seq_q, seq_k=seq_k, sm_scale=scale, mask=mask, group=heads_q // heads_kv,
                       interpret=mode == "interpret", soft_cap=cap, segments=segment_ids is not None,

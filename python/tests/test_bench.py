@@ -305,3 +305,13 @@ def test_errored_rows_make_the_exit_status_non_zero(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "1 errored" in err and "compile worker died" in err and "--allow-errors" in err
     assert cli.main(argv + ["--allow-errors"]) == 0
+
+
+def test_document_rows_take_the_plan_flash_attention_makes_for_segment_ids():
+    # A documents row is profiled as chunks of its documents' length, at the blocks flash_attention
+    # plans for segment ids (2048-row K/V blocks, 256 keys an update), not a plain causal mask's.
+    plain = cases.fixed_blocks(cases.Case("pallas_flash", "fwd", 1, 16, 16, 32768, 32768, 128, "bf16", True))
+    packed = cases.fixed_blocks(cases.Case("pallas_flash", "fwd", 1, 16, 16, 32768, 32768, 128, "bf16", True,
+                                           mask="segments:8"))
+    assert (plain.blocks[1], plain.blocks[-1]) == (1024, 512)
+    assert (packed.blocks[1], packed.blocks[-1]) == (2048, 256)

@@ -5,6 +5,7 @@ sizes that make every kind of tile occur: the static band patterns, full tiles b
 run-time path (padded keys, chunks across blocks) and segment ranges that skip blocks."""
 
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,17 @@ def test_bad_variant_arguments_raise_before_anything_runs(kwargs, message):
     q = jnp.zeros((1, 2, 8, 16))
     with pytest.raises(ValueError, match=message):
         flash_attention(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_segment_ids_reach_the_planner(monkeypatch, packed):
+    # Packed documents plan as a bounded span (2048-row K/V blocks at long lengths): the entry point
+    # tells the planner it has segment ids.
+    module = sys.modules["pallas_flash.flash_attention"]
+    seen = []
+    plan = module.plan_block_sizes
+    monkeypatch.setattr(module, "plan_block_sizes", lambda *a, **kw: seen.append(kw.get("segments")) or plan(*a, **kw))
+    q, k, v, _ = inputs(Shape(1, 2, 2, 256, 256, 64), seed=0)
+    ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 128)[None] if packed else None
+    jax.make_jaxpr(lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=ids, interpret=True))(q, k, v)
+    assert seen == [packed]

@@ -39,6 +39,19 @@ def test_bounded_masks_get_longer_key_blocks(rules, block_k):
     blocks = plan_block_sizes(16384, 16384, 128, mask=Mask.bottom_right(16384, 16384, **rules))
     assert blocks.block_k == block_k and blocks.block_q == (2048 if rules.get("causal") else 4096)
     assert forward_vmem_bytes(blocks.block_q, blocks.block_k, 128, 2) <= vmem_budget_bytes()
+    # ... updated 256 keys at a time: the band's edge sub-blocks in equal chunks.
+    assert blocks.block_k_compute == (256 if block_k == 2048 else 512)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_ids_plan_as_a_bounded_span(causal):
+    # Packed documents: each row's keys end at its document's, whose diagonal tiles are a causal
+    # mask's; the plan is a window's.
+    mask = Mask.bottom_right(32768, 32768, causal=causal)
+    plain = plan_block_sizes(32768, 32768, 128, mask=mask)
+    packed = plan_block_sizes(32768, 32768, 128, mask=mask, segments=True)
+    assert (plain.block_k, plain.block_k_compute) == (1024, 512)
+    assert (packed.block_q, packed.block_k, packed.block_k_compute) == (plain.block_q, 2048, 256)
 
 
 def test_describe_plan_names_blocks_and_vmem():

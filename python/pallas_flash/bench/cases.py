@@ -236,9 +236,10 @@ def fixed_blocks(case: Case) -> Case:
         return case
     if case.impl == "pallas_flash":
         dtype = DTYPES[case.dtype]
-        # The plan flash_attention makes for this call: documents are segment ids, unknown to it.
+        # The plan flash_attention makes for this call: documents are segment ids, not geometry.
         geometry = dataclasses.replace(case.rules(), segments=None).geometry(case.seq_q, case.seq_k, case.causal)
-        blocks = pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, dtype, mask=geometry)
+        blocks = pf.plan_block_sizes(case.seq_q, case.seq_k, case.dim, dtype, mask=geometry,
+                                     segments=case.rules().segments is not None)
         # The backward's choice at this length, kept at the shorter lengths it is fitted through.
         fuse = fuses_dq(blocks, case.seq_q, case.group, case.dim, jnp.dtype(dtype).itemsize)
         return dataclasses.replace(case, blocks=dataclasses.astuple(dataclasses.replace(blocks, fuse_dq=fuse)))
