@@ -3,6 +3,7 @@
     python -m pallas_flash.plan                       # B=1, H=16, D=128, N = 2048, 8192, 32768
     python -m pallas_flash.plan --seq 4096 --dim 64 --dtype float32
     python -m pallas_flash.plan --seq 32768 --causal --window 4096   # a window or chunks: longer key blocks
+    python -m pallas_flash.plan --seq 32768 --causal --segments      # packed documents (segment ids)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=None, metavar="W",
                         help="a sliding window of W positions on each side (with --causal: before each query)")
     parser.add_argument("--chunk", type=int, default=None, metavar="C", help="chunked attention, chunks of C")
+    parser.add_argument("--segments", action="store_true", help="with segment ids (packed documents)")
     args = parser.parse_args(argv)
     for name in ("window", "chunk"):
         value = getattr(args, name)
@@ -33,7 +35,7 @@ def main(argv=None) -> None:
             parser.error(f"--{name}: expected an int >= {0 if name == 'window' else 1}, got {value}")
     for seq in args.seq:
         print(describe_plan(args.batch, args.heads, seq, args.dim, jnp.dtype(args.dtype), args.kv_heads, args.causal,
-                            args.window, args.chunk))
+                            args.window, args.chunk, segments=args.segments))
 
 
 if __name__ == "__main__":

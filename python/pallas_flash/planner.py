@@ -181,16 +181,18 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
 
 def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp.bfloat16, kv_heads: int | None = None,
                   causal: bool = False, window: int | tuple[int | None, int | None] | None = None,
-                  chunk: int | None = None) -> str:
+                  chunk: int | None = None, segments: bool = False) -> str:
     """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA; causal,
-    window and chunk as flash_attention takes them) and its VMEM use; the forward grid's key axis has
-    the steps of the widest range of key blocks a query block sees."""
+    window and chunk as flash_attention takes them; segments: with segment ids) and its VMEM use; the
+    forward grid's key axis has the steps of the widest range of key blocks a query block sees (by
+    the geometry: segment ids narrow each block's range at run time)."""
     edges = (None, None) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
     mask = Mask.bottom_right(seq_len, seq_len, causal=causal, window=edges, chunk=chunk)
-    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, mask=mask)
+    blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, mask=mask, segments=segments)
     itemsize = jnp.dtype(dtype).itemsize
     group = heads // (kv_heads or heads)
-    fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize)
+    fwd = forward_vmem_bytes(blocks.block_q, blocks.block_k, head_dim, itemsize, blocks.block_q_compute,
+                             block_k_compute=blocks.block_k_compute)
     fused = fuses_dq(blocks, seq_len, group, head_dim, itemsize)
     if fused:
         bwd = fused_backward_vmem_bytes(blocks.block_q_dkv, blocks.block_k_dkv, head_dim, itemsize, seq_len, group)
@@ -215,11 +217,12 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         _, tail_steps = grid_of(seq_len - body, body, tail_sizes.block_q, tail_sizes.block_k)
         tail_grid = f" + tail {batch}x1x{heads}x{tail_steps} ({tail_sizes.block_k}-row K/V)"
     rules = [" causal" if causal else "", f" window={edges}" if window is not None else "",
-             f" chunk={chunk}" if chunk is not None else ""]
+             f" chunk={chunk}" if chunk is not None else "", " segment ids" if segments else ""]
     mib = 1 << 20
     return (
         f"B={batch} H={heads} N={seq_len} D={head_dim} {jnp.dtype(dtype).name}{''.join(rules)}: "
-        f"fwd block_q={blocks.block_q} block_k={blocks.block_k} VMEM {fwd / mib:.1f} MiB; "
+        f"fwd block_q={blocks.block_q} block_k={blocks.block_k} ({blocks.block_k_compute} keys an update) "
+        f"VMEM {fwd / mib:.1f} MiB; "
         f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
         f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "
         f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "

@@ -95,3 +95,12 @@ def test_plan_cli_rejects_a_negative_window(capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan.main(["--window", "-1"])
     assert exit_info.value.code == 2 and "--window: expected an int >= 0, got -1" in capsys.readouterr().err
+
+
+def test_plan_line_for_packed_documents():
+    # python -m pallas_flash.plan --segments: the plan flash_attention makes with segment ids, whose
+    # grid is the geometry's (the ids narrow each block's range at run time).
+    line = describe_plan(1, 16, 32768, 128, causal=True, segments=True)
+    assert "causal segment ids:" in line and "block_k=2048 (256 keys an update)" in line
+    assert line.endswith("grid fwd 1x16x16x16")
+    assert "block_k=1024 (512 keys an update)" in describe_plan(1, 16, 32768, 128, causal=True)
