@@ -204,11 +204,27 @@ def _split_instruction(line: str) -> Instruction | None:
     return Instruction(match.group(2), opcode.strip(), shape, operands, attributes, bool(match.group(1)), rest[:end])
 
 
+_INSTRUCTION_START = re.compile(r"\s*(ROOT\s+)?%[^\s=]+\s*=\s*")
+
+
+def _logical_lines(text: str) -> list[str]:
+    """The module's lines with an instruction's continuation lines joined to it: an attribute may hold
+    newlines (splash attention's kernel_metadata in frontend_attributes), after which the instruction
+    goes on, its braces still open, on lines that may begin like a computation's end ("}}, ...")."""
+    lines = []
+    for line in text.splitlines():
+        if lines and _INSTRUCTION_START.match(lines[-1]) and lines[-1].count("{") > lines[-1].count("}"):
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    return lines
+
+
 def computations(hlo_text: str) -> dict[str, list[Instruction]]:
     """Every computation of the compiled module by name (the entry's under "ENTRY" too), its
     instructions in order."""
     found, name, body = {}, None, []
-    for line in hlo_text.splitlines():
+    for line in _logical_lines(hlo_text):
         header = re.match(r"(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$", line)
         if header and not line.startswith(" "):
             name, body = header.group(2), []
@@ -231,7 +247,7 @@ def entry_instructions(hlo_text: str) -> list[Instruction]:
     start = hlo_text.index("\nENTRY ")
     body = hlo_text[hlo_text.index("{", start) + 1:]
     instructions = []
-    for line in body.splitlines():
+    for line in _logical_lines(body):
         if line.startswith("}"):
             break
         inst = _split_instruction(line)

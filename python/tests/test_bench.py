@@ -1,6 +1,7 @@
 """The v5e benchmark report: its arithmetic, its command line, its extrapolation (checked against a
 direct profile), and one end-to-end run compiling for the v5e with the static profile."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -315,3 +316,94 @@ def test_document_rows_take_the_plan_flash_attention_makes_for_segment_ids():
                                            mask="segments:8"))
     assert (plain.blocks[1], plain.blocks[-1]) == (1024, 512)
     assert (packed.blocks[1], packed.blocks[-1]) == (2048, 256)
+
+
+@pytest.mark.parametrize("rules, causal", [("", False), ("", True), ("window:300", True), ("segments:4", True),
+                                           ("chunk:256+softcap:20", True)])
+def test_splash_block_shares_count_the_blocks_its_mask_lets_through(rules, causal):
+    # Splash's own mask info (which blocks its grid runs) against a count from the dense mask: a
+    # block runs where any (query, key) pair of it is visible.
+    seq, block = 1024, 128
+    case = cases.Case("jax_splash", "fwd", 1, 2, 2, seq, seq, 128, "bf16", causal, mask=rules,
+                      blocks=(block, block, block))
+    dense = cases.MaskRules.parse(rules).geometry(seq, seq, causal).dense(seq, seq)
+    tiles = dense.reshape(seq // block, block, seq // block, block).any(axis=(1, 3))
+    shares = cases.splash_block_shares(case)
+    assert set(shares) == {"fwd", "dq", "dkv"}
+    for phase, share in shares.items():
+        assert share == pytest.approx(tiles.mean()), phase
+    if rules or causal:
+        assert tiles.mean() < 1
+
+
+@pytest.mark.parametrize("rules, causal", [("window:200+softcap:20", True), ("segments:3", True), ("", False)])
+def test_splash_run_on_every_block_is_the_same_attention(rules, causal):
+    # What the bench profiles for splash (its mask info dropped: every block of its grid runs, masked
+    # by its mask function and segment ids) computes what splash computes, and the float64 oracle.
+    import jax
+    import numpy as np
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    from oracle import attention, rel_err
+
+    seq, dim = 384, 128
+    case = cases.Case("jax_splash", "fwd", 1, 2, 2, seq, seq, dim, "fp32", causal, mask=rules, blocks=(128, 128, 128))
+    parsed = cases.MaskRules.parse(rules)
+    q, k, v = (np.asarray(x, np.float32) for x in jax.random.normal(jax.random.PRNGKey(7), (3, 2, seq, dim)))
+    ids = (np.arange(seq) * parsed.segments // seq).astype(np.int32) if parsed.segments else None
+    geometry = parsed.geometry(seq, seq, causal) if ids is None else \
+        dataclasses.replace(parsed, segments=None).geometry(seq, seq, causal)
+    want = attention(q[None], k[None], v[None], geometry, scale=1.0, soft_cap=parsed.soft_cap,
+                     segment_ids=None if ids is None else (ids[None], ids[None]))["o"][0]
+    for every_block in (False, True):
+        kernel = cases.splash_kernel(dataclasses.replace(case, every_block=every_block), interpret=True)
+        assert (kernel.fwd_mask_info.block_mask is None) == every_block
+        extra = {} if ids is None else {"segment_ids": splash.SegmentIds(q=jnp.asarray(ids), kv=jnp.asarray(ids))}
+        got = np.asarray(kernel(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), **extra))
+        assert rel_err(got, want) < 1e-4, every_block
+
+
+def test_splash_cycles_follow_the_blocks_each_kernel_runs(monkeypatch):
+    monkeypatch.setattr(cases, "splash_block_shares", lambda case: {"fwd": 0.5, "dq": 0.25, "dkv": 0.75})
+    profile = {"status": "ok", "est_cycles": 1100, "kernels": [
+        {"name": "splash_mha_fwd_residuals.1", "cycles": 400}, {"name": "splash_mha_dq_no_residuals.2", "cycles": 400},
+        {"name": "splash_mha_dkv_no_residuals.3", "cycles": 200}]}
+    case = cases.Case("jax_splash", "fwd+bwd", 1, 1, 1, 4096, 4096, 128, "bf16", True)
+    scheduled = estimate.splash_schedule(case, profile)
+    # 100 cycles of other ops (the scaling of q) kept as they are.
+    assert [k["cycles"] for k in scheduled["kernels"]] == [200, 100, 150]
+    assert scheduled["est_cycles"] == 100 + 450 and scheduled["every_block_cycles"] == 1100
+    assert estimate.splash_schedule(case, {"status": "error"}) == {"status": "error"}
+
+
+def test_kernels_are_fitted_as_the_program_is():
+    def point(m):
+        return {"kernels": [{"name": "a", "cycles": 3 * m * m + 1}, {"name": "b", "cycles": 5 * m + 2}]}
+
+    fitted = estimate.fitted_kernels((2, 3, 4), [point(m) for m in (2, 3, 4)], 8)
+    assert [k["cycles"] for k in fitted] == [3 * 64 + 1, 42]
+    mixed = [point(2), point(3), {"kernels": [{"name": "c", "cycles": 9}]}]
+    assert estimate.fitted_kernels((2, 3, 4), mixed, 8) == [{"name": "c", "cycles": 9}]
+
+
+def test_an_instruction_written_over_several_lines_is_read_whole():
+    # Splash's kernel metadata puts newlines inside an attribute, and the instruction goes on after a
+    # line that begins with "}" like a computation's end: its backend config (the kernel's cycles) and
+    # the instructions after it are still read.
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "ENTRY %main (p: bf16[8,128]) -> bf16[8,128] {",
+        "  %p = bf16[8,128]{1,0} parameter(0)",
+        '  %k.1 = bf16[8,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", '
+        'frontend_attributes={kernel_metadata={',
+        '"xprof_metadata":"{\\"block_q\\": 1024}"',
+        '}}, metadata={op_name="splash"}, backend_config={"bundle_analysis_data":{"estimated_cycles":"90743"}}',
+        "  ROOT %c = bf16[8,128]{1,0} copy(%k.1)",
+        "}",
+    ])
+    entry = v5e.entry_instructions(text)
+    assert [i.name for i in entry] == ["p", "k.1", "c"]
+    program = v5e.CompiledProgram(text, None, entry, {})
+    assert [(k.name, k.estimated_cycles) for k in program.kernels] == [("k.1", 90743)]
+    assert [i.name for i in v5e.computations(text)["ENTRY"]] == ["p", "k.1", "c"]

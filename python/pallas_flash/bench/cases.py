@@ -6,7 +6,7 @@ Implementations:
 - jax_flash_attention: jax.experimental.pallas.ops.tpu.flash_attention, at given block sizes
   (the report sweeps them and keeps the best for the shape). MHA only: K and V are repeated for GQA.
 - jax_splash: JAX's splash attention (its CausalMask, FullMask, LocalMask, ChunkedCausalMask, segment
-  ids, logit soft cap), vmapped over the batch.
+  ids, logit soft cap), vmapped over the batch; profiled running every block (`Case.every_block`).
 
 A case's mask: `causal`, plus `mask`, the rules of --mask beyond it ("window:4096", "chunk:8192",
 "segments:8", "softcap:50", joined by "+"); FLOPs count the (query, key) pairs it lets through.
@@ -74,6 +74,9 @@ class Case:
     # Attention over the mesh: context_parallel_attention's strategy ("all_gather", "ring"), the sequence
     # split over every chip of `mesh`; "" runs on one chip.
     context_parallel: str = ""
+    # jax_splash: its mask info dropped, so that every block of its grid runs (and is masked): what the
+    # static profile can simulate, which reads the mask info (scalar prefetch) as 0, i.e. no block runs.
+    every_block: bool = False
 
     def rules(self) -> MaskRules:
         return MaskRules.parse(self.mask)
@@ -98,10 +101,11 @@ class Case:
         the whole shape, with its lengths as trace-time constants (the simulator reads
         scalar-prefetch values as 0); a decode step's fixed costs (the merge, head transitions) do
         not scale with heads, so a scaled profile would overstate them. A batch whose caches pass
-        SIMULATED_ARRAY_BYTES is profiled in equal parts (`profile_scale` of them)."""
+        SIMULATED_ARRAY_BYTES is profiled in equal parts (`profile_scale` of them). Splash: with every
+        block of its grid run (`every_block`), the schedule the simulator cannot read."""
         if self.pass_ == "decode":
             return dataclasses.replace(self, batch=self.batch // self._decode_batch_parts(), trace_time_lengths=True)
-        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group)
+        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group, every_block=self.impl == "jax_splash")
 
     @property
     def profile_scale(self) -> int:
@@ -245,6 +249,8 @@ def fixed_blocks(case: Case) -> Case:
         return dataclasses.replace(case, blocks=dataclasses.astuple(dataclasses.replace(blocks, fuse_dq=fuse)))
     if case.impl == "jax_flash_attention":
         return dataclasses.replace(case, blocks=(1024, 1024, 512, 1024))
+    if case.impl == "jax_splash":
+        return dataclasses.replace(case, blocks=SPLASH_BLOCKS)
     return case
 
 
@@ -388,21 +394,8 @@ def _attention_fn(case: Case, abstract: bool = False):
         return jax_flash
     if case.impl == "jax_splash":
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-        shape = (case.seq_q, case.seq_k)
-        offset = case.seq_k - case.seq_q
-        if rules.window is not None:
-            head_mask = masks.LocalMask(shape, window_size=(rules.window, 0 if causal else None), offset=offset)
-        elif rules.chunk is not None:
-            head_mask = masks.ChunkedCausalMask(shape, chunk_size=rules.chunk)
-        else:
-            head_mask = masks.CausalMask(shape, offset=offset) if causal else masks.FullMask(shape)
-        bq, bk = min(1024, case.seq_q), min(1024, case.seq_k)
-        blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=min(512, bk), block_q_dkv=bq,
-                                   block_kv_dkv=bk, block_kv_dkv_compute=min(512, bk), block_q_dq=bq, block_kv_dq=bk)
-        kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * case.heads), block_sizes=blocks,
-                                        head_shards=1, q_seq_shards=1, attn_logits_soft_cap=rules.soft_cap)
+        kernel = splash_kernel(case)
         ids = None
         if rules.segments:
             ids = _document_ids(case)
@@ -432,6 +425,61 @@ def _document_ids(case: Case):
     n = case.seq_q
     ids = (np.arange(n) * case.rules().segments // n).astype(np.int32)
     return jnp.asarray(np.broadcast_to(ids, (case.batch, n)))
+
+
+SPLASH_BLOCKS = (1024, 1024, 512)  # jax_splash's (block_q, block_kv, block_kv_compute), every pass
+
+
+def splash_kernel(case: Case, documents_as_chunks: bool = False, interpret: bool = False):
+    """JAX's splash attention for the case (one head's mask for each query head), at the case's blocks:
+    its mask info (which blocks run, scalar-prefetched) computed from the mask here, or dropped for
+    `case.every_block`. Equal documents are segment ids over a causal or full mask (splash's mask cannot
+    follow runtime segment ids), or with `documents_as_chunks` the chunked causal mask of the same
+    geometry (what splash would skip if the documents were known when its mask is built)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    rules = case.rules()
+    shape = (case.seq_q, case.seq_k)
+    offset = case.seq_k - case.seq_q
+    chunk = case.seq_q // rules.segments if rules.segments and documents_as_chunks else rules.chunk
+    if rules.window is not None:
+        head_mask = masks.LocalMask(shape, window_size=(rules.window, 0 if case.causal else None), offset=offset)
+    elif chunk is not None:
+        head_mask = masks.ChunkedCausalMask(shape, chunk_size=chunk)
+    else:
+        head_mask = masks.CausalMask(shape, offset=offset) if case.causal else masks.FullMask(shape)
+    bq, bk, bc = case.blocks or SPLASH_BLOCKS
+    bq, bk = min(bq, case.seq_q), min(bk, case.seq_k)
+    bc = min(bc, bk)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bc, block_q_dkv=bq, block_kv_dkv=bk,
+                               block_kv_dkv_compute=bc, block_q_dq=bq, block_kv_dq=bk)
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * case.heads), block_sizes=blocks,
+                                    head_shards=1, q_seq_shards=1, attn_logits_soft_cap=rules.soft_cap,
+                                    interpret=interpret)
+    if not case.every_block:
+        return kernel
+    return splash.SplashAttentionKernel(*(_run_every_block(info) for info in (
+        kernel.fwd_mask_info, kernel.dq_mask_info, kernel.dkv_mask_info)), **kernel.kwargs)
+
+
+def _run_every_block(info):
+    """Splash mask info without its schedule (which blocks run, in SMEM): splash then runs every block of
+    its grid and masks each with its mask function (the mask itself is kept)."""
+    return None if info is None else info._replace(data_next=None, mask_next=None, block_mask=None)
+
+
+def splash_block_shares(case: Case) -> dict[str, float]:
+    """Per splash kernel ("fwd", "dq", "dkv"): the share of its grid's blocks that its mask info runs,
+    against a grid of every block (`Case.every_block`). Equal documents: as chunks (see splash_kernel)."""
+    kernel = splash_kernel(dataclasses.replace(case, heads=1, every_block=False), documents_as_chunks=True)
+    bq, bk = kernel.kwargs["block_sizes"].block_q, kernel.kwargs["block_sizes"].block_kv
+    blocks = -(-case.seq_q // bq) * -(-case.seq_k // bk)
+    shares = {}
+    for phase, info in (("fwd", kernel.fwd_mask_info), ("dq", kernel.dq_mask_info), ("dkv", kernel.dkv_mask_info)):
+        if info is not None and info.block_mask is not None:
+            shares[phase] = float((np.asarray(info.block_mask) > 0).sum()) / blocks
+    return shares
 
 
 def _decode_fn(case: Case, place: Placement):

@@ -12,8 +12,11 @@ Per case, two compiles:
 JAX's flash_attention is profiled at each candidate block size and the fastest is kept; sequences
 longer than `SWEEP_MAX_SEQ` reuse the winner at that length (simulating every candidate at 32k would
 take most of an hour; the winners at 4096 and 8192 were the same in every sweep run so far).
-Splash attention's profile aborts inside libtpu, so it is compiled with the LLO dump only: its row
-has the static bundle count and no time.
+Splash attention decides which blocks run from mask info it reads by scalar prefetch, which the
+simulator reads as 0 (no block would run; with the mask info a compile-time constant, its profile
+aborts inside libtpu): it is profiled with that schedule dropped, every block of its grid run and
+masked, and each kernel's cycles are scaled by the share of blocks its mask info runs
+(`splash_schedule`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from pallas_flash.bench.worker import RESULT_PREFIX
 
 SWEEP_MAX_SEQ = 4096
 FIT_MIN_SEQ = 2048
-PROFILE_ABORTS = {"jax_splash": "the compiler's static profile aborts inside libtpu for splash attention "
-                                "('Unsupported DMA direction'): static bundle count only, no time"}
+# Implementations profiled with every block of their grid run (`Case.every_block`), their cycles then
+# scaled per kernel by the share of blocks their own schedule runs.
+EVERY_BLOCK_PROFILES = {"jax_splash": "cycles: splash profiled running every block of its grid (the simulator reads "
+                                      "its mask info, scalar prefetch, as 0)"}
 XLA_COST_MODEL = {"xla_reference": "plain XLA: cycles from XLA:TPU's own per-fusion cost model at the full shape "
                                    "(profiling its materialised scores takes minutes and ~15 GB); where that "
                                    "model has no figure, time = the HBM floor, a lower bound"}
@@ -171,6 +176,33 @@ def quadratic_fit(points: list[tuple[int, float]], x: float) -> float:
             + y3 * (x - x1) * (x - x2) / ((x3 - x1) * (x3 - x2)))
 
 
+def fitted_kernels(multiples, results: list[dict], x: float) -> list[dict]:
+    """Each kernel's cycles fitted as the program's are (the kernels of the last point, named alike at
+    every point); where the points' kernels differ, the last point's as they are."""
+    kernels = [r.get("kernels") or [] for r in results]
+    if any([k["name"] for k in ks] != [k["name"] for k in kernels[-1]] for ks in kernels) or any(
+            k.get("cycles") is None for ks in kernels for k in ks):
+        return kernels[-1]
+    return [kernel | {"cycles": round(quadratic_fit([(m, ks[i]["cycles"]) for m, ks in zip(multiples, kernels)], x))}
+            for i, kernel in enumerate(kernels[-1])]
+
+
+def splash_schedule(case: cases.Case, profile: dict) -> dict:
+    """Splash's profile run every block of its grid; its cycles as its mask info schedules them: each
+    kernel's cycles times the share of blocks it runs (cases.splash_block_shares), at the case's length."""
+    if profile.get("status") != "ok" or not profile.get("kernels"):
+        return profile
+    shares = cases.splash_block_shares(case)
+    kernels = []
+    for kernel in profile["kernels"]:
+        phase = "dkv" if "_dkv" in kernel["name"] else "dq" if "_dq" in kernel["name"] else "fwd"
+        share = shares.get(phase, 1.0)
+        kernels.append(kernel | {"cycles": round(kernel["cycles"] * share), "block_share": share})
+    rest = profile["est_cycles"] - sum(k["cycles"] for k in profile["kernels"])  # its ops beside the kernels
+    return profile | {"est_cycles": rest + sum(k["cycles"] for k in kernels), "kernels": kernels,
+                      "every_block_cycles": profile["est_cycles"]}
+
+
 def fit_unit(case: cases.Case) -> int:
     """The step of sequence lengths at which a case's kernels keep the same block sizes and the
     same kinds of grid step: the least common multiple of its blocks."""
@@ -250,7 +282,7 @@ class Estimator:
         print(text, file=self.log, flush=True)
 
     def _profile(self, case: cases.Case) -> dict:
-        unprofiled = case.impl in PROFILE_ABORTS or case.impl in READS_LENGTHS_FROM_SMEM
+        unprofiled = case.impl in READS_LENGTHS_FROM_SMEM
         pool = self._dump_pool if unprofiled else self._profile_pool
         start = time.perf_counter()
         result = pool.run({"case": case.for_profile().as_json()})
@@ -263,8 +295,8 @@ class Estimator:
 
     def _submit(self, case: cases.Case):
         """A callable that returns the profile of `case` (for one KV head's group of one sequence):
-        simulated at its length, or fitted through three shorter ones."""
-        if case.pass_ != "decode" and case.impl not in PROFILE_ABORTS and case.seq_q == case.seq_k:
+        simulated at its length, or fitted through shorter ones."""
+        if case.pass_ != "decode" and case.impl not in EVERY_BLOCK_PROFILES and case.seq_q == case.seq_k:
             span = case.rules().span(case.seq_q, case.causal)
             if span and case.seq_q > self.max_profile_seq:
                 return self._linear(case, span)
@@ -273,7 +305,7 @@ class Estimator:
         # Nq : Nk = a : b, both multiples of a * unit and b * unit (self-attention: 1 : 1): at a fixed
         # ratio the same argument makes the cycles quadratic in the scale g = gcd(Nq, Nk).
         scale = math.gcd(case.seq_q, case.seq_k)
-        if not long or scale % unit or case.impl in PROFILE_ABORTS:
+        if not long or scale % unit:
             return self._once(case).result
         if case.pass_ == "fwd+bwd":
             parts = [self._submit(dataclasses.replace(case, pass_="fwd")), self._submit(backward_part(case))]
@@ -295,7 +327,8 @@ class Estimator:
                 return failed
             cycles = quadratic_fit([(m, r["est_cycles"]) for m, r in zip(multiples, results)], scale / unit)
             fit = [(p.seq_q, r["est_cycles"]) for p, r in zip(points, results)]
-            return results[-1] | {"est_cycles": round(cycles), "fit": fit}
+            return results[-1] | {"est_cycles": round(cycles), "fit": fit,
+                                  "kernels": fitted_kernels(multiples, results, scale / unit)}
 
         return fitted
 
@@ -419,10 +452,15 @@ class Estimator:
                     case.for_profile().cache_bytes_per_device() > cases.SIMULATED_ARRAY_BYTES):
                 note.append("a cache array past 2 GiB per chip even for one sequence: the simulator's DMAs from "
                             "beyond 2 GiB are slowed, so the time is an upper bound")
-            note += [PROFILE_ABORTS.get(case.impl, ""), READS_LENGTHS_FROM_SMEM.get(case.impl, ""),
+            if case.impl in EVERY_BLOCK_PROFILES:
+                profile = splash_schedule(case, profile)
+                shares = sorted({k["block_share"] for k in profile.get("kernels", []) if "block_share" in k})
+                if any(share < 1 for share in shares):
+                    note.append(f"each kernel's cycles scaled by the share of blocks its mask info runs "
+                                f"({'/'.join(f'{x:.1%}' for x in shares)}): a lower bound (the steps it skips and "
+                                "its per-row costs beyond that share not counted)")
+            note += [EVERY_BLOCK_PROFILES.get(case.impl, ""), READS_LENGTHS_FROM_SMEM.get(case.impl, ""),
                      XLA_COST_MODEL.get(case.impl, "")]
-            if case.impl in PROFILE_ABORTS and profile.get("bundles"):
-                note.append(f"{profile['bundles']} static bundles, {profile['mxu_busy']:.0%} of them on the MXU")
             if case.group > 1 and case.impl in ("jax_flash_attention", "jax_splash"):
                 note.append("K/V repeated to Hq heads (MHA-only kernel)")
             results.append({"case": case, "full": fulls[case], "profile": profile, "blocks": blocks,
