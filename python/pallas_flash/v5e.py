@@ -177,8 +177,11 @@ class Instruction:
             return {}
 
 
+_INSTRUCTION_START = re.compile(r"\s*(ROOT\s+)?%([^\s=]+)\s*=\s*")
+
+
 def _split_instruction(line: str) -> Instruction | None:
-    match = re.match(r"\s*(ROOT\s+)?%([^\s=]+)\s*=\s*", line)
+    match = _INSTRUCTION_START.match(line)
     if not match:
         return None
     rest = line[match.end():]
@@ -202,9 +205,6 @@ def _split_instruction(line: str) -> Instruction | None:
     operands = tuple(re.findall(r"%([^\s,)]+)", rest[:end]))
     attributes = rest[end + 1:].lstrip(", ")
     return Instruction(match.group(2), opcode.strip(), shape, operands, attributes, bool(match.group(1)), rest[:end])
-
-
-_INSTRUCTION_START = re.compile(r"\s*(ROOT\s+)?%[^\s=]+\s*=\s*")
 
 
 def _logical_lines(text: str) -> list[str]:

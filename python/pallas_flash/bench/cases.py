@@ -18,6 +18,7 @@ A case's mask: `causal`, plus `mask`, the rules of --mask beyond it ("window:409
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -471,8 +472,16 @@ def _run_every_block(info):
 
 def splash_block_shares(case: Case) -> dict[str, float]:
     """Per splash kernel ("fwd", "dq", "dkv"): the share of its grid's blocks that its mask info runs,
-    against a grid of every block (`Case.every_block`). Equal documents: as chunks (see splash_kernel)."""
-    kernel = splash_kernel(dataclasses.replace(case, heads=1, every_block=False), documents_as_chunks=True)
+    against a grid of every block (`Case.every_block`). Equal documents: as chunks (see splash_kernel).
+    The same for every pass and head count of a mask and shape: computed once (splash's mask
+    processing takes seconds at N = 32768)."""
+    return dict(_splash_block_shares(dataclasses.replace(case, pass_="fwd", batch=1, heads=1, kv_heads=1,
+                                                        every_block=False)))
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_block_shares(case: Case) -> dict[str, float]:
+    kernel = splash_kernel(case, documents_as_chunks=True)
     bq, bk = kernel.kwargs["block_sizes"].block_q, kernel.kwargs["block_sizes"].block_kv
     blocks = -(-case.seq_q // bq) * -(-case.seq_k // bk)
     shares = {}
