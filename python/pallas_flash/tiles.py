@@ -270,9 +270,11 @@ def scores(problem: Problem, q, k):
     """S * scale in log2 units, S * scale * log2(e), in fp32 on the MXU: q (rows, D) x k (keys, D)^T,
     soft-capped when the problem caps."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = s * (problem.sm_scale * LOG2_E)
     cap = problem.soft_cap_log2
-    return s if cap is None else cap * jnp.tanh(s * (1.0 / cap))
+    if cap is None:
+        return s * (problem.sm_scale * LOG2_E)
+    # One multiply an element before the tanh, not two (the compiler does not reassociate them).
+    return cap * jnp.tanh(s * (problem.sm_scale * LOG2_E / cap))
 
 
 def soft_cap_slope(problem: Problem, s):

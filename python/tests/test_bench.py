@@ -12,7 +12,7 @@ import pytest
 
 from pallas_flash import hardware, v5e
 from pallas_flash.bench import __main__ as cli
-from pallas_flash.bench import cases, estimate, measure, report
+from pallas_flash.bench import cases, estimate, measure, report, tokamax_adapter
 from tpu_compiler import requires_libtpu
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +212,10 @@ def test_a_long_training_step_is_fitted_as_its_forward_plus_its_backward():
     assert estimate.fit_unit(case) == 4096
     backward = estimate.backward_part(case)
     assert backward.pass_ == "bwd" and backward.blocks[:2] == (1024, 1024) and estimate.fit_unit(backward) == 1024
+    tokamax = dataclasses.replace(case, impl="tokamax", blocks=(2048, 1024, 512, 1024, 512, 512))
+    assert estimate.fit_unit(tokamax) == 2048
+    assert estimate.backward_part(tokamax).blocks[:3] == (1024, 512, 512)
+    assert estimate.fit_unit(estimate.backward_part(tokamax)) == 1024
     forward = {"status": "ok", "est_cycles": 100, "bundles": 10, "spill_slots": 1, "mxu_busy": 0.5, "fit": [(1, 2)]}
     backward = {"status": "ok", "est_cycles": 300, "bundles": 30, "spill_slots": 2, "mxu_busy": 0.9, "fit": [(3, 4)]}
     total = estimate.sum_of_parts([forward, backward])
@@ -251,9 +255,9 @@ def test_mask_spans_and_bad_rules():
             cases.MaskRules.parse(bad)
 
 
-def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
-    # A causal window of 4096 at N = 32768 (blocks 2048 x 512): profiles at 2 and 3 spans of 6144,
-    # extrapolated on the line through them; each pass of a training step apart.
+def profiles_of(cycles):
+    """An Estimator whose profiles are `cycles(case)`, without workers; and the (pass, N, mask) of each
+    profile it is asked for."""
     est = estimate.Estimator.__new__(estimate.Estimator)
     est.max_profile_seq, seen = 4096, []
 
@@ -266,9 +270,16 @@ def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
 
     def once(case):
         seen.append((case.pass_, case.seq_q, case.mask))
-        return Done({"status": "ok", "est_cycles": 1000 + 10 * case.seq_q})
+        return Done({"status": "ok", "est_cycles": cycles(case)})
 
     est._once = once
+    return est, seen
+
+
+def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
+    # A causal window of 4096 at N = 32768 (blocks 2048 x 512): profiles at 2 and 3 spans of 6144,
+    # extrapolated on the line through them; each pass of a training step apart.
+    est, seen = profiles_of(lambda case: 1000 + 10 * case.seq_q)
     blocks = (2048, 512, 1024, 1024, 1024, 1024, 256, True)
     case = cases.Case("pallas_flash", "fwd", 1, 1, 1, 32768, 32768, 128, "bf16", True, blocks=blocks,
                       mask="window:4096")
@@ -280,6 +291,23 @@ def test_a_bounded_mask_is_fitted_linearly_through_whole_spans():
                            mask="segments:8")
     assert est._submit(documents)()["est_cycles"] == 2 * (1000 + 10 * 32768)
     assert ("fwd", 8192, "chunk:4096") in seen and ("bwd", 8192, "chunk:4096") in seen
+
+
+def test_tokamax_is_fitted_through_doubling_lengths_of_two_kv_heads():
+    # Its profile aborts inside libtpu at N = 6144: its points double (exact on a parabola); its forward
+    # profiled with two KV heads (its MHA kernels, not the MQA ones it runs for one).
+    est, seen = profiles_of(lambda case: 7 + 3 * case.seq_q + case.seq_q**2 // 64)
+    case = cases.fixed_blocks(cases.Case("tokamax", "fwd", 2, 16, 8, 32768, 32768, 128, "bf16", True))
+    assert est._submit(case)()["est_cycles"] == 7 + 3 * 32768 + 32768**2 // 64
+    unit = estimate.fit_unit(case)
+    assert seen == [("fwd", unit, ""), ("fwd", 2 * unit, ""), ("fwd", 4 * unit, "")]
+    profiled = case.for_profile()
+    assert (profiled.batch, profiled.kv_heads, profiled.heads, case.profile_scale) == (1, 2, 4, 8)
+    backward = estimate.backward_part(dataclasses.replace(case, pass_="fwd+bwd"))
+    assert (backward.for_profile().kv_heads, backward.profile_scale) == (1, 16)  # its MQA backward kernel
+    assert cases.Case("tokamax", "fwd", 1, 3, 3, 4096, 4096, 128, "bf16", True).for_profile().kv_heads == 3
+    assert cases.fixed_blocks(dataclasses.replace(case, blocks=None, pass_="fwd+bwd")).blocks == \
+        tokamax_adapter.TRAINING_BLOCKS
 
 
 def test_no_tpu_compiler_fails_loudly(monkeypatch, capsys):
@@ -328,7 +356,7 @@ def test_splash_block_shares_count_the_blocks_its_mask_lets_through(rules, causa
                       blocks=(block, block, block))
     dense = cases.MaskRules.parse(rules).geometry(seq, seq, causal).dense(seq, seq)
     tiles = dense.reshape(seq // block, block, seq // block, block).any(axis=(1, 3))
-    shares = cases.splash_block_shares(case)
+    shares = cases.block_shares(case)
     assert set(shares) == {"fwd", "dq", "dkv"}
     for phase, share in shares.items():
         assert share == pytest.approx(tiles.mean()), phase
@@ -363,8 +391,69 @@ def test_splash_run_on_every_block_is_the_same_attention(rules, causal):
         assert rel_err(got, want) < 1e-4, every_block
 
 
+requires_tokamax = pytest.mark.skipif(tokamax_adapter.available() is not None,
+                                      reason=f"tokamax: {tokamax_adapter.available()}")
+
+
+@requires_tokamax
+@pytest.mark.parametrize("causal, soft_cap, kv_heads", [(False, None, 4), (True, None, 2), (True, 5.0, 1)])
+def test_tokamax_run_on_every_block_is_the_same_attention(causal, soft_cap, kv_heads):
+    # What the bench profiles for tokamax (every block of its grid run, each masked) computes what its
+    # own schedule computes, forward and gradients, and the float64 oracle (MHA, GQA, MQA).
+    import jax
+    import numpy as np
+
+    from oracle import attention, rel_err
+
+    seq, dim, heads = 512, 128, 4
+    blocks = (256, 256, 128, 256, 128, 128)
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, do = (np.asarray(jax.random.normal(key, (1, heads, seq, dim)), np.float32) for key in keys[:2])
+    k, v = (np.asarray(jax.random.normal(key, (1, kv_heads, seq, dim)), np.float32) for key in keys[2:])
+    geometry = cases.MaskRules().geometry(seq, seq, causal)
+    want = attention(q, k, v, geometry, scale=1 / np.sqrt(dim), soft_cap=soft_cap, do=do)
+    for every_block in (False, True):
+        fn = tokamax_adapter.attention(causal, soft_cap, blocks, every_block=every_block, interpret=True)
+        o, vjp = jax.vjp(fn, *(jnp.asarray(x) for x in (q, k, v)))
+        assert rel_err(np.asarray(o), want["o"]) < 1e-4, every_block
+        for name, grad in zip(("dq", "dk", "dv"), vjp(jnp.asarray(do))):
+            assert rel_err(np.asarray(grad), want[name]) < 1e-4, (every_block, name)
+
+
+@requires_tokamax
+@pytest.mark.parametrize("seq, causal", [(4096, True), (3072, True), (4096, False)])
+def test_tokamax_block_shares_count_the_blocks_its_mask_lets_through(seq, causal):
+    blocks = (1024, 512, 512, 512, 1024, 512)
+    shares = tokamax_adapter.block_shares(seq, seq, causal, blocks)
+    if not causal:
+        assert shares == {}  # no mask info: its grid is every block
+        return
+    dense = cases.MaskRules().geometry(seq, seq, causal).dense(seq, seq)
+    for phase, (rows, cols) in (("fwd", blocks[:2]), ("dkv", blocks[3:5])):
+        tiles = dense.reshape(seq // rows, rows, seq // cols, cols).any(axis=(1, 3))
+        assert shares[phase] == pytest.approx(tiles.mean()) and tiles.mean() < 1, phase
+
+
+def test_tokamax_rows_say_which_masks_it_cannot_run(monkeypatch):
+    window = cases.Case("tokamax", "fwd", 1, 2, 2, 4096, 4096, 128, "bf16", True, mask="window:512")
+    assert "tokamax" in cases.supported(window) and "window" in cases.supported(window)
+    assert "segments" in cases.supported(dataclasses.replace(window, mask="segments:4"))
+    capped = dataclasses.replace(window, mask="softcap:30")
+    assert cases.supported(capped) == tokamax_adapter.available()
+    assert cases.fixed_blocks(capped).blocks == tokamax_adapter.BLOCKS
+    assert capped.for_profile().every_block
+    # A training step's full-shape compile takes the training configuration too (the inference one runs
+    # out of VMEM there).
+    built = []
+    monkeypatch.setattr(tokamax_adapter, "attention", lambda causal, cap, config, every_block: built.append(config))
+    cases._attention_fn(dataclasses.replace(capped, pass_="fwd+bwd"))
+    cases._attention_fn(capped)
+    cases._attention_fn(dataclasses.replace(capped, pass_="fwd+bwd", mask=""))
+    assert built == [tokamax_adapter.TRAINING_BLOCKS_SOFT_CAP, tokamax_adapter.BLOCKS, tokamax_adapter.TRAINING_BLOCKS]
+
+
 def test_splash_cycles_follow_the_blocks_each_kernel_runs(monkeypatch):
-    monkeypatch.setattr(cases, "splash_block_shares", lambda case: {"fwd": 0.5, "dq": 0.25, "dkv": 0.75})
+    monkeypatch.setattr(cases, "block_shares", lambda case: {"fwd": 0.5, "dq": 0.25, "dkv": 0.75})
     profile = {"status": "ok", "est_cycles": 1100, "kernels": [
         {"name": "splash_mha_fwd_residuals.1", "cycles": 400}, {"name": "splash_mha_dq_no_residuals.2", "cycles": 400},
         {"name": "splash_mha_dkv_no_residuals.3", "cycles": 200}]}

@@ -3,6 +3,8 @@
     python -m pallas_flash.bench --target v5e                       # the default sweep, a few minutes
     python -m pallas_flash.bench --seq 32768 --pass fwd --causal on --impl pallas_flash,jax_flash_attention
     python -m pallas_flash.bench --seq 32768 --pass fwd,fwd+bwd --mask causal,window:4096,segments:8,causal+softcap:50
+    python -m pallas_flash.bench --seq 32768 --pass fwd,fwd+bwd --mask full,causal+softcap:50 \
+        --impl pallas_flash,jax_splash,tokamax --oom-wall off     # against splash and tokamax (pinned)
     python -m pallas_flash.bench --pass decode --context 32768,131072 --mesh 1x1,2x2 --json decode.json
     python -m pallas_flash.bench --impl pallas_flash --pass fwd,fwd+bwd --seq 524288 --causal on \
         --context-parallel all_gather,ring --mesh 2x2                 # one sequence over the 4 chips
@@ -119,7 +121,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=["v5e", "gpu"], default="v5e")
     parser.add_argument("--impl", type=_choices(cases.ATTENTION_IMPLS + ("jax_paged_attention",) + cases.GPU_IMPLS),
-                        default=None, help=f"default {DEFAULT_IMPLS} (v5e), jax_cudnn,jax_xla (gpu)")
+                        default=None, help=f"default {DEFAULT_IMPLS} (v5e; also tokamax), jax_cudnn,jax_xla (gpu)")
     parser.add_argument("--pass", dest="passes", type=_choices(cases.PASSES), default=["fwd", "fwd+bwd", "decode"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=16)

@@ -7,6 +7,9 @@ Implementations:
   (the report sweeps them and keeps the best for the shape). MHA only: K and V are repeated for GQA.
 - jax_splash: JAX's splash attention (its CausalMask, FullMask, LocalMask, ChunkedCausalMask, segment
   ids, logit soft cap), vmapped over the batch; profiled running every block (`Case.every_block`).
+- tokamax: Google's tokamax (pinned; pallas_flash.bench.tokamax_adapter), its TPU attention (splash) through
+  its own op, at its configuration `tokamax_adapter.BLOCKS`: causal or full, soft cap; profiled running
+  every block too.
 
 A case's mask: `causal`, plus `mask`, the rules of --mask beyond it ("window:4096", "chunk:8192",
 "segments:8", "softcap:50", joined by "+"); FLOPs count the (query, key) pairs it lets through.
@@ -28,10 +31,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_flash as pf
+from pallas_flash.bench import tokamax_adapter
 from pallas_flash.planner import fuses_dq
 from pallas_flash.reference import naive_attention
 
-ATTENTION_IMPLS = ("pallas_flash", "jax_flash_attention", "jax_splash", "xla_reference")
+ATTENTION_IMPLS = ("pallas_flash", "jax_flash_attention", "jax_splash", "tokamax", "xla_reference")
+# Profiled with every block of their grid run (`Case.every_block`): their schedule is in scalar prefetch.
+EVERY_BLOCK_IMPLS = ("jax_splash", "tokamax")
 DECODE_IMPLS = ("pallas_flash", "jax_paged_attention", "xla_reference")
 GPU_IMPLS = ("jax_cudnn", "jax_xla")
 PASSES = ("fwd", "bwd", "fwd+bwd", "decode")
@@ -75,8 +81,8 @@ class Case:
     # Attention over the mesh: context_parallel_attention's strategy ("all_gather", "ring"), the sequence
     # split over every chip of `mesh`; "" runs on one chip.
     context_parallel: str = ""
-    # jax_splash: its mask info dropped, so that every block of its grid runs (and is masked): what the
-    # static profile can simulate, which reads the mask info (scalar prefetch) as 0, i.e. no block runs.
+    # jax_splash, tokamax: their mask info dropped, so that every block of the grid runs (and is masked):
+    # what the static profile can simulate, which reads the mask info (scalar prefetch) as 0.
     every_block: bool = False
 
     def rules(self) -> MaskRules:
@@ -102,15 +108,28 @@ class Case:
         the whole shape, with its lengths as trace-time constants (the simulator reads
         scalar-prefetch values as 0); a decode step's fixed costs (the merge, head transitions) do
         not scale with heads, so a scaled profile would overstate them. A batch whose caches pass
-        SIMULATED_ARRAY_BYTES is profiled in equal parts (`profile_scale` of them). Splash: with every
-        block of its grid run (`every_block`), the schedule the simulator cannot read."""
+        SIMULATED_ARRAY_BYTES is profiled in equal parts (`profile_scale` of them). Splash and tokamax:
+        with every block of their grid run (`every_block`), the schedule the simulator cannot read."""
         if self.pass_ == "decode":
             return dataclasses.replace(self, batch=self.batch // self._decode_batch_parts(), trace_time_lengths=True)
-        return dataclasses.replace(self, batch=1, kv_heads=1, heads=self.group, every_block=self.impl == "jax_splash")
+        kv_heads = self._profile_kv_heads()
+        return dataclasses.replace(self, batch=1, kv_heads=kv_heads, heads=self.group * kv_heads,
+                                   every_block=self.impl in EVERY_BLOCK_IMPLS)
 
     @property
     def profile_scale(self) -> int:
-        return self._decode_batch_parts() if self.pass_ == "decode" else self.batch * self.kv_heads
+        if self.pass_ == "decode":
+            return self._decode_batch_parts()
+        return self.batch * self.kv_heads // self._profile_kv_heads()
+
+    def _profile_kv_heads(self) -> int:
+        """KV heads of an attention profile: one, but for tokamax, which runs other kernels (its MQA
+        kernels) for one KV head than for several, two (or all of an odd number). Its backward alone
+        (a training step's backward part) for one: its MQA backward kernel takes 2% more cycles a head
+        than its MHA one at N = 4096, whose profiles there outgrow a 23 GB machine."""
+        if self.impl != "tokamax" or self.kv_heads == 1 or self.pass_ == "bwd":
+            return 1
+        return 2 if self.kv_heads % 2 == 0 else self.kv_heads
 
     def cache_bytes_per_device(self) -> int:
         """Decode: the bytes of the K cache (or page pool) one chip holds; V's are the same."""
@@ -252,6 +271,9 @@ def fixed_blocks(case: Case) -> Case:
         return dataclasses.replace(case, blocks=(1024, 1024, 512, 1024))
     if case.impl == "jax_splash":
         return dataclasses.replace(case, blocks=SPLASH_BLOCKS)
+    if case.impl == "tokamax":
+        return dataclasses.replace(case, blocks=tokamax_adapter.blocks(case.pass_ != "fwd",
+                                                                       case.rules().soft_cap is not None))
     return case
 
 
@@ -289,8 +311,13 @@ def supported(case: Case) -> str | None:
             rules.window is not None or rules.chunk is not None or rules.soft_cap is not None or
             (rules.segments is not None and case.impl != "jax_flash_attention")):
         return f"{case.impl}: no {case.mask} mask"
-    if case.impl in ("jax_flash_attention", "jax_splash") and case.dim % 128 and case.dim != 64:
+    if case.impl in ("jax_flash_attention", "jax_splash", "tokamax") and case.dim % 128 and case.dim != 64:
         return f"{case.impl}: head_dim {case.dim} unsupported"
+    if case.impl == "tokamax":
+        if rules.window is not None or rules.chunk is not None or rules.segments is not None:
+            return (f"tokamax {tokamax_adapter.VERSION} on a TPU: no {case.mask} mask (a window becomes mask bounds, "
+                    "which its TPU path rejects; no segment ids; only a dense boolean mask)")
+        return tokamax_adapter.available()
     return None
 
 
@@ -409,6 +436,8 @@ def _attention_fn(case: Case, abstract: bool = False):
             return jax.vmap(kernel)(q * jnp.asarray(scale, q.dtype), k, v, segment_ids=segments)
 
         return jax_splash
+    if case.impl == "tokamax":
+        return tokamax_adapter.attention(causal, rules.soft_cap, fixed_blocks(case).blocks, every_block=case.every_block)
     if case.impl in GPU_IMPLS:
         implementation = {"jax_cudnn": "cudnn", "jax_xla": "xla"}[case.impl]
 
@@ -470,17 +499,19 @@ def _run_every_block(info):
     return None if info is None else info._replace(data_next=None, mask_next=None, block_mask=None)
 
 
-def splash_block_shares(case: Case) -> dict[str, float]:
-    """Per splash kernel ("fwd", "dq", "dkv"): the share of its grid's blocks that its mask info runs,
-    against a grid of every block (`Case.every_block`). Equal documents: as chunks (see splash_kernel).
-    The same for every pass and head count of a mask and shape: computed once (splash's mask
-    processing takes seconds at N = 32768)."""
-    return dict(_splash_block_shares(dataclasses.replace(case, pass_="fwd", batch=1, heads=1, kv_heads=1,
-                                                        every_block=False)))
+def block_shares(case: Case) -> dict[str, float]:
+    """Per kernel of splash or tokamax ("fwd", "dq", "dkv"): the share of its grid's blocks that its mask
+    info runs, against a grid of every block (`Case.every_block`). Equal documents: as chunks (see
+    splash_kernel). The same for every pass and head count of a mask and shape: computed once (splash's
+    mask processing takes seconds at N = 32768)."""
+    return dict(_block_shares(dataclasses.replace(fixed_blocks(case), pass_="fwd", batch=1, heads=1, kv_heads=1,
+                                                  every_block=False)))
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_block_shares(case: Case) -> dict[str, float]:
+def _block_shares(case: Case) -> dict[str, float]:
+    if case.impl == "tokamax":
+        return tokamax_adapter.block_shares(case.seq_q, case.seq_k, case.causal, case.blocks)
     kernel = splash_kernel(case, documents_as_chunks=True)
     bq, bk = kernel.kwargs["block_sizes"].block_q, kernel.kwargs["block_sizes"].block_kv
     blocks = -(-case.seq_q // bq) * -(-case.seq_k // bk)

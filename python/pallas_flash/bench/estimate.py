@@ -12,11 +12,11 @@ Per case, two compiles:
 JAX's flash_attention is profiled at each candidate block size and the fastest is kept; sequences
 longer than `SWEEP_MAX_SEQ` reuse the winner at that length (simulating every candidate at 32k would
 take most of an hour; the winners at 4096 and 8192 were the same in every sweep run so far).
-Splash attention decides which blocks run from mask info it reads by scalar prefetch, which the
-simulator reads as 0 (no block would run; with the mask info a compile-time constant, its profile
-aborts inside libtpu): it is profiled with that schedule dropped, every block of its grid run and
-masked, and each kernel's cycles are scaled by the share of blocks its mask info runs
-(`splash_schedule`).
+Splash attention (JAX's, and tokamax's through its own op) decides which blocks run from mask info it
+reads by scalar prefetch, which the simulator reads as 0 (no block would run; with the mask info a
+compile-time constant, its profile aborts inside libtpu): it is profiled with that schedule dropped,
+every block of its grid run and masked, and each kernel's cycles are scaled by the share of blocks its
+mask info runs (`splash_schedule`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ SWEEP_MAX_SEQ = 4096
 FIT_MIN_SEQ = 2048
 # Implementations profiled with every block of their grid run (`Case.every_block`), their cycles then
 # scaled per kernel by the share of blocks their own schedule runs.
-EVERY_BLOCK_PROFILES = {"jax_splash": "cycles: splash profiled running every block of its grid (the simulator reads "
-                                      "its mask info, scalar prefetch, as 0)"}
+EVERY_BLOCK_PROFILES = {impl: f"cycles: {impl} profiled running every block of its grid (the simulator reads its "
+                              "mask info, scalar prefetch, as 0)" for impl in cases.EVERY_BLOCK_IMPLS}
 XLA_COST_MODEL = {"xla_reference": "plain XLA: cycles from XLA:TPU's own per-fusion cost model at the full shape "
                                    "(profiling its materialised scores takes minutes and ~15 GB); where that "
                                    "model has no figure, time = the HBM floor, a lower bound"}
@@ -189,10 +189,10 @@ def fitted_kernels(multiples, results: list[dict], x: float) -> list[dict]:
 
 def splash_schedule(case: cases.Case, profile: dict) -> dict:
     """Splash's profile run every block of its grid; its cycles as its mask info schedules them: each
-    kernel's cycles times the share of blocks it runs (cases.splash_block_shares), at the case's length."""
+    kernel's cycles times the share of blocks it runs (cases.block_shares), at the case's length."""
     if profile.get("status") != "ok" or not profile.get("kernels"):
         return profile
-    shares = cases.splash_block_shares(case)
+    shares = cases.block_shares(case)
     kernels = []
     for kernel in profile["kernels"]:
         phase = "dkv" if "_dkv" in kernel["name"] else "dq" if "_dq" in kernel["name"] else "fwd"
@@ -224,6 +224,8 @@ def backward_part(case: cases.Case) -> cases.Case:
         blocks = dataclasses.astuple(dataclasses.replace(b, block_q=b.block_q_dkv, block_k=b.block_k_dkv))
     elif case.impl == "jax_flash_attention" and blocks:
         blocks = (blocks[3],) * 4
+    elif case.impl == "tokamax" and blocks:  # (forward's three, backward's three)
+        blocks = blocks[3:] * 2
     return dataclasses.replace(case, pass_="bwd", blocks=blocks)
 
 
@@ -315,6 +317,8 @@ class Estimator:
         # block per axis runs step kinds (first and last at once) the longer ones do not.
         first = max(1, -(-FIT_MIN_SEQ // (unit * min(ratio_q, ratio_k))))
         multiples = (first, first + 1, first + 2)
+        if case.impl == "tokamax":  # its profile aborts inside libtpu at 3 x 2048 (6 K/V blocks a row)
+            multiples = (first, 2 * first, 4 * first)
         if multiples[-1] * unit >= scale:
             return self._once(case).result
         points = [dataclasses.replace(case, seq_q=m * unit * ratio_q, seq_k=m * unit * ratio_k) for m in multiples]
