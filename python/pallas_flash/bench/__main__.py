@@ -225,7 +225,7 @@ def estimate_rows(case_list, chip, estimator):
         status = full.status if full.status != "ok" else ("ok" if profile.get("status") == "ok" else "error")
         cycles = profile.get("est_cycles")
         if cycles is not None and not profile.get("scaled"):
-            cycles *= case.profile_scale  # profiled for one KV head's group of one sequence
+            cycles *= case.profile_scale  # profiled for part of the batch and KV heads (Case.for_profile)
         cycles = cycles if status == "ok" else None
         # Compiled per device: on a mesh, the traffic of all chips is the per-device figure times chips.
         hbm_bytes = full.hbm_bytes * chips if full.hbm_bytes is not None else None
