@@ -21,10 +21,9 @@ from pallas_flash.mask import FULL, both, divide, either
 from pallas_flash.online_softmax import LANES, LOG2_E, NEG_INF, lanes, row_to_replicated, stat_shape
 from pallas_flash.planner import BlockSizes, fuses_dq, round_up
 from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, edge_rows, edge_visits,
-                                interpret_arg,
-                                key_sub_block_patterns, replicate_ids, score_mask, scores, segment_block_ranges,
-                                soft_cap_slope, static_steps, stepped_block, visit_row_sub_blocks, when, when_masked,
-                                zero_lanes_past, zero_rows_past)
+                                interpret_arg, key_sub_block_patterns, replicate_ids, score_mask, scores,
+                                segment_block_ranges, segment_steps, soft_cap_slope, static_steps, stepped_block,
+                                visit_row_sub_blocks, when, when_masked, zero_lanes_past, zero_rows_past)
 
 NUM_SEGMENT_REFS = 8
 
@@ -56,7 +55,7 @@ def zero_partial_blocks(problem: Problem, grid: Grid, q_block, kv_block, *, q_re
         when(both(active, kv_block == grid.num_kv_blocks - 1), zero_keys)
 
 
-def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, num_steps: int, fused_dq: bool):
+def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, fused_dq: bool):
     """dK, dV for one key block, the query blocks of its GQA group that see it streamed past, and with
     fused_dq dQ as well. Computed transposed, keys on sublanes and queries on lanes: S^T = K Q^T, so
     dV += P^T dO and dK += dS^T Q are plain products (no transposed tile), the LSE and D_i rows of the
@@ -174,7 +173,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, num_step
     when(q_block <= last, edge_visits, problem, grid, q_block, kv_block, visit)
 
     if fused_dq:
-        @pl.when((kv_block == grid.num_kv_blocks - 1) & (step == num_steps - 1))
+        @pl.when((kv_block == grid.num_kv_blocks - 1) & (step == pl.num_programs(4) - 1))
         def _write_dq():
             # Synchronous copies, one query block at a time (the compiler's static profile cannot
             # follow a DMA awaited in a later step).
@@ -189,13 +188,13 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, num_step
             if dq_edge_ref is not None:  # the partial last block: its real rows, from a buffer of that size
                 write(whole, dq_edge_ref)
 
-    @pl.when((g == problem.group - 1) & (step == num_steps - 1))
+    @pl.when((g == problem.group - 1) & (step == pl.num_programs(4) - 1))
     def _finish():
         dk_ref[...] = (dk_acc_ref[...] * problem.sm_scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int):
+def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int):
     """dQ for one query block, the key blocks it sees streamed past. Its LSE (in log2 units) and D_i
     rows are turned into the replicated column form once, at the first step."""
     segment_refs, refs = _split_refs(problem, refs)
@@ -248,7 +247,7 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_
         problem, grid, row_start, key_start, block_q_compute, update, sub_keys=block_k_compute,
         segments_mixed=visits.segments_mixed(q_block, kv_block), rows=rows, keys=keys))
 
-    @pl.when(step == num_steps - 1)
+    @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
         dq_ref[...] = (dq_acc_ref[...] * problem.sm_scale).astype(dq_ref.dtype)
 
@@ -311,6 +310,7 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
 
     prefetch, segment_specs, segment_operands = _segment_operands(
         problem, grid, segment_ids, q_block_of, lambda b, h_kv, j, g, s, *refs: j)
+    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=False, static=num_steps) if prefetch else num_steps
     out_specs = [pl.BlockSpec((None, None, bk, dim), kv_side_map), pl.BlockSpec((None, None, bk, dim), kv_side_map)]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     scratch = [pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)]  # dK, dV accumulators
@@ -328,10 +328,10 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
         scratch.append(pltpu.VMEM(stat_shape(bk), jnp.int32))  # the key block's ids as columns
     grads = pl.pallas_call(
         functools.partial(_dkv_kernel, problem=problem, grid=grid, key_sub_rows=min(blocks.block_q_compute, bk),
-                          num_steps=num_steps, fused_dq=fuse_dq),
+                          fused_dq=fuse_dq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(batch, heads_kv, grid.num_kv_blocks, group, num_steps),
+            grid=(batch, heads_kv, grid.num_kv_blocks, group, grid_steps),
             in_specs=[
                 pl.BlockSpec((None, None, bq, dim), q_side_map),
                 pl.BlockSpec((None, None, bk, dim), kv_side_map),
@@ -384,17 +384,17 @@ def _dq(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_i
 
     prefetch, segment_specs, segment_operands = _segment_operands(
         problem, grid, segment_ids, lambda b, h, i, j, *refs: i, kv_block_of)
+    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps) if prefetch else num_steps
     scratch = [pltpu.VMEM((bq, dim), jnp.float32), pltpu.VMEM(stat_shape(bq), jnp.float32),
                pltpu.VMEM(stat_shape(bq), jnp.float32)]
     if problem.segments:
         scratch.append(pltpu.VMEM(stat_shape(bq), jnp.int32))
     return pl.pallas_call(
         functools.partial(_dq_kernel, problem=problem, grid=grid, block_q_compute=min(blocks.block_q_compute, bq),
-                          block_k_compute=blocks.block_k_compute,
-                          num_steps=num_steps),
+                          block_k_compute=blocks.block_k_compute),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(batch, heads_q, grid.num_q_blocks, num_steps),
+            grid=(batch, heads_q, grid.num_q_blocks, grid_steps),
             in_specs=[
                 pl.BlockSpec((None, None, bq, dim), q_map),
                 pl.BlockSpec((None, None, bk, dim), kv_map),

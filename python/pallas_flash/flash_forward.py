@@ -23,19 +23,19 @@ from pallas_flash.online_softmax import (LANES, LOG2_E, finish_state, init_state
                                          stat_shape, update_state)
 from pallas_flash.planner import BlockSizes, forward_vmem_bytes, round_up, vmem_budget_bytes
 from pallas_flash.tiles import (Grid, Problem, Visits, apply_mask, compiler_params, cost, edge_rows, edge_visits,
-                                interpret_arg, pad_rows,
-                                replicate_ids, score_mask, scores, segment_block_ranges, static_steps, stepped_block,
-                                visit_row_sub_blocks, when, zero_rows_past)
+                                interpret_arg, pad_rows, replicate_ids, score_mask, scores, segment_block_ranges,
+                                segment_steps, static_steps, stepped_block, visit_row_sub_blocks, when, zero_rows_past)
 
 NUM_SEGMENT_REFS = 8
 
 
-def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, num_steps: int,
+def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_k_compute: int, max_steps: int,
                 aliased: bool):
     """One (query block, head, key step) step. The query block is swept in sub-blocks of
     block_q_compute rows, unrolled in one straight-line region: a sub-block's scores (256 x 512 fp32:
     half the vector registers) are reduced and exponentiated while the MXU computes the next
-    sub-block's, where one (block_q, block_k) tile would be materialised in VMEM (twice the stores)."""
+    sub-block's, where one (block_q, block_k) tile would be materialised in VMEM (twice the stores).
+    max_steps: the grid's key steps by the geometry; segment ids may set fewer (segment_steps)."""
     segment_refs, refs = (refs[:NUM_SEGMENT_REFS], refs[NUM_SEGMENT_REFS:]) if problem.segments else ((), refs)
     q_ref, k_ref, v_ref, *refs = refs
     if problem.segments:
@@ -88,10 +88,10 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block
     empty = first > last  # a query block that sees no key at all: an empty state
     when(both(step == 0, empty), init_state, row_max_ref, row_sum_ref, acc_ref)
     when(both(step == 0, negate(empty)), visit, True)
-    if num_steps > 1:
+    if max_steps > 1:
         when(both(step > 0, kv_block <= last), visit, False)
 
-    @pl.when(step == num_steps - 1)
+    @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
         sink = sinks_ref[head] * LOG2_E if problem.sinks else None
         o, lse = finish_state(row_max_ref, row_sum_ref, acc_ref, sink=sink)
@@ -189,9 +189,11 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
         pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_sum
         pltpu.VMEM((block_q, dim), jnp.float32),  # acc
     ]
+    grid_steps = num_steps
     if problem.segments:
         q_ids, kv_ids = segment_ids
         prefetch = segment_block_ranges(q_ids, kv_ids, grid)
+        grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps)  # traced
         in_specs += [pl.BlockSpec((None, 1, block_q), lambda b, i, h, j, *refs: (b, 0, i)),
                      pl.BlockSpec((None, 1, block_k), lambda b, i, h, j, *refs: (b, 0, kv_block_of(b, i, j, refs)))]
         operands += [q_ids[:, None, :], kv_ids[:, None, :]]
@@ -212,7 +214,7 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
 
     kernel = functools.partial(_fwd_kernel, problem=problem, grid=grid,
                                block_q_compute=min(blocks.block_q_compute, block_q),
-                               block_k_compute=blocks.block_k_compute, num_steps=num_steps, aliased=out is not None)
+                               block_k_compute=blocks.block_k_compute, max_steps=num_steps, aliased=out is not None)
     pairs = batch * heads_q * visited * block_q * block_k  # (query, key) score entries computed
     kv_rows = batch * heads_q * visited * block_k  # K and V rows fetched, per query block and head
     itemsize = q.dtype.itemsize
@@ -222,7 +224,7 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(batch, grid.num_q_blocks, heads_q, num_steps),
+            grid=(batch, grid.num_q_blocks, heads_q, grid_steps),
             in_specs=in_specs,
             out_specs=[
                 pl.BlockSpec((None, None, block_q, dim), q_map),

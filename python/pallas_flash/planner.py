@@ -184,8 +184,8 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
                   chunk: int | None = None, segments: bool = False) -> str:
     """One line: the plan for a [batch, heads, seq_len, head_dim] self-attention (kv_heads: GQA; causal,
     window and chunk as flash_attention takes them; segments: with segment ids) and its VMEM use; the
-    forward grid's key axis has the steps of the widest range of key blocks a query block sees (by
-    the geometry: segment ids narrow each block's range at run time)."""
+    forward grid's key axis has the steps of the widest range of key blocks a query block sees by
+    the geometry (with segment ids at most that many: the ids' widest range sets it at run time)."""
     edges = (None, None) if window is None else ((window, window) if isinstance(window, int) else tuple(window))
     mask = Mask.bottom_right(seq_len, seq_len, causal=causal, window=edges, chunk=chunk)
     blocks = plan_block_sizes(seq_len, seq_len, head_dim, dtype, mask=mask, segments=segments)
@@ -226,5 +226,5 @@ def describe_plan(batch: int, heads: int, seq_len: int, head_dim: int, dtype=jnp
         f"bwd block_q={blocks.block_q_dkv} block_k={blocks.block_k_dkv} "
         f"{'dQ fused' if fused else 'dQ in its own kernel'} VMEM {bwd / mib:.1f} MiB; "
         f"budget {vmem_budget_bytes() / mib:.0f} of {v5e_vmem_bytes() / mib:.0f} MiB (v5e); "
-        f"grid fwd {batch}x{q_blocks}x{heads}x{key_steps}{tail_grid}"
+        f"grid fwd {batch}x{q_blocks}x{heads}x{key_steps}{' at most' if segments else ''}{tail_grid}"
     )

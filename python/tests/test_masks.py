@@ -15,6 +15,7 @@ import pytest
 import oracle
 from pallas_flash import BlockSizes, flash_attention
 from pallas_flash.mask import Mask
+from pallas_flash.tiles import Grid, Problem, segment_block_ranges, segment_steps, static_steps
 from shapes import Shape
 
 SMALL = BlockSizes(128, 128, 128, 128, 128, 128, block_q_compute=128)
@@ -203,3 +204,84 @@ def test_segment_ids_reach_the_planner(monkeypatch, packed):
     ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 128)[None] if packed else None
     jax.make_jaxpr(lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=ids, interpret=True))(q, k, v)
     assert seen == [packed]
+
+
+def _widest_range(mask: Mask, ids, grid, per_q_block: bool) -> int:
+    """Brute force over the dense mask: the widest range (first to last) of blocks that hold a pair
+    one block's rows see, over every block of the batch (at least 1)."""
+    seq_q, seq_k = ids.shape[1], ids.shape[1]
+    visible = mask.dense(seq_q, seq_k)[None] & (ids[:, :, None] == ids[:, None, :])  # [B, Nq, Nk]
+    widest = 1
+    for rows in visible:
+        for i in range(grid.num_q_blocks if per_q_block else grid.num_kv_blocks):
+            if per_q_block:
+                seen = rows[i * grid.block_q:(i + 1) * grid.block_q].any(0)
+                blocks = np.nonzero(seen)[0] // grid.block_k
+            else:
+                seen = rows[:, i * grid.block_k:(i + 1) * grid.block_k].any(1)
+                blocks = np.nonzero(seen)[0] // grid.block_q
+            if blocks.size:
+                widest = max(widest, int(blocks.max() - blocks.min() + 1))
+    return widest
+
+
+@pytest.mark.parametrize("per_q_block", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_steps_end_at_the_widest_documents_blocks(seed, per_q_block):
+    # With segment ids the streamed grid axis has as many steps as the widest range of blocks any
+    # block visits (a dynamic grid bound), not the geometry's (a causal grid of 16 x 16 steps where
+    # documents of 4096 at N = 32768 in 2048-row blocks need 2): packed documents of random lengths.
+    seq, block_q, block_k = 2048, 256, 128
+    rng = np.random.default_rng(seed)
+    ids = documents(rng, 2, seq, lengths=[int(rng.integers(1, 700))])
+    mask = Mask.bottom_right(seq, seq, causal=True)
+    problem = Problem(seq, seq, 1.0, mask, 1, interpret=True, segments=True)
+    grid = Grid.of(block_q, block_k, seq, seq)
+    static, _ = static_steps(problem, grid, per_q_block=per_q_block)
+    ranges = segment_block_ranges(jnp.asarray(ids), jnp.asarray(ids), grid)
+    steps = int(segment_steps(problem, grid, ranges, per_q_block=per_q_block, static=static))
+    assert steps == _widest_range(mask, ids, grid, per_q_block) < static
+
+
+def test_equal_documents_take_the_grid_of_chunks():
+    # The bench profiles equal packed documents as chunks of their length (the simulator reads the
+    # ids' block ranges as 0): with the dynamic step count both grids have the same steps.
+    seq, length = 32768, 4096
+    ids = jnp.asarray(np.arange(seq)[None] // length, jnp.int32)
+    segmented = Problem(seq, seq, 1.0, Mask.bottom_right(seq, seq, causal=True), 1, interpret=True, segments=True)
+    chunked = Problem(seq, seq, 1.0, Mask.bottom_right(seq, seq, causal=True, chunk=length), 1, interpret=True)
+    for block_q, block_k, per_q_block in ((2048, 2048, True), (1024, 1024, False)):
+        grid = Grid.of(block_q, block_k, seq, seq)
+        static, _ = static_steps(segmented, grid, per_q_block=per_q_block)
+        steps = segment_steps(segmented, grid, segment_block_ranges(ids, ids, grid), per_q_block=per_q_block,
+                              static=static)
+        assert int(steps) == static_steps(chunked, grid, per_q_block=per_q_block)[0] < static
+
+
+def test_segment_ids_set_every_kernels_step_count():
+    # Forward, dK/dV and the separate dQ kernel: the pallas_calls take their step count from the ids.
+    q, k, v, _ = inputs(Shape(1, 2, 2, 512, 512, 64), seed=0)
+    ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 128)[None]
+
+    def loss(q, k, v, segment_ids):
+        return jnp.sum(flash_attention(q, k, v, causal=True, segment_ids=segment_ids, block_sizes=CHUNKED,
+                                       interpret=True))
+
+    def dynamic_bounds(segment_ids):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v, segment_ids)
+        calls = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+        return sorted((e.params["name"], e.params["grid_mapping"].num_dynamic_grid_bounds) for e in calls)
+
+    assert dynamic_bounds(ids) == [("pallas_flash_bwd_dkv", 1), ("pallas_flash_bwd_dq", 1), ("pallas_flash_fwd", 1)]
+    assert [count for _, count in dynamic_bounds(None)] == [0, 0, 0]
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs in its equations' parameters (custom_vjp, pjit)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)

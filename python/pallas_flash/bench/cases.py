@@ -397,7 +397,8 @@ def _attention_fn(case: Case, abstract: bool = False):
         blocks = pf.BlockSizes(*case.blocks) if case.blocks else None
         # Equal documents run as segment ids; compiled for the v5e (abstract) through the same geometry
         # as chunks: the static profile reads the segment ids' block ranges (SMEM) as 0, and equal
-        # documents aligned to the blocks visit exactly the tiles chunks do.
+        # documents aligned to the blocks visit exactly the tiles chunks do, in a grid of as many
+        # steps (the ids set its step count: tiles.segment_steps).
         ids = _document_ids(case) if rules.segments and not abstract else None
         chunk = case.seq_q // rules.segments if rules.segments and ids is None else rules.chunk
         return lambda q, k, v: pf.flash_attention(q, k, v, causal=causal, window=(rules.window, None) if rules.window
