@@ -20,9 +20,11 @@ from pallas_flash.flash_attention import check_variants, flash_attention, window
 from pallas_flash.mask import Mask
 from pallas_flash.reference import reference_attention
 
-# Segment ids no caller's can equal: the rows and keys past a sequence's length.
+# Segment ids no caller's can equal: the rows and keys past a sequence's length, below and above
+# every other id, so that no block's id range (min..max, tiles.segment_block_ranges) holding past
+# rows overlaps one holding only past keys: the kernels' grids end at the longest sequence's blocks.
 _PAST_QUERIES = jnp.iinfo(jnp.int32).min
-_PAST_KEYS = jnp.iinfo(jnp.int32).min + 1
+_PAST_KEYS = jnp.iinfo(jnp.int32).max
 
 
 def _check(query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths):
@@ -102,7 +104,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     - local_window_size: (left, right) or an int for both: query i sees keys i - left .. i + right.
     - logits_soft_cap: cap * tanh(s / cap) on the scaled scores (Gemma 2; tokamax's name).
     - segment_ids: [B, T] int32 (T == S), or a pair (q_ids [B, T], kv_ids [B, S]): a query sees keys
-      of its own segment (packed documents). The ids -2^31 and -2^31 + 1 are reserved (lengths).
+      of its own segment (packed documents). The ids -2^31 and 2^31 - 1 are reserved (lengths).
     - sinks: [N] float logits, one per query head, in each row's denominator (gpt-oss); differentiable.
     - bias, mask: dense additive bias and boolean mask broadcastable to [B, N, T, S]: these take the
       materialising reference path (quadratic memory), on every backend.

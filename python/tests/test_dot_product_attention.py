@@ -138,3 +138,21 @@ def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         dot_product_attention(q, q[:, :, :2], q[:, :, :2], **kwargs)
 
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sequence_lengths_end_the_grid_at_the_longest_sequence(causal):
+    # The rows and keys past the lengths get ids below and above every other, so that a query block
+    # holding the last real rows never spans a key block of padding alone: the grid's key steps
+    # (tiles.segment_steps) end at the longest sequence's last key block.
+    from pallas_flash.dot_product_attention import _with_lengths
+    from pallas_flash.tiles import Grid, Problem, segment_block_ranges, segment_steps, static_steps
+
+    t = 1024
+    lengths = jnp.asarray([300, 500], jnp.int32)
+    q_ids, kv_ids = _with_lengths(None, lengths, lengths, 2, t, t)
+    problem = Problem(t, t, 1.0, Mask.bottom_right(t, t, causal=causal), 1, interpret=True, segments=True)
+    grid = Grid.of(256, 128, t, t)
+    static, _ = static_steps(problem, grid, per_q_block=True)
+    steps = segment_steps(problem, grid, segment_block_ranges(q_ids, kv_ids, grid), per_q_block=True, static=static)
+    assert int(steps) == 4 and static == 8  # 500 keys: 4 blocks of 128
