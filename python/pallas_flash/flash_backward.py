@@ -310,7 +310,7 @@ def _dkv(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_
 
     prefetch, segment_specs, segment_operands = _segment_operands(
         problem, grid, segment_ids, q_block_of, lambda b, h_kv, j, g, s, *refs: j)
-    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=False, static=num_steps) if prefetch else num_steps
+    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=False, static=num_steps)
     out_specs = [pl.BlockSpec((None, None, bk, dim), kv_side_map), pl.BlockSpec((None, None, bk, dim), kv_side_map)]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     scratch = [pltpu.VMEM((bk, dim), jnp.float32), pltpu.VMEM((bk, dim), jnp.float32)]  # dK, dV accumulators
@@ -384,7 +384,7 @@ def _dq(problem: Problem, blocks: BlockSizes, q, k, v, do, lse, delta, segment_i
 
     prefetch, segment_specs, segment_operands = _segment_operands(
         problem, grid, segment_ids, lambda b, h, i, j, *refs: i, kv_block_of)
-    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps) if prefetch else num_steps
+    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps)
     scratch = [pltpu.VMEM((bq, dim), jnp.float32), pltpu.VMEM(stat_shape(bq), jnp.float32),
                pltpu.VMEM(stat_shape(bq), jnp.float32)]
     if problem.segments:

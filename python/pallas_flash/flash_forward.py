@@ -189,15 +189,14 @@ def _forward_call(problem: Problem, blocks: BlockSizes, q, k, v, segment_ids, si
         pltpu.VMEM(stat_shape(block_q), jnp.float32),  # row_sum
         pltpu.VMEM((block_q, dim), jnp.float32),  # acc
     ]
-    grid_steps = num_steps
     if problem.segments:
         q_ids, kv_ids = segment_ids
         prefetch = segment_block_ranges(q_ids, kv_ids, grid)
-        grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps)  # traced
         in_specs += [pl.BlockSpec((None, 1, block_q), lambda b, i, h, j, *refs: (b, 0, i)),
                      pl.BlockSpec((None, 1, block_k), lambda b, i, h, j, *refs: (b, 0, kv_block_of(b, i, j, refs)))]
         operands += [q_ids[:, None, :], kv_ids[:, None, :]]
         scratch.append(pltpu.VMEM(stat_shape(block_q), jnp.int32))  # the query block's ids as columns
+    grid_steps = segment_steps(problem, grid, prefetch, per_q_block=True, static=num_steps)  # set by the ids
     if problem.sinks:
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         operands.append(sinks.astype(jnp.float32))

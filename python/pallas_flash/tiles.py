@@ -175,28 +175,36 @@ def _block_range(first, last, block: int):
 
 
 
+def _geometry_ranges(problem: Problem, grid: Grid, per_q_block: bool) -> list[tuple[int, int]]:
+    """(first, last) by the geometry for every query block (per_q_block: its key blocks) or every key
+    block (its query blocks)."""
+    if per_q_block:
+        return [geometry_kv_range(problem, grid, i) for i in range(grid.num_q_blocks)]
+    return [geometry_q_range(problem, grid, j) for j in range(grid.num_kv_blocks)]
+
+
 def static_steps(problem: Problem, grid: Grid, *, per_q_block: bool):
     """The grid's step count along the streamed axis: the widest range of key blocks a query block
     visits (per_q_block), or of query blocks a key block visits; and the total of visited tiles
     (for the kernels' declared cost)."""
-    ranges = ([geometry_kv_range(problem, grid, i) for i in range(grid.num_q_blocks)] if per_q_block else
-              [geometry_q_range(problem, grid, j) for j in range(grid.num_kv_blocks)])
-    widths = [max(0, last - first + 1) for first, last in ranges]
+    widths = [max(0, last - first + 1) for first, last in _geometry_ranges(problem, grid, per_q_block)]
     return max(1, max(widths)), sum(widths)
 
 
 def segment_steps(problem: Problem, grid: Grid, ranges, *, per_q_block: bool, static: int):
-    """The streamed axis's step count with segment ids, as a traced int32 (a dynamic grid bound): the
-    widest range of blocks any block visits by its geometry and by its ids (segment_block_ranges), at
-    most the geometry's `static`. The grid then ends at the widest document's blocks: a step past a
-    block's range visits nothing and still costs cycles (v5e compiler estimate: ~220 a forward step,
-    ~120 a backward one; the pipeline's bookkeeping and the kernel's conditions). 8 documents of 4096
+    """The streamed axis's step count: `static` (static_steps') without segment ids (`ranges` empty);
+    with them, as a traced int32 (a dynamic grid bound), the widest range of blocks any block visits
+    by its geometry and by its ids (`ranges`: segment_block_ranges), at most `static`. The grid
+    then ends at the widest document's blocks: a step past a block's range visits nothing and still
+    costs cycles (v5e compiler estimate: ~220 a forward step, ~120 a backward one; the pipeline's
+    bookkeeping and the kernel's conditions). 8 documents of 4096
     under a causal mask at N = 32768: 2 of the causal grid's 16 key steps per query block have work,
     4 of 32 query steps per key block; its idle steps were +15% on the forward, +12% on the backward."""
-    count = grid.num_q_blocks if per_q_block else grid.num_kv_blocks
-    geometry = [(geometry_kv_range if per_q_block else geometry_q_range)(problem, grid, i) for i in range(count)]
+    if not ranges:
+        return static
+    geometry = _geometry_ranges(problem, grid, per_q_block)
     firsts, lasts = (ranges[0], ranges[1]) if per_q_block else (ranges[2], ranges[3])
-    batch = firsts.shape[0] // count
+    batch = firsts.shape[0] // len(geometry)
     geometry_first = jnp.tile(jnp.asarray([f for f, _ in geometry], jnp.int32), batch)
     geometry_last = jnp.tile(jnp.asarray([l for _, l in geometry], jnp.int32), batch)
     widths = jnp.minimum(lasts, geometry_last) - jnp.maximum(firsts, geometry_first) + 1

@@ -139,7 +139,6 @@ def test_bad_arguments_name_the_argument(kwargs, message):
         dot_product_attention(q, q[:, :, :2], q[:, :, :2], **kwargs)
 
 
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_sequence_lengths_end_the_grid_at_the_longest_sequence(causal):
     # The rows and keys past the lengths get ids below and above every other, so that a query block

@@ -209,8 +209,8 @@ def test_segment_ids_reach_the_planner(monkeypatch, packed):
 def _widest_range(mask: Mask, ids, grid, per_q_block: bool) -> int:
     """Brute force over the dense mask: the widest range (first to last) of blocks that hold a pair
     one block's rows see, over every block of the batch (at least 1)."""
-    seq_q, seq_k = ids.shape[1], ids.shape[1]
-    visible = mask.dense(seq_q, seq_k)[None] & (ids[:, :, None] == ids[:, None, :])  # [B, Nq, Nk]
+    seq = ids.shape[1]
+    visible = mask.dense(seq, seq)[None] & (ids[:, :, None] == ids[:, None, :])  # [B, N, N]
     widest = 1
     for rows in visible:
         for i in range(grid.num_q_blocks if per_q_block else grid.num_kv_blocks):
