@@ -135,6 +135,25 @@ def _largest_within(candidates, extent: int) -> int:
     return next((c for c in candidates if c <= extent), candidates[-1])
 
 
+def _chunk_block(mask: Mask | None) -> int | None:
+    """The largest block (a power of two, 128..4096) that holds the rows of one chunk only, on both
+    axes (the chunk and the view's first positions its multiples), where blocks should stay within
+    it; None: no bound. A tile inside one chunk takes the static band patterns
+    (tiles.visit_row_sub_blocks; the backward's key sub-blocks), while a tile across a chunk boundary
+    is masked per 256-row sub-block under a run-time condition (forward; each drains the MXU
+    pipeline) or whole (backward). v5e compiler estimate, one head, N = 16384 causal, forward at the
+    2048 x 2048 blocks of a bounded span against blocks of the chunk: chunks of 512 201 833 cycles
+    against 68 036 (training step 441 695 against 198 323), of 256 201 825 against 80 601, of 128
+    201 858 against 136 478. Taken where that block is the chunk or at least 512 rows: a smaller
+    block than the chunk pays a grid step (~900 cycles) per 128 or 256 keys of it (chunks of 384 in
+    128-row blocks: 3 steps a query block; not profiled, the simulator cannot run a division by 384)."""
+    if mask is None or mask.chunk is None:
+        return None
+    block = next((b for b in (4096, 2048, 1024, 512, 256, 128)
+                  if mask.chunk % b == 0 and mask.q_position % b == 0 and mask.k_position % b == 0), None)
+    return block if block is not None and (block >= 512 or block == mask.chunk) else None
+
+
 def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False,
                      mask: Mask | None = None, segments: bool = False) -> BlockSizes:
     """Blocks chosen from the v5e compiler's estimates (pallas-flash-bench, B=1, D=128, bf16; mask: the
@@ -159,8 +178,16 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
       of 4096: 366 297 at 2048 x 1024 and 512, 342 187 at 2048 x 2048 and 256 (-6.6%; 328 003 at
       4096-row query blocks, which compile twice as long). The unbounded masks keep 512: causal
       N = 32768 at 2048 x 1024 is 2% slower at 256 (the full mask would gain 0.7%, not taken);
+    - chunks: every block at most the largest that holds one chunk's rows only (_chunk_block), where
+      that is the chunk or at least 512 rows (chunks of 512: 2048-row blocks across chunks took 3x
+      the forward's time of 512-row blocks inside them);
     - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
-      query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal)."""
+      query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal),
+      bounded spans included: causal window 4096 (N = 8192, training step's backward) 317 555 cycles at
+      1024 x 1024, 334 774 at 2048 x 1024; documents of 4096 (as chunks, N = 16384) 437 457 against
+      424 233 (-3.0%) at 2048 x 1024 and 424 887 at 1024 x 2048, but the ids are known at run time only,
+      and documents shorter than a block compute their tiles whole: 3x the backward's pairs of 1024 x 1024
+      blocks for documents of at most 1024 tokens (a tile's rows past the diagonal are other documents')."""
     if mask is not None:
         causal = mask.causal
     bounded_span = segments or (mask is not None and (mask.band[0] is not None or mask.chunk is not None))
@@ -168,11 +195,16 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
     nk = round_up(seq_k, LANES)
-    block_k = _largest_within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128), nk)
-    candidates = (2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128)
+    bound = _chunk_block(mask) or 4096
+
+    def within(candidates):
+        return [c for c in candidates if c <= bound]
+
+    block_k = _largest_within(within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128)), nk)
+    candidates = within((2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128))
     fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
     block_q = _largest_within(fitting or [LANES], nq)
-    fitting = [c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget]
+    fitting = within(c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget)
     block_bwd_q = _largest_within(fitting or [LANES], nq)
     block_bwd_k = _largest_within(fitting or [LANES], nk)
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256,

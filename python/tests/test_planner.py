@@ -43,6 +43,36 @@ def test_bounded_masks_get_longer_key_blocks(rules, block_k):
     assert blocks.block_k_compute == (256 if block_k == 2048 else 512)
 
 
+@pytest.mark.parametrize("chunk, block", [(128, 128), (512, 512), (1536, 512), (3072, 1024), (8192, None),
+                                          (384, None), (1000, None)])
+def test_chunks_plan_blocks_inside_one_chunk(chunk, block):
+    # A tile across a chunk boundary takes the kernels' run-time masking (several times slower than
+    # the static patterns of a tile inside one chunk): blocks stay within a chunk where one of the
+    # chunk's length or at least 512 rows can (None: the plan of any bounded span).
+    n = 16384
+    mask = Mask.bottom_right(n, n, causal=True, chunk=chunk)
+    blocks = plan_block_sizes(n, n, 128, mask=mask)
+    span = plan_block_sizes(n, n, 128, mask=Mask.bottom_right(n, n, causal=True, window=(4095, 0)))
+    pairs = [(blocks.block_q, blocks.block_k), (blocks.block_q_dkv, blocks.block_k_dkv),
+             (blocks.block_q_dq, blocks.block_k_dq)]
+    if block is None:
+        assert blocks == span
+    else:
+        assert pairs[0] == (min(block, span.block_q), min(block, span.block_k))
+        assert all(mask.chunks_align(bq, bk) for bq, bk in pairs)
+        assert max(max(pair) for pair in pairs) == block
+
+
+def test_chunk_blocks_need_both_views_aligned():
+    # Queries from position 15384 (1000 rows against 16384 keys, bottom-right) start inside a chunk
+    # of 512: no block keeps to one chunk on that axis, so none is bounded on either.
+    mask = Mask.bottom_right(1000, 16384, causal=True, chunk=512)
+    blocks = plan_block_sizes(1000, 16384, 128, mask=mask)
+    assert blocks.block_k == 2048 and not mask.chunks_align(blocks.block_q, blocks.block_k)
+    aligned = Mask.bottom_right(1024, 16384, causal=True, chunk=512)
+    assert plan_block_sizes(1024, 16384, 128, mask=aligned).block_k == 512
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_segment_ids_plan_as_a_bounded_span(causal):
     # Packed documents: each row's keys end at its document's, whose diagonal tiles are a causal
