@@ -230,6 +230,25 @@ class Mask:
         return (self.chunk % block_q == 0 and self.chunk % block_k == 0 and self.q_position % block_q == 0
                 and self.k_position % block_k == 0)
 
+    def chunks_in_tiles(self, block_q: int, block_k: int, sub_rows: int) -> bool:
+        """Whether the blocks hold whole chunks and straddle none (the blocks and both views' first
+        positions multiples of the chunk, the chunk of whole row sub-blocks and 128-lane columns) where
+        the chunks do not align (chunks_align): then the chunks a tile's sub-blocks fall in follow from
+        the tile's delta alone, and its patterns are static (band_patterns, chunk_columns)."""
+        c = self.chunk
+        return (c is not None and not self.chunks_align(block_q, block_k) and block_q % c == 0
+                and block_k % c == 0 and self.q_position % c == 0 and self.k_position % c == 0
+                and c % sub_rows == 0 and c % 128 == 0)
+
+    def chunk_columns(self, delta: int, row_from: int, keys: int) -> tuple[int, int]:
+        """(col_from, col_to): the key columns of a tile at delta, in blocks holding whole chunks
+        (chunks_in_tiles), of the chunk of its rows from row_from; (0, 0) when the tile holds none.
+        Key column k and row r share a chunk iff k // c == r // c - delta / c (delta a multiple of c)."""
+        c = self.chunk
+        col_from = (row_from // c - delta // c) * c
+        col_from, col_to = max(0, col_from), min(keys, col_from + c)
+        return (col_from, col_to) if col_from < col_to else (0, 0)
+
     def band_patterns(self, block_q: int, block_k: int, sub_rows: int, seq_q: int, seq_k: int):
         """The static tile patterns of the band: ([(delta, kinds)], full_range). For every delta a
         (block_q x block_k) tile of the view's blocks (seq_q x seq_k rows, the last blocks may be
@@ -242,15 +261,21 @@ class Mask:
         starts = np.arange(-(-seq_k // block_k)) * block_k
         rows = np.arange(-(-seq_q // block_q)) * block_q
         deltas = np.unique(starts[None, :] - rows[:, None]) + self.offset
+        chunked = self.chunks_in_tiles(block_q, block_k, sub_rows)
         patterns, full = [], None
         for d in (int(x) for x in deltas):
             kind = self.band_kind(d, block_q, block_k)
             if kind == SKIP:
                 continue
-            if kind == FULL:
+            if kind == FULL and not chunked:
                 full = (d, d) if full is None else (full[0], d)
                 continue
             kinds = [self.band_kind(d - c * sub_rows, sub_rows, block_k) for c in range(block_q // sub_rows)]
+            if chunked:  # every tile partial: its sub-blocks see their chunk's columns only
+                kinds = [SKIP if k == SKIP or self.chunk_columns(d, c * sub_rows, block_k) == (0, 0) else PARTIAL
+                         for c, k in enumerate(kinds)]
+                if all(k == SKIP for k in kinds):
+                    continue
             patterns.append((d, kinds))
         return patterns, full
 

@@ -178,9 +178,14 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
       of 4096: 366 297 at 2048 x 1024 and 512, 342 187 at 2048 x 2048 and 256 (-6.6%; 328 003 at
       4096-row query blocks, which compile twice as long). The unbounded masks keep 512: causal
       N = 32768 at 2048 x 1024 is 2% slower at 256 (the full mask would gain 0.7%, not taken);
-    - chunks: every block at most the largest that holds one chunk's rows only (_chunk_block), where
-      that is the chunk or at least 512 rows (chunks of 512: 2048-row blocks across chunks took 3x
-      the forward's time of 512-row blocks inside them);
+    - chunks: the forward's blocks as planned where they hold whole chunks (chunks of 256 to 2048 in
+      2048-row blocks: static patterns per chunk, Mask.chunks_in_tiles) or lie inside one, else, and
+      the backward's (whose dK/dV kernel has no patterns per chunk) always, at most the largest block
+      that holds one chunk's rows only (_chunk_block), where that is the chunk or at least 512 rows.
+      Forward, one head, N = 16384 causal: chunks of 512 201 833 cycles in 2048 x 2048 blocks before
+      the patterns per chunk (a tile across chunks masked per sub-block at run time), 68 036 in blocks
+      of 512, 48 445 in 2048 x 2048 with them; chunks of 256 201 825, 80 601, 40 021; chunks of 1024
+      70 945 in blocks of 1024, 65 269 in 2048 x 2048;
     - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
       query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal),
       bounded spans included: causal window 4096 (N = 8192, training step's backward) 317 555 cycles at
@@ -197,13 +202,19 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     nk = round_up(seq_k, LANES)
     bound = _chunk_block(mask) or 4096
 
-    def within(candidates):
+    def within(candidates, bound=bound):
         return [c for c in candidates if c <= bound]
 
-    block_k = _largest_within(within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128)), nk)
-    candidates = within((2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128))
-    fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
-    block_q = _largest_within(fitting or [LANES], nq)
+    def forward_blocks(bound):
+        block_k = _largest_within(within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128), bound),
+                                  nk)
+        candidates = within((2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128), bound)
+        fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
+        return _largest_within(fitting or [LANES], nq), block_k
+
+    block_q, block_k = forward_blocks(4096)
+    if mask is not None and not (mask.chunks_align(block_q, block_k) or mask.chunks_in_tiles(block_q, block_k, 256)):
+        block_q, block_k = forward_blocks(bound)  # the forward's static patterns hold whole chunks too
     fitting = within(c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget)
     block_bwd_q = _largest_within(fitting or [LANES], nq)
     block_bwd_k = _largest_within(fitting or [LANES], nk)

@@ -14,7 +14,9 @@ Sub-blocks. Within a visited tile the kernels sweep sub-blocks of rows, unrolled
 regions (a pl.when around a sub-block would drain the MXU pipeline): where the geometry is a band (no
 chunk, or chunks aligned to the blocks) and the keys are whole blocks, one static pattern per tile
 offset delta that meets an edge of the band (mask.Mask.band_patterns) and one region for the full
-tiles between the edges; otherwise (chunks across blocks) per sub-block at run time. A partial last
+tiles between the edges; where blocks hold whole chunks (Mask.chunks_in_tiles: chunks of 512 in
+2048-row blocks), one pattern per delta whose sub-blocks compute their own chunk's columns only;
+otherwise (chunks across blocks) per sub-block at run time. A partial last
 block (a length that is not a multiple of the block) is its own static case (edge_visits): its
 sub-blocks past the real rows are not computed, nor its key columns past the last 128 that hold any.
 The forward runs a last query block of at most 128 rows as a call of its own instead (flash_forward's
@@ -386,6 +388,9 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
             cols = (0, 0)
             if kinds[c] != SKIP:
                 cols = (0, bk) if kinds[c] == FULL else mask.band_columns(d - c * sub_rows, sub_rows, bk)
+                if chunked:  # ... within the chunk of the sub-block's rows
+                    chunk_from, chunk_to = mask.chunk_columns(d, c * sub_rows, bk)
+                    cols = (max(cols[0], chunk_from), min(cols[1], chunk_to))
                 cols = (cols[0], min(cols[1], key_columns))  # a partial key block: its real columns
             if cols[0] < cols[1]:
                 kind_of = ((lambda col, width: FULL) if kinds[c] == FULL else
@@ -394,7 +399,8 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
             elif keep_skipped:
                 update(c, True, (0, min(bk, LANES)), True, heights[c])
 
-    if mask.chunks_align(bq, bk):
+    chunked = mask.chunks_in_tiles(bq, bk, sub_rows)
+    if mask.chunks_align(bq, bk) or chunked:
         delta = key_start - row_start + mask.offset
         patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
         for d, kinds in patterns:

@@ -22,6 +22,8 @@ SMALL = BlockSizes(128, 128, 128, 128, 128, 128, block_q_compute=128)
 MIXED = BlockSizes(256, 128, 128, 256, 256, 128, block_q_compute=128)
 # Key blocks longer than an update's columns: each sub-block's columns in chunks, masked where an edge crosses.
 CHUNKED = BlockSizes(256, 512, 128, 256, 256, 512, block_q_compute=128, block_k_compute=128, fuse_dq=False)
+# Blocks of several whole chunks (Mask.chunks_in_tiles): the forward's and dQ's static chunk patterns.
+IN_CHUNKS = BlockSizes(512, 256, 128, 256, 256, 256, block_q_compute=128, block_k_compute=128, fuse_dq=False)
 
 
 def inputs(shape: Shape, seed: int, dtype=jnp.float32, q_scale=1.0):
@@ -71,6 +73,11 @@ VARIANTS = [
     Variant("chunk_column_chunks", Shape(1, 2, 2, 1024, 1024, 32), (("causal", True), ("chunk", 512)), CHUNKED,
             segments="documents"),
     Variant("chunk_across_blocks", Shape(1, 2, 2, 300, 300, 32), (("causal", True), ("chunk", 100))),
+    # 640 rows: a partial last key block, and a last query block of 128 rows (the forward's tail call)
+    Variant("chunks_in_blocks", Shape(1, 2, 2, 640, 640, 32), (("causal", True), ("chunk", 128)), IN_CHUNKS),
+    Variant("chunks_in_blocks_window", Shape(1, 2, 1, 768, 768, 64), (("causal", True), ("window", (200, 0)),
+            ("chunk", 256)), dataclasses.replace(IN_CHUNKS, block_k=512, block_q_compute=256), segments="documents"),
+    Variant("chunks_in_blocks_full_nq_ne_nk", Shape(1, 2, 1, 256, 640, 32), (("chunk", 128),), IN_CHUNKS),
     Variant("chunk_full_nq_ne_nk", Shape(1, 2, 1, 200, 384, 32), (("chunk", 64),)),
     Variant("documents_causal", Shape(2, 2, 2, 512, 512, 64), (("causal", True),), segments="documents"),
     Variant("documents_window", Shape(1, 4, 1, 384, 384, 32), (("causal", True), ("window", (40, 0))), MIXED,
@@ -167,6 +174,35 @@ def test_bf16_window_and_soft_cap():
     o = flash_attention(q, k, v, causal=True, window=(60, 0), logits_soft_cap=5.0, block_sizes=SMALL)
     want = oracle.attention(q, k, v, Mask.bottom_right(256, 256, causal=True, window=(60, 0)), soft_cap=5.0)
     assert o.dtype == jnp.bfloat16 and oracle.rel_err(o, want["o"]) < 2e-2
+
+
+@pytest.mark.parametrize("chunk, causal, window", [(128, True, (None, None)), (256, False, (None, None)),
+                                                   (256, True, (100, 0))])
+def test_chunk_columns_are_the_dense_masks(chunk, causal, window):
+    # In blocks of whole chunks, a sub-block's visible columns by the patterns (band and chunk) hold
+    # every column the dense mask lets through for its rows, and no column of another chunk.
+    seq_q, seq_k, block_q, block_k, sub_rows = 1024, 1536, 512, 512, 128
+    mask = Mask.bottom_right(seq_q, seq_k, causal=causal, window=window, chunk=chunk)
+    assert mask.chunks_in_tiles(block_q, block_k, sub_rows)
+    dense = mask.dense(seq_q, seq_k)
+    patterns, full = mask.band_patterns(block_q, block_k, sub_rows, seq_q, seq_k)
+    assert full is None
+    by_delta = dict(patterns)
+    for row_start in range(0, seq_q, block_q):
+        for key_start in range(0, seq_k, block_k):
+            d = key_start - row_start + mask.offset
+            for c in range(block_q // sub_rows):
+                rows = dense[row_start + c * sub_rows:row_start + (c + 1) * sub_rows, key_start:key_start + block_k]
+                seen = np.flatnonzero(rows.any(axis=0))
+                if d not in by_delta or by_delta[d][c] == "skip":
+                    assert seen.size == 0, (row_start, key_start, c)
+                    continue
+                col_from, col_to = mask.chunk_columns(d, c * sub_rows, block_k)
+                band_from, band_to = mask.band_columns(d - c * sub_rows, sub_rows, block_k)
+                lo, hi = max(col_from, band_from), min(col_to, band_to)
+                assert seen.size == 0 or (lo <= seen[0] and seen[-1] < hi), (row_start, key_start, c)
+                chunk_of_rows = (mask.q_position + row_start + c * sub_rows) // chunk
+                assert all((mask.k_position + key_start + j) // chunk == chunk_of_rows for j in range(col_from, col_to))
 
 
 def test_the_reference_path_takes_every_variant(monkeypatch):

@@ -43,34 +43,42 @@ def test_bounded_masks_get_longer_key_blocks(rules, block_k):
     assert blocks.block_k_compute == (256 if block_k == 2048 else 512)
 
 
-@pytest.mark.parametrize("chunk, block", [(128, 128), (512, 512), (1536, 512), (3072, 1024), (8192, None),
-                                          (384, None), (1000, None)])
-def test_chunks_plan_blocks_inside_one_chunk(chunk, block):
+@pytest.mark.parametrize("chunk, block, forward_whole", [(128, 128, False), (256, 256, True), (512, 512, True),
+                                                         (1024, None, True), (1536, 512, False), (3072, 1024, False),
+                                                         (8192, None, False), (384, None, False), (1000, None, False)])
+def test_chunks_plan_blocks_inside_one_chunk(chunk, block, forward_whole):
     # A tile across a chunk boundary takes the kernels' run-time masking (several times slower than
-    # the static patterns of a tile inside one chunk): blocks stay within a chunk where one of the
-    # chunk's length or at least 512 rows can (None: the plan of any bounded span).
+    # static patterns): the forward keeps its blocks where they hold whole chunks (its patterns per
+    # chunk: forward_whole) or lie in one; else, and the backward always, blocks stay within one chunk
+    # where one of the chunk's length or of at least 512 rows can (None: the plan of any bounded span).
     n = 16384
     mask = Mask.bottom_right(n, n, causal=True, chunk=chunk)
     blocks = plan_block_sizes(n, n, 128, mask=mask)
     span = plan_block_sizes(n, n, 128, mask=Mask.bottom_right(n, n, causal=True, window=(4095, 0)))
-    pairs = [(blocks.block_q, blocks.block_k), (blocks.block_q_dkv, blocks.block_k_dkv),
-             (blocks.block_q_dq, blocks.block_k_dq)]
-    if block is None:
-        assert blocks == span
+    forward = (blocks.block_q, blocks.block_k)
+    backward = [(blocks.block_q_dkv, blocks.block_k_dkv), (blocks.block_q_dq, blocks.block_k_dq)]
+    assert mask.chunks_in_tiles(*forward, blocks.block_q_compute) == forward_whole
+    if forward_whole or block is None:
+        assert forward == (span.block_q, span.block_k)
     else:
-        assert pairs[0] == (min(block, span.block_q), min(block, span.block_k))
-        assert all(mask.chunks_align(bq, bk) for bq, bk in pairs)
-        assert max(max(pair) for pair in pairs) == block
+        assert forward == (min(block, span.block_q), min(block, span.block_k)) and mask.chunks_align(*forward)
+    if block is None:
+        assert backward == [(span.block_q_dkv, span.block_k_dkv)] * 2
+    else:
+        assert backward == [(min(block, 1024), min(block, 1024))] * 2 and mask.chunks_align(*backward[0])
 
 
 def test_chunk_blocks_need_both_views_aligned():
     # Queries from position 15384 (1000 rows against 16384 keys, bottom-right) start inside a chunk
-    # of 512: no block keeps to one chunk on that axis, so none is bounded on either.
+    # of 512: no block keeps to one chunk or holds whole ones on that axis, so none is bounded.
     mask = Mask.bottom_right(1000, 16384, causal=True, chunk=512)
     blocks = plan_block_sizes(1000, 16384, 128, mask=mask)
-    assert blocks.block_k == 2048 and not mask.chunks_align(blocks.block_q, blocks.block_k)
+    assert (blocks.block_k, blocks.block_k_dkv) == (2048, 1024)
+    assert not mask.chunks_align(blocks.block_q, blocks.block_k) and not mask.chunks_in_tiles(blocks.block_q,
+                                                                                             blocks.block_k, 256)
     aligned = Mask.bottom_right(1024, 16384, causal=True, chunk=512)
-    assert plan_block_sizes(1024, 16384, 128, mask=aligned).block_k == 512
+    blocks = plan_block_sizes(1024, 16384, 128, mask=aligned)
+    assert aligned.chunks_in_tiles(blocks.block_q, blocks.block_k, 256) and blocks.block_k_dkv == 512
 
 
 @pytest.mark.parametrize("causal", [False, True])

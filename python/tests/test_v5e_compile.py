@@ -313,7 +313,7 @@ VARIANTS = [  # (name, flash_attention kwargs)
     ("window_two_sided", {"window": (700, 300)}),
     ("chunk", {"causal": True, "chunk": 2048}),
     ("chunk_across_blocks", {"causal": True, "chunk": 1000}),
-    ("chunk_in_small_blocks", {"causal": True, "chunk": 512}),  # the plan's 512-row blocks, one chunk each
+    ("chunks_in_blocks", {"causal": True, "chunk": 512}),  # forward: 4 chunks a block; backward: 1 a block
     ("soft_cap", {"causal": True, "logits_soft_cap": 50.0}),
     ("segments", {"causal": True, "segment_ids": "ids"}),
     ("sinks", {"causal": True, "sinks": "sinks"}),
