@@ -249,19 +249,23 @@ class Mask:
         col_from, col_to = max(0, col_from), min(keys, col_from + c)
         return (col_from, col_to) if col_from < col_to else (0, 0)
 
-    def band_patterns(self, block_q: int, block_k: int, sub_rows: int, seq_q: int, seq_k: int):
+    def band_patterns(self, block_q: int, block_k: int, sub_rows: int, seq_q: int, seq_k: int,
+                      chunked: bool | None = None):
         """The static tile patterns of the band: ([(delta, kinds)], full_range). For every delta a
         (block_q x block_k) tile of the view's blocks (seq_q x seq_k rows, the last blocks may be
         partial) has, at which the band's edges cross the tile, kinds[c] is
         the kind of sub-block c (rows c * sub_rows .. +sub_rows); full_range = (first, last) is the
-        interval of deltas whose tiles are entirely visible (None when there is none), one region."""
+        interval of deltas whose tiles are entirely visible (None when there is none), one region.
+        chunked (default: chunks_in_tiles with these sub-blocks): blocks holding whole chunks, whose
+        every tile is a pattern (its sub-blocks narrowed to their chunk where the chunk is made of them)."""
         # Only the deltas of the view's tiles: a grid of one query block (a tail of rows) against long
         # key blocks meets one, where the lattice of step gcd(block_q, block_k) over the view's extent
         # would unroll a pattern per 128 keys.
         starts = np.arange(-(-seq_k // block_k)) * block_k
         rows = np.arange(-(-seq_q // block_q)) * block_q
         deltas = np.unique(starts[None, :] - rows[:, None]) + self.offset
-        chunked = self.chunks_in_tiles(block_q, block_k, sub_rows)
+        if chunked is None:
+            chunked = self.chunks_in_tiles(block_q, block_k, sub_rows)
         patterns, full = [], None
         for d in (int(x) for x in deltas):
             kind = self.band_kind(d, block_q, block_k)
@@ -271,7 +275,7 @@ class Mask:
                 full = (d, d) if full is None else (full[0], d)
                 continue
             kinds = [self.band_kind(d - c * sub_rows, sub_rows, block_k) for c in range(block_q // sub_rows)]
-            if chunked:  # every tile partial: its sub-blocks see their chunk's columns only
+            if chunked and self.chunk % sub_rows == 0:  # its sub-blocks see their chunk's columns only
                 kinds = [SKIP if k == SKIP or self.chunk_columns(d, c * sub_rows, block_k) == (0, 0) else PARTIAL
                          for c, k in enumerate(kinds)]
                 if all(k == SKIP for k in kinds):

@@ -178,14 +178,16 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
       of 4096: 366 297 at 2048 x 1024 and 512, 342 187 at 2048 x 2048 and 256 (-6.6%; 328 003 at
       4096-row query blocks, which compile twice as long). The unbounded masks keep 512: causal
       N = 32768 at 2048 x 1024 is 2% slower at 256 (the full mask would gain 0.7%, not taken);
-    - chunks: the forward's blocks as planned where they hold whole chunks (chunks of 256 to 2048 in
-      2048-row blocks: static patterns per chunk, Mask.chunks_in_tiles) or lie inside one, else, and
-      the backward's (whose dK/dV kernel has no patterns per chunk) always, at most the largest block
-      that holds one chunk's rows only (_chunk_block), where that is the chunk or at least 512 rows.
+    - chunks: the blocks as planned where they hold whole chunks (chunks of 256 to 2048 in 2048-row
+      forward blocks, to 1024 in the backward's: static patterns per chunk, Mask.chunks_in_tiles) or
+      lie inside one, else at most the largest block that holds one chunk's rows only
+      (_chunk_block), where that is the chunk or at least 512 rows.
       Forward, one head, N = 16384 causal: chunks of 512 201 833 cycles in 2048 x 2048 blocks before
       the patterns per chunk (a tile across chunks masked per sub-block at run time), 68 036 in blocks
       of 512, 48 445 in 2048 x 2048 with them; chunks of 256 201 825, 80 601, 40 021; chunks of 1024
-      70 945 in blocks of 1024, 65 269 in 2048 x 2048;
+      70 945 in blocks of 1024, 65 269 in 2048 x 2048. The backward (training step's), chunks of
+      512: 241 127 across chunks in 1024 blocks, 131 176 in blocks of 512, 112 595 in 1024 blocks
+      with the patterns per chunk; chunks of 256: 241 127, 160 126 in 256 blocks, 96 435;
     - backward: square blocks of up to 1024 (with dQ fused, 90% of its MXU bound at N = 4096; 512-row
       query or key blocks cost +4%, 2048 x 1024 +3%, 1024 x 2048 -2% but more diagonal work when causal),
       bounded spans included: causal window 4096 (N = 8192, training step's backward) 317 555 cycles at
@@ -215,9 +217,15 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     block_q, block_k = forward_blocks(4096)
     if mask is not None and not (mask.chunks_align(block_q, block_k) or mask.chunks_in_tiles(block_q, block_k, 256)):
         block_q, block_k = forward_blocks(bound)  # the forward's static patterns hold whole chunks too
-    fitting = within(c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget)
-    block_bwd_q = _largest_within(fitting or [LANES], nq)
-    block_bwd_k = _largest_within(fitting or [LANES], nk)
+    def backward_blocks(bound):
+        fitting = within((c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget),
+                         bound)
+        return _largest_within(fitting or [LANES], nq), _largest_within(fitting or [LANES], nk)
+
+    block_bwd_q, block_bwd_k = backward_blocks(4096)
+    if mask is not None and not (mask.chunks_align(block_bwd_q, block_bwd_k)
+                                 or mask.chunks_in_tiles(block_bwd_q, block_bwd_k, min(256, block_bwd_k))):
+        block_bwd_q, block_bwd_k = backward_blocks(bound)
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256,
                       block_k_compute=256 if bounded_span else 512)
 

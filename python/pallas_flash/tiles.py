@@ -441,16 +441,22 @@ def key_sub_block_patterns(problem: Problem, block_q: int, block_k: int, keys: i
     keys, col_from, col_to, masked)])], full_range) for every delta at which the band's edges cross
     a (block_q x block_k) tile: per key sub-block of `keys` rows, the query columns [col_from, col_to)
     it must compute (rounded out to the 128 lanes) and whether any score there is masked. Query
-    column c sees key row r of the tile iff lo <= delta + r - c <= hi."""
+    column c sees key row r of the tile iff lo <= delta + r - c <= hi; in blocks holding whole chunks
+    (Mask.chunks_in_tiles) every tile is a pattern, each key sub-block narrowed to its chunk's columns."""
     mask = problem.mask
     lo, hi = mask.band
-    patterns, full = mask.band_patterns(block_q, block_k, block_q, seq_q, seq_k)
+    chunked = mask.chunks_in_tiles(block_q, block_k, keys)
+    patterns, full = mask.band_patterns(block_q, block_k, block_q, seq_q, seq_k, chunked=chunked)
     result = []
     for d, _ in patterns:
         sub_blocks = []
         for key_from in range(0, block_k, keys):
             col_from = 0 if hi is None else max(0, d + key_from - hi)
             col_to = block_q if lo is None else min(block_q, d + key_from + keys - 1 - lo + 1)
+            if chunked:  # the query columns of the key sub-block's chunk
+                chunk = mask.chunk
+                chunk_from = (key_from // chunk + d // chunk) * chunk
+                col_from, col_to = max(col_from, chunk_from), min(col_to, chunk_from + chunk)
             if col_from >= col_to:
                 continue  # no column sees any key of this sub-block
             col_from = col_from // LANES * LANES

@@ -22,7 +22,8 @@ SMALL = BlockSizes(128, 128, 128, 128, 128, 128, block_q_compute=128)
 MIXED = BlockSizes(256, 128, 128, 256, 256, 128, block_q_compute=128)
 # Key blocks longer than an update's columns: each sub-block's columns in chunks, masked where an edge crosses.
 CHUNKED = BlockSizes(256, 512, 128, 256, 256, 512, block_q_compute=128, block_k_compute=128, fuse_dq=False)
-# Blocks of several whole chunks (Mask.chunks_in_tiles): the forward's and dQ's static chunk patterns.
+# Blocks of several whole chunks (Mask.chunks_in_tiles): the static patterns per chunk (forward and dQ;
+# dK/dV in the first variant below, whose 128 x 256 blocks hold whole chunks of 128).
 IN_CHUNKS = BlockSizes(512, 256, 128, 256, 256, 256, block_q_compute=128, block_k_compute=128, fuse_dq=False)
 
 

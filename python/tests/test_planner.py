@@ -5,7 +5,7 @@ from pallas_flash import describe_plan, plan_block_sizes
 from pallas_flash import plan
 from pallas_flash.mask import Mask
 from pallas_flash.tiles import Grid, Problem, static_steps
-from pallas_flash.planner import backward_vmem_bytes, forward_vmem_bytes, v5e_vmem_bytes, vmem_budget_bytes
+from pallas_flash.planner import LANES, backward_vmem_bytes, forward_vmem_bytes, v5e_vmem_bytes, vmem_budget_bytes
 
 
 def test_v5e_vmem_from_chip_table():
@@ -43,28 +43,28 @@ def test_bounded_masks_get_longer_key_blocks(rules, block_k):
     assert blocks.block_k_compute == (256 if block_k == 2048 else 512)
 
 
-@pytest.mark.parametrize("chunk, block, forward_whole", [(128, 128, False), (256, 256, True), (512, 512, True),
-                                                         (1024, None, True), (1536, 512, False), (3072, 1024, False),
-                                                         (8192, None, False), (384, None, False), (1000, None, False)])
-def test_chunks_plan_blocks_inside_one_chunk(chunk, block, forward_whole):
+@pytest.mark.parametrize("chunk, block, whole", [(128, 128, False), (256, None, True), (512, None, True),
+                                                 (1024, None, True), (1536, 512, False), (3072, 1024, False),
+                                                 (8192, None, False), (384, None, False), (1000, None, False)])
+def test_chunks_plan_blocks_inside_one_chunk(chunk, block, whole):
     # A tile across a chunk boundary takes the kernels' run-time masking (several times slower than
-    # static patterns): the forward keeps its blocks where they hold whole chunks (its patterns per
-    # chunk: forward_whole) or lie in one; else, and the backward always, blocks stay within one chunk
-    # where one of the chunk's length or of at least 512 rows can (None: the plan of any bounded span).
+    # static patterns): blocks are kept where they hold whole chunks (the patterns per chunk: whole)
+    # or lie in one; else they stay within one chunk where a block of the chunk's length or of at
+    # least 512 rows can (None: the plan of any bounded span).
     n = 16384
     mask = Mask.bottom_right(n, n, causal=True, chunk=chunk)
     blocks = plan_block_sizes(n, n, 128, mask=mask)
     span = plan_block_sizes(n, n, 128, mask=Mask.bottom_right(n, n, causal=True, window=(4095, 0)))
     forward = (blocks.block_q, blocks.block_k)
     backward = [(blocks.block_q_dkv, blocks.block_k_dkv), (blocks.block_q_dq, blocks.block_k_dq)]
-    assert mask.chunks_in_tiles(*forward, blocks.block_q_compute) == forward_whole
-    if forward_whole or block is None:
-        assert forward == (span.block_q, span.block_k)
+    assert mask.chunks_in_tiles(*forward, blocks.block_q_compute) == whole
+    static = [mask.chunks_align(*pair) or mask.chunks_in_tiles(*pair, blocks.block_q_compute)
+              for pair in (forward, backward[0])]
+    assert static == [chunk % LANES == 0 and chunk != 384] * 2  # 384: its blocks of 128 not taken
+    if block is None:
+        assert blocks == span
     else:
         assert forward == (min(block, span.block_q), min(block, span.block_k)) and mask.chunks_align(*forward)
-    if block is None:
-        assert backward == [(span.block_q_dkv, span.block_k_dkv)] * 2
-    else:
         assert backward == [(min(block, 1024), min(block, 1024))] * 2 and mask.chunks_align(*backward[0])
 
 
@@ -78,7 +78,7 @@ def test_chunk_blocks_need_both_views_aligned():
                                                                                              blocks.block_k, 256)
     aligned = Mask.bottom_right(1024, 16384, causal=True, chunk=512)
     blocks = plan_block_sizes(1024, 16384, 128, mask=aligned)
-    assert aligned.chunks_in_tiles(blocks.block_q, blocks.block_k, 256) and blocks.block_k_dkv == 512
+    assert aligned.chunks_in_tiles(blocks.block_q, blocks.block_k, 256) and blocks.block_k_dkv == 1024
 
 
 @pytest.mark.parametrize("causal", [False, True])
