@@ -141,7 +141,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, fused_dq
     def visit(rows: int | None, keys: int | None):
         """rows, keys: the real query rows and key rows of partial edge blocks (edge_visits), whose
         products stop at the last 128 lanes / 128 key rows that hold any."""
-        if mask.chunks_align(block_q, block_k) or mask.chunks_in_tiles(block_q, block_k, key_sub_rows):
+        if mask.static_tiles(block_q, block_k, key_sub_rows):
             # On the tiles an edge of the band crosses (one static pattern per delta), key sub-blocks
             # of key_sub_rows rows each compute only the query columns they may see (a 1024 x 1024
             # causal diagonal tile: 62% of its products); full tiles whole.

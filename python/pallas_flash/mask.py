@@ -240,10 +240,16 @@ class Mask:
                 and block_k % c == 0 and self.q_position % c == 0 and self.k_position % c == 0
                 and c % sub_rows == 0 and c % 128 == 0)
 
+    def static_tiles(self, block_q: int, block_k: int, sub_rows: int) -> bool:
+        """Whether every tile of these blocks takes static patterns: the chunks (if any) align to the
+        blocks or the blocks hold whole chunks; otherwise tiles across chunks are masked at run time."""
+        return self.chunks_align(block_q, block_k) or self.chunks_in_tiles(block_q, block_k, sub_rows)
+
     def chunk_columns(self, delta: int, row_from: int, keys: int) -> tuple[int, int]:
         """(col_from, col_to): the key columns of a tile at delta, in blocks holding whole chunks
         (chunks_in_tiles), of the chunk of its rows from row_from; (0, 0) when the tile holds none.
-        Key column k and row r share a chunk iff k // c == r // c - delta / c (delta a multiple of c)."""
+        Key column k and row r share a chunk iff k // c == r // c - delta / c (delta a multiple of c).
+        Transposed (keys on rows, as the dK/dV kernel's): chunk_columns(-delta, key_from, queries)."""
         c = self.chunk
         col_from = (row_from // c - delta // c) * c
         col_from, col_to = max(0, col_from), min(keys, col_from + c)

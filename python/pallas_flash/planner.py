@@ -135,6 +135,9 @@ def _largest_within(candidates, extent: int) -> int:
     return next((c for c in candidates if c <= extent), candidates[-1])
 
 
+UNBOUNDED = 4096  # the largest block any candidate list holds
+
+
 def _chunk_block(mask: Mask | None) -> int | None:
     """The largest block (a power of two, 128..4096) that holds the rows of one chunk only, on both
     axes (the chunk and the view's first positions its multiples), where blocks should stay within
@@ -152,6 +155,20 @@ def _chunk_block(mask: Mask | None) -> int | None:
     block = next((b for b in (4096, 2048, 1024, 512, 256, 128)
                   if mask.chunk % b == 0 and mask.q_position % b == 0 and mask.k_position % b == 0), None)
     return block if block is not None and (block >= 512 or block == mask.chunk) else None
+
+
+def _within(candidates, bound: int) -> list[int]:
+    return [c for c in candidates if c <= bound]
+
+
+def _static_or_within_chunk(blocks_within, mask: Mask | None, sub_rows) -> tuple[int, int]:
+    """blocks_within(bound) -> (block_q, block_k) unbounded, where every tile of them takes static
+    patterns (Mask.static_tiles with the kernel's sub-blocks, sub_rows(block_q, block_k)); else
+    bounded to one chunk (_chunk_block), where a block of the chunk's length or of 512 rows can."""
+    blocks = blocks_within(UNBOUNDED)
+    if mask is None or mask.static_tiles(*blocks, sub_rows(*blocks)):
+        return blocks
+    return blocks_within(_chunk_block(mask) or UNBOUNDED)
 
 
 def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, causal: bool = False,
@@ -202,30 +219,22 @@ def plan_block_sizes(seq_q: int, seq_k: int, head_dim: int, dtype=jnp.bfloat16, 
     budget = vmem_budget_bytes()
     nq = round_up(seq_q, LANES)
     nk = round_up(seq_k, LANES)
-    bound = _chunk_block(mask) or 4096
 
-    def within(candidates, bound=bound):
-        return [c for c in candidates if c <= bound]
-
-    def forward_blocks(bound):
-        block_k = _largest_within(within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128), bound),
-                                  nk)
-        candidates = within((2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128), bound)
+    def forward_blocks(bound: int):
+        block_k = _largest_within(_within((2048, 1024, 512, 256, 128) if bounded_span else (1024, 512, 256, 128),
+                                          bound), nk)
+        candidates = _within((2048, 1024, 512, 256, 128) if causal else (4096, 2048, 1024, 512, 256, 128), bound)
         fitting = [c for c in candidates if forward_vmem_bytes(c, block_k, head_dim, itemsize) <= budget]
         return _largest_within(fitting or [LANES], nq), block_k
 
-    block_q, block_k = forward_blocks(4096)
-    if mask is not None and not (mask.chunks_align(block_q, block_k) or mask.chunks_in_tiles(block_q, block_k, 256)):
-        block_q, block_k = forward_blocks(bound)  # the forward's static patterns hold whole chunks too
-    def backward_blocks(bound):
-        fitting = within((c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget),
-                         bound)
+    def backward_blocks(bound: int):
+        fitting = _within([c for c in (1024, 512, 256, 128) if backward_vmem_bytes(c, c, head_dim, itemsize) <= budget],
+                          bound)
         return _largest_within(fitting or [LANES], nq), _largest_within(fitting or [LANES], nk)
 
-    block_bwd_q, block_bwd_k = backward_blocks(4096)
-    if mask is not None and not (mask.chunks_align(block_bwd_q, block_bwd_k)
-                                 or mask.chunks_in_tiles(block_bwd_q, block_bwd_k, min(256, block_bwd_k))):
-        block_bwd_q, block_bwd_k = backward_blocks(bound)
+    block_q, block_k = _static_or_within_chunk(forward_blocks, mask, sub_rows=lambda block_q, block_k: 256)
+    block_bwd_q, block_bwd_k = _static_or_within_chunk(backward_blocks, mask,
+                                                       sub_rows=lambda block_q, block_k: min(256, block_k))
     return BlockSizes(block_q, block_k, block_bwd_q, block_bwd_k, block_bwd_q, block_bwd_k, block_q_compute=256,
                       block_k_compute=256 if bounded_span else 512)
 

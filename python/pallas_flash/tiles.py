@@ -400,7 +400,7 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
                 update(c, True, (0, min(bk, LANES)), True, heights[c])
 
     chunked = mask.chunks_in_tiles(bq, bk, sub_rows)
-    if mask.chunks_align(bq, bk) or chunked:
+    if mask.static_tiles(bq, bk, sub_rows):
         delta = key_start - row_start + mask.offset
         patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
         for d, kinds in patterns:
@@ -454,9 +454,8 @@ def key_sub_block_patterns(problem: Problem, block_q: int, block_k: int, keys: i
             col_from = 0 if hi is None else max(0, d + key_from - hi)
             col_to = block_q if lo is None else min(block_q, d + key_from + keys - 1 - lo + 1)
             if chunked:  # the query columns of the key sub-block's chunk
-                chunk = mask.chunk
-                chunk_from = (key_from // chunk + d // chunk) * chunk
-                col_from, col_to = max(col_from, chunk_from), min(col_to, chunk_from + chunk)
+                chunk_from, chunk_to = mask.chunk_columns(-d, key_from, block_q)
+                col_from, col_to = max(col_from, chunk_from), min(col_to, chunk_to)
             if col_from >= col_to:
                 continue  # no column sees any key of this sub-block
             col_from = col_from // LANES * LANES
