@@ -106,8 +106,9 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, fused_dq
         def _init_dq():
             dq_t_acc_ref[g] = jnp.zeros(dq_t_acc_ref.shape[1:], jnp.float32)
 
-    def update(key_from: int, keys: int, col_from: int, col_to: int, masked: bool):
-        """Key rows [key_from, +keys) of the block against query columns [col_from, col_to), static."""
+    def update(key_from: int, keys: int, col_from: int, col_to: int, masked: bool, segments: bool):
+        """Key rows [key_from, +keys) of the block against query columns [col_from, col_to), static;
+        masked: by the geometry or the key edge, and by the segment ids where `segments`."""
         rows = slice(None) if keys == block_k else pl.ds(key_from, keys)
         cols = slice(None) if (col_from, col_to) == (0, block_q) else pl.ds(col_from, col_to - col_from)
         q, do, k, v = q_ref[cols, :], do_ref[cols, :], k_ref[rows, :], v_ref[rows, :]
@@ -119,7 +120,7 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, fused_dq
         slope = soft_cap_slope(problem, s_t)
         if masked:  # on the scores: exp2(-inf) = 0 (a select on P would become a masked matmul)
             same_segment = None
-            if problem.segments:
+            if segments:
                 same_segment = lambda shape: lanes(kv_ids_rep_ref[rows, :], shape[1]) == q_ids_ref[:, cols]  # noqa: E731
             visible = score_mask(problem, row_start + col_from, col_to - col_from, key_start + key_from, keys,
                                  transposed=True, segments=same_segment, pad_keys=problem.seq_k % block_k != 0)
@@ -150,25 +151,26 @@ def _dkv_kernel(*refs, problem: Problem, grid: Grid, key_sub_rows: int, fused_dq
                                                     grid.num_q_blocks * block_q, grid.num_kv_blocks * block_k)
             columns = block_q if rows is None else min(block_q, round_up(rows, LANES))
             real_keys = block_k if keys is None else keys
+            # A tile of one segment id runs the pattern without the ids (each pattern in both forms).
             for d, sub_blocks in patterns:
-                def sweep(sub_blocks=sub_blocks):
+                def sweep(segments, sub_blocks=sub_blocks):
                     for key_from, key_rows, col_from, col_to, masked in sub_blocks:
                         if col_from < columns and key_from < real_keys:
                             update(key_from, key_rows, col_from, min(col_to, columns),
-                                   masked or key_from + key_rows > real_keys or segments_mixed is not False)
-                when(delta == d, sweep)
+                                   masked or key_from + key_rows > real_keys or segments, segments)
+                when(delta == d, when_masked, segments_mixed, sweep)
             if full is not None:
                 in_full = both(delta >= full[0], delta <= full[1]) if patterns else True
                 key_rows = block_k if keys is None else min(block_k, round_up(keys, LANES))
-                when(in_full, when_masked, either(segments_mixed, keys is not None),
-                     lambda m: update(0, key_rows, 0, columns, m))
+                when(in_full, when_masked, segments_mixed,
+                     lambda segments: update(0, key_rows, 0, columns, segments or keys is not None, segments))
             return
         columns = block_q if rows is None else min(block_q, round_up(rows, LANES))
         key_rows = block_k if keys is None else min(block_k, round_up(keys, LANES))
         any_visible, needs_mask = mask.tile_flags(row_start, block_q, key_start, block_k)
         needs_mask = either(needs_mask, keys is not None)  # the key edge: keys past Nk hidden
         needs_mask = either(needs_mask, segments_mixed)
-        when(any_visible, when_masked, needs_mask, lambda m: update(0, key_rows, 0, columns, m))
+        when(any_visible, when_masked, needs_mask, lambda m: update(0, key_rows, 0, columns, m, m and problem.segments))
 
     when(q_block <= last, edge_visits, problem, grid, q_block, kv_block, visit)
 
@@ -222,7 +224,7 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_
         if problem.segments:
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked, cols, leading, height):  # sub-blocks and their key columns as in the forward
+    def update(c, masked, cols, leading, height, segments):  # sub-blocks and their key columns as in the forward
         col_from, width = cols[0], cols[1] - cols[0]
         keys = slice(None) if width == block_k else pl.ds(col_from, width)
         k, v = k_ref[keys, :], v_ref[keys, :]
@@ -231,7 +233,7 @@ def _dq_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block_
         slope = soft_cap_slope(problem, s)
         if masked:
             same_segment = None
-            if problem.segments:
+            if segments:
                 same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
             s = apply_mask(s, score_mask(problem, row_start + c * block_q_compute, height,
                                          key_start + col_from, width, segments=same_segment,

@@ -60,14 +60,14 @@ def _fwd_kernel(*refs, problem: Problem, grid: Grid, block_q_compute: int, block
         def _ids():  # the query block's ids as columns, once per head
             q_ids_rep_ref[...] = replicate_ids(q_ids_ref[...], LANES)
 
-    def update(c, masked, cols, leading, height, first_tile):
+    def update(c, masked, cols, leading, height, segments, first_tile):
         rows = pl.ds(c * block_q_compute, height)
         col_from, width = cols[0], cols[1] - cols[0]
         keys = slice(None) if width == block_k else pl.ds(col_from, width)
         s = scores(problem, q_ref[rows, :], k_ref[keys, :])
         if masked:
             same_segment = None
-            if problem.segments:
+            if segments:
                 same_segment = lambda shape: lanes(q_ids_rep_ref[rows, :], width) == kv_ids_ref[:, keys]  # noqa: E731
             visible = score_mask(problem, row_start + c * block_q_compute, height, key_start + col_from, width,
                                  segments=same_segment, pad_keys=problem.seq_k % block_k != 0)

@@ -21,7 +21,9 @@ block (a length that is not a multiple of the block) is its own static case (edg
 sub-blocks past the real rows are not computed, nor its key columns past the last 128 that hold any.
 The forward runs a last query block of at most 128 rows as a call of its own instead (flash_forward's
 tail), whose one query block against long key blocks meets a single tile delta per key block.
-Segment ids add an element mask on a tile whose blocks hold more than one segment id.
+Segment ids add an element mask on a tile whose blocks hold more than one segment id; a tile of one
+id (documents longer than the blocks) runs the code of the mask without ids, decided per tile at run
+time (each static pattern is compiled in both forms).
 """
 
 from __future__ import annotations
@@ -348,7 +350,7 @@ def replicate_ids(ids_row, width: int):
 def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub_rows: int, update, *,
                          sub_keys: int | None = None, keep_skipped: bool = False, segments_mixed=False,
                          rows: int | None = None, keys: int | None = None):
-    """Calls update(c, masked, cols, leading, height) for the sub-blocks c of `sub_rows` query rows of a
+    """Calls update(c, masked, cols, leading, height, segments) for the sub-blocks c of `sub_rows` query rows of a
     visited (block_q, block_k) tile (module docstring), in column chunks of at most `sub_keys` keys
     (aligned to sub_keys within the tile; leading: the sub-block's first chunk in this tile). cols =
     (col_from, col_to), static: in the static patterns only the columns some row of the sub-block may
@@ -356,7 +358,9 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
     products of keys it cannot see), each chunk masked only where the band's edge crosses it.
     keep_skipped: sub-blocks that see nothing are updated anyway (masked, on 128 columns): the first
     tile of a query block starts every row's state. segments_mixed: (traced) the tile needs the
-    segment mask, which every masked chunk then applies. rows, keys: the real rows of a partial edge
+    segment mask, which every chunk then applies (segments=True: the chunk's mask includes the ids);
+    a tile of one segment id runs the code of a mask without ids (on the static patterns, each pattern
+    in both forms, chosen per tile at run time). rows, keys: the real rows of a partial edge
     block (edge_visits), static: the sub-blocks past `rows` are not computed, nor the key columns past
     `keys` rounded up to 128 lanes, and the last sub-block computes only its real rows rounded up to
     16 (height; sub_rows elsewhere: a last block of one row costs one row's tile, not 256)."""
@@ -370,16 +374,17 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
     pad_keys = keys is not None
     key_columns = bk if keys is None else min(bk, -(-keys // LANES) * LANES)
 
-    def chunks(c, cols, kind_of, masked_if_full):
-        """update() over [cols) in chunks; kind_of(col_from, width): the chunk's static kind."""
+    def chunks(c, cols, kind_of, segment_masked):
+        """update() over [cols) in chunks; kind_of(col_from, width): the chunk's static kind;
+        segment_masked: every chunk applies the segment ids."""
         col_from, col_to = cols
         leading = True
         while col_from < col_to:
             width = min(col_to, (col_from // sub_keys + 1) * sub_keys) - col_from
             kind = kind_of(col_from, width)
             if kind != SKIP or (leading and keep_skipped and col_from + width >= col_to):
-                masked = True if pad_keys or kind != FULL else masked_if_full
-                update(c, masked, (col_from, col_from + width), leading, heights[c])
+                masked = pad_keys or kind != FULL or segment_masked
+                update(c, masked, (col_from, col_from + width), leading, heights[c], segment_masked)
                 leading = False
             col_from += width
 
@@ -397,14 +402,14 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
                            (lambda col, width, c=c: mask.band_kind(d - c * sub_rows + col, sub_rows, width)))
                 chunks(c, cols, kind_of, segment_masked)
             elif keep_skipped:
-                update(c, True, (0, min(bk, LANES)), True, heights[c])
+                update(c, True, (0, min(bk, LANES)), True, heights[c], segment_masked)
 
     chunked = mask.chunks_in_tiles(bq, bk, sub_rows)
     if mask.static_tiles(bq, bk, sub_rows):
         delta = key_start - row_start + mask.offset
         patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
         for d, kinds in patterns:
-            when(delta == d, functools.partial(sweep, d, kinds, segments_mixed is not False))
+            when(delta == d, when_masked, segments_mixed, functools.partial(sweep, d, kinds))
         if full is not None:
             in_full = both(delta >= full[0], delta <= full[1]) if len(patterns) else True
             when(in_full, when_masked, segments_mixed, functools.partial(sweep, None, [FULL] * (bq // sub_rows)))
@@ -414,9 +419,11 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
         if pad_keys:
             needs_mask = True
         needs_mask = either(needs_mask, segments_mixed)
+        # One masked form per sub-block (its ids applied with the geometry whenever it is masked): this
+        # path's conditions around each sub-block already cost more than the ids' compare.
         when(True if keep_skipped else any_visible, when_masked, needs_mask,
              lambda masked, c=c: chunks(c, (0, key_columns), lambda col, width: PARTIAL if masked else FULL,
-                                        masked))
+                                        masked and problem.segments))
 
 
 def edge_visits(problem: Problem, grid: Grid, q_block, kv_block, visit):

@@ -53,7 +53,7 @@ class Variant:
     shape: Shape
     options: tuple  # flash_attention keyword arguments, as (key, value) pairs
     blocks: BlockSizes = SMALL
-    segments: str | None = None  # "documents", "random", "disjoint"
+    segments: str | None = None  # "documents", "aligned" (the first of them whole blocks), "random", "disjoint"
     sinks: bool = False
     q_scale: float = 1.0
 
@@ -81,6 +81,9 @@ VARIANTS = [
     Variant("chunks_in_blocks_full_nq_ne_nk", Shape(1, 2, 1, 256, 640, 32), (("chunk", 128),), IN_CHUNKS),
     Variant("chunk_full_nq_ne_nk", Shape(1, 2, 1, 200, 384, 32), (("chunk", 64),)),
     Variant("documents_causal", Shape(2, 2, 2, 512, 512, 64), (("causal", True),), segments="documents"),
+    # A first document of two whole blocks: its tiles hold one id (the patterns without the ids), the
+    # later ones several (with them), in one call.
+    Variant("documents_aligned", Shape(1, 2, 1, 512, 512, 64), (("causal", True),), MIXED, segments="aligned"),
     Variant("documents_window", Shape(1, 4, 1, 384, 384, 32), (("causal", True), ("window", (40, 0))), MIXED,
             segments="documents"),
     Variant("segments_random", Shape(1, 2, 2, 256, 300, 32), (), segments="random"),
@@ -105,8 +108,8 @@ def run_variant(variant: Variant, seed: int, blocks=None):
     options = dict(variant.options)
     rng = np.random.default_rng(seed + 1)
     segment_ids = None
-    if variant.segments == "documents":
-        ids = documents(rng, shape.batch, shape.seq_q)
+    if variant.segments in ("documents", "aligned"):
+        ids = documents(rng, shape.batch, shape.seq_q, lengths=[256, 128] if variant.segments == "aligned" else None)
         segment_ids = (ids, ids)
     elif variant.segments == "random":
         segment_ids = (rng.integers(0, 3, (shape.batch, shape.seq_q)).astype(np.int32),
@@ -157,7 +160,7 @@ def test_variant_matches_the_float64_oracle(variant):
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v.name in ("window_causal_patterns", "documents_window",
-                                                                       "chunk_aligned")], ids=str)
+                                                                       "chunk_aligned", "documents_aligned")], ids=str)
 def test_variant_with_dq_in_its_own_kernel(variant):
     blocks = dataclasses.replace(variant.blocks, fuse_dq=False)
     check(*run_variant(variant, seed=7, blocks=blocks))

@@ -396,9 +396,12 @@ def _attention_fn(case: Case, abstract: bool = False):
     if case.impl == "pallas_flash":
         blocks = pf.BlockSizes(*case.blocks) if case.blocks else None
         # Equal documents run as segment ids; compiled for the v5e (abstract) through the same geometry
-        # as chunks: the static profile reads the segment ids' block ranges (SMEM) as 0, and equal
-        # documents aligned to the blocks visit exactly the tiles chunks do, in a grid of as many
-        # steps (the ids set its step count: tiles.segment_steps).
+        # as chunks: the static profile cannot run a kernel with the ids' block ranges (scalar
+        # prefetch: libtpu aborts), and equal documents aligned to the blocks visit exactly the tiles
+        # chunks do, in a grid of as many steps (the ids set its step count: tiles.segment_steps),
+        # with the same code (a tile of one id runs without the ids' mask). Checked with the ranges
+        # fixed at trace time, one head, 2 documents of 4096, causal, 2048 x 2048 blocks: forward
+        # 89 270 cycles with ids, 89 119 as chunks; training step 307 032 and 306 732.
         ids = _document_ids(case) if rules.segments and not abstract else None
         chunk = case.seq_q // rules.segments if rules.segments and ids is None else rules.chunk
         return lambda q, k, v: pf.flash_attention(q, k, v, causal=causal, window=(rules.window, None) if rules.window
