@@ -407,7 +407,8 @@ def visit_row_sub_blocks(problem: Problem, grid: Grid, row_start, key_start, sub
     chunked = mask.chunks_in_tiles(bq, bk, sub_rows)
     if mask.static_tiles(bq, bk, sub_rows):
         delta = key_start - row_start + mask.offset
-        patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk)
+        patterns, full = mask.band_patterns(bq, bk, sub_rows, grid.num_q_blocks * bq, grid.num_kv_blocks * bk,
+                                            chunked=chunked)
         for d, kinds in patterns:
             when(delta == d, when_masked, segments_mixed, functools.partial(sweep, d, kinds))
         if full is not None:

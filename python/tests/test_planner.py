@@ -58,8 +58,7 @@ def test_chunks_plan_blocks_inside_one_chunk(chunk, block, whole):
     forward = (blocks.block_q, blocks.block_k)
     backward = [(blocks.block_q_dkv, blocks.block_k_dkv), (blocks.block_q_dq, blocks.block_k_dq)]
     assert mask.chunks_in_tiles(*forward, blocks.block_q_compute) == whole
-    static = [mask.chunks_align(*pair) or mask.chunks_in_tiles(*pair, blocks.block_q_compute)
-              for pair in (forward, backward[0])]
+    static = [mask.static_tiles(*pair, blocks.block_q_compute) for pair in (forward, backward[0])]
     assert static == [chunk % LANES == 0 and chunk != 384] * 2  # 384: its blocks of 128 not taken
     if block is None:
         assert blocks == span
